@@ -1,0 +1,50 @@
+"""The ``hqdit`` command line.
+
+Each module that owns a job registers its own sub-command through an ``add_parser(subparsers)``
+function, so the code that runs a job and the flags that drive it live side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: module name -> it defines ``add_parser(subparsers)`` that registers one or more sub-commands.
+COMMAND_MODULES = [
+    "hqdit_utils.train_embedded",
+    "hqdit_utils.sampling",
+    "hqdit_utils.metrics.evaluate",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hqdit",
+        description=(
+            "FP4 post-training quantization of Diffusion Transformers (HQ-DiT, reproduced). "
+            "Every command runs on the embedded model by default; pass --model PATH for DiT-XL/2 weights."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:  # a module not written yet in this checkout
+            if err.name == name:
+                continue
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

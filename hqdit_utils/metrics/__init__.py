@@ -1,0 +1,1 @@
+"""Image-quality metrics: FID, sFID, IS, precision/recall — ADM-compatible at full scale, proxy (starred) on the embedded model."""

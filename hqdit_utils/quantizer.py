@@ -1,0 +1,182 @@
+"""Fake quantization: round a tensor onto a format's grid and scale it back.
+
+``fake_quantize(x, fmt, scale)`` returns ``round_to_grid(x / scale, fmt) * scale`` in the dtype of ``x``:
+the values a real low-precision kernel would compute with, simulated in float32. Rounding is to the
+nearest grid value with ties to even (the value whose last mantissa bit is 0), overflow saturates at
+±``fmt.max_value``. The scale is where a clipping value or a real-valued exponent bias goes (see
+``formats.py``).
+
+Granularity of ``scale=None`` (max-abs scaling, ``scale = amax / fmt.max_value``):
+
+* ``axis=None`` — one scale for the whole tensor;
+* ``axis=k`` — one scale per index along dimension ``k`` (weight ``[out, in]``: ``axis=0`` is per output
+  channel; activation ``[tokens, features]``: ``axis=0`` is per token);
+* ``block_size=b`` — one scale per block of ``b`` consecutive elements along the last dimension, the scale
+  itself stored in ``scale_format``: ``"e8m0"`` (a power of two, OCP MX: MXFP4 = fp4_e2m1, b = 32) or
+  ``"fp8_e4m3fn"`` (NVFP4: b = 16, plus one float32 per-tensor scale so the block scales use the
+  E4M3 range), or ``None`` (float32 block scales).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .formats import FloatFormat, Format, IntFormat, NoFormat, parse_format
+
+_EXP_MASK = 0x7F800000  # the 8 exponent bits of an IEEE float32
+
+
+def _check_finite(x: torch.Tensor, what: str = "input") -> None:
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(x.numel() - finite.sum() - n_nan)
+        raise ValueError(
+            f"fake_quantize: the {what} has {n_nan} NaN and {n_inf} Inf element(s) out of {x.numel()} "
+            f"(shape {tuple(x.shape)}); quantization scales would be meaningless. Find where they come "
+            "from, or pass check_finite=False to skip this check."
+        )
+
+
+def round_to_grid(x: torch.Tensor, fmt: "str | Format") -> torch.Tensor:
+    """Round ``x`` (already divided by its scale) to the nearest value of ``fmt``'s grid.
+
+    Ties go to even, overflow saturates at ±``fmt.max_value`` (or becomes ±inf/NaN for a
+    non-saturating format). Works on any shape; computes in float32 and returns ``x``'s dtype.
+
+    For a float format the spacing of the grid around ``|x|`` is ``2^(max(⌊log2|x|⌋, 1-β) - M)``;
+    ``⌊log2|x|⌋`` is read exactly from the exponent bits of the float32 representation, so the
+    rounding is a handful of element-wise operations and agrees bit for bit with ml_dtypes' casts.
+    """
+    fmt = parse_format(fmt)
+    if isinstance(fmt, NoFormat):
+        return x
+    dtype = x.dtype
+    xf = x.to(torch.float32)
+    if isinstance(fmt, IntFormat):
+        out = torch.round(xf).clamp_(fmt.min_value, fmt.max_value)
+        return out.to(dtype)
+    if not isinstance(fmt, FloatFormat):
+        raise TypeError(f"round_to_grid: unsupported format {fmt!r}")
+    # step = 2^(floor(log2|x|) - M), floor(log2|x|) clamped below at the subnormal exponent 1 - bias.
+    pow2 = (xf.view(torch.int32) & _EXP_MASK).view(torch.float32)  # 2^floor(log2|x|), +0 for 0/denormals
+    min_pow2 = 2.0 ** fmt.min_exponent
+    step = pow2.clamp_(min=min_pow2).mul_(2.0 ** -fmt.man_bits)
+    out = torch.round(xf / step).mul_(step)
+    if not fmt.subnormals:
+        # Without subnormals the only value below 2^(1-β) is zero: round half-way to the nearer of 0, min_normal.
+        small = xf.abs() < min_pow2
+        out = torch.where(small, torch.where(xf.abs() > min_pow2 / 2, torch.sign(xf) * min_pow2, 0.0), out)
+    vmax = fmt.max_value
+    if fmt.saturate:
+        out.clamp_(-vmax, vmax)
+    else:
+        over = out.abs() > vmax
+        if bool(over.any()):
+            fill = torch.copysign(torch.full_like(out, math.inf), xf) if fmt.special == "ieee" \
+                else torch.full_like(out, math.nan)
+            out = torch.where(over, fill, out)
+    return out.to(dtype)
+
+
+def max_abs_scale(x: torch.Tensor, fmt: "str | Format", axis: int | None = None) -> torch.Tensor:
+    """The max-abs scale ``amax / fmt.max_value``: a 0-d tensor (``axis=None``) or one value per index
+    along ``axis``, shaped to broadcast against ``x``. All-zero slices get scale 1."""
+    fmt = parse_format(fmt)
+    xa = x.detach().abs().to(torch.float32)
+    if axis is None:
+        amax = xa.amax()
+    else:
+        axis = axis % x.dim()
+        dims = [d for d in range(x.dim()) if d != axis]
+        amax = xa.amax(dim=dims, keepdim=True) if dims else xa
+    return torch.where(amax > 0, amax / fmt.max_value, torch.ones_like(amax))
+
+
+def _block_scales(xb: torch.Tensor, fmt: Format, scale_format: "str | Format | None") -> torch.Tensor:
+    """Scales for blocks ``xb`` [..., n_blocks, block] (float32), shaped [..., n_blocks, 1]."""
+    amax = xb.abs().amax(dim=-1, keepdim=True)
+    if scale_format is None:
+        return torch.where(amax > 0, amax / fmt.max_value, torch.ones_like(amax))
+    if scale_format == "e8m0":
+        # OCP MX: shared exponent = floor(log2 amax) - emax(element format); elements above max saturate.
+        emax_elem = math.floor(math.log2(fmt.max_value))
+        pow2 = (amax.view(torch.int32) & _EXP_MASK).view(torch.float32)
+        s = pow2 * 2.0 ** -emax_elem
+        return torch.where(amax > 0, s, torch.ones_like(s))
+    sfmt = parse_format(scale_format)
+    if isinstance(sfmt, NoFormat):
+        return torch.where(amax > 0, amax / fmt.max_value, torch.ones_like(amax))
+    # Two-level scaling (NVFP4 for sfmt = fp8_e4m3fn): one float32 tensor scale maps the largest block
+    # scale onto the scale format's max; block scales are then rounded onto the scale format's grid.
+    tensor_amax = amax.amax()
+    if tensor_amax == 0:
+        return torch.ones_like(amax)
+    s2 = tensor_amax / (fmt.max_value * sfmt.max_value)
+    sb = round_to_grid(amax / fmt.max_value / s2, sfmt) * s2
+    return torch.where(sb > 0, sb, torch.ones_like(sb))
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    fmt: "str | Format",
+    scale: "torch.Tensor | float | None" = None,
+    *,
+    axis: int | None = None,
+    block_size: int | None = None,
+    scale_format: "str | Format | None" = None,
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """Quantize ``x`` onto ``fmt``'s grid and return the dequantized values (same shape and dtype).
+
+    Args:
+        x: any shape, float32/float16/bfloat16, CPU or CUDA.
+        fmt: a format or its name (``"fp4_e2m1"``, ``"int4"``, ``"fp32"`` …).
+        scale: ``x_q = round_to_grid(x / scale) * scale``. A float, or a tensor broadcastable to ``x``
+            (one value per channel, per token, …). ``None`` = max-abs scale at the granularity below.
+        axis: with ``scale=None``: one scale per index along this dimension (``None``: per tensor).
+        block_size: with ``scale=None``: one scale per block of this many elements along the last dim.
+        scale_format: storage format of block scales: ``"e8m0"`` (MX), ``"fp8_e4m3fn"`` (NVFP4) or ``None``.
+        check_finite: raise if ``x`` holds NaN/Inf (costs one pass over ``x``).
+
+    Raises:
+        ValueError: non-finite input, a block size that does not divide the last dimension, a scale that
+            does not broadcast, or both ``axis`` and ``block_size`` given.
+    """
+    fmt = parse_format(fmt)
+    if isinstance(fmt, NoFormat):
+        return x
+    if not torch.is_floating_point(x):
+        raise ValueError(f"fake_quantize: expected a floating-point tensor, got {x.dtype}")
+    if check_finite:
+        _check_finite(x)
+    dtype = x.dtype
+    xf = x.to(torch.float32)
+    if block_size is not None:
+        if scale is not None or axis is not None:
+            raise ValueError("fake_quantize: block_size computes its own scales; do not pass scale or axis with it")
+        if block_size <= 0 or x.dim() == 0 or x.shape[-1] % block_size:
+            raise ValueError(
+                f"fake_quantize: block_size={block_size} must divide the last dimension "
+                f"(shape {tuple(x.shape)}); pad the tensor or choose a divisor of {x.shape[-1] if x.dim() else 0}"
+            )
+        xb = xf.reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
+        s = _block_scales(xb, fmt, scale_format)
+        return (round_to_grid(xb / s, fmt) * s).reshape(x.shape).to(dtype)
+    if scale is None:
+        s = max_abs_scale(xf, fmt, axis)
+    else:
+        if axis is not None:
+            raise ValueError("fake_quantize: pass either scale or axis (axis only chooses max-abs granularity)")
+        s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+        try:
+            torch.broadcast_shapes(s.shape, x.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"fake_quantize: scale of shape {tuple(s.shape)} does not broadcast to x of shape {tuple(x.shape)}"
+            ) from None
+        if check_finite:
+            if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
+                raise ValueError("fake_quantize: scales must be finite and positive")
+    return (round_to_grid(xf / s, fmt) * s).to(dtype)
