@@ -63,7 +63,13 @@ def round_to_grid(x: torch.Tensor, fmt: "str | Format") -> torch.Tensor:
     pow2 = (xf.view(torch.int32) & _EXP_MASK).view(torch.float32)  # 2^floor(log2|x|), +0 for 0/denormals
     min_pow2 = 2.0 ** fmt.min_exponent
     step = pow2.clamp_(min=min_pow2).mul_(2.0 ** -fmt.man_bits)
-    out = torch.round(xf / step).mul_(step)
+    t = xf / step
+    out = torch.round(t).mul_(step)
+    if fmt.man_bits == 0:
+        # With no mantissa bits the code's last bit is the exponent's: a tie at 1.5·2^k goes to whichever
+        # of 2^k, 2^(k+1) has an even exponent code (torch.round would always pick 2^(k+1)).
+        code = ((step.view(torch.int32) >> 23) & 0xFF) - 127 + fmt.exponent_bias
+        out = torch.where((t.abs() == 1.5) & (code % 2 == 0), torch.copysign(step, xf), out)
     if not fmt.subnormals:
         # Without subnormals the only value below 2^(1-β) is zero: round half-way to the nearer of 0, min_normal.
         small = xf.abs() < min_pow2
