@@ -59,12 +59,19 @@ def round_to_grid(x: torch.Tensor, fmt: "str | Format") -> torch.Tensor:
         return out.to(dtype)
     if not isinstance(fmt, FloatFormat):
         raise TypeError(f"round_to_grid: unsupported format {fmt!r}")
-    # step = 2^(floor(log2|x|) - M), floor(log2|x|) clamped below at the subnormal exponent 1 - bias.
-    pow2 = (xf.view(torch.int32) & _EXP_MASK).view(torch.float32)  # 2^floor(log2|x|), +0 for 0/denormals
+    # step = 2^(max(floor(log2|x|), 1-β) - M). floor(log2|x|) is read from the float32 exponent bits;
+    # the clamp and the "- M" are done on those bits as integers (one buffer, three in-place passes).
     min_pow2 = 2.0 ** fmt.min_exponent
-    step = pow2.clamp_(min=min_pow2).mul_(2.0 ** -fmt.man_bits)
+    if fmt.min_exponent - fmt.man_bits >= -126:  # the step stays a normal float32
+        step_bits = xf.view(torch.int32) & _EXP_MASK
+        step_bits.clamp_(min=(fmt.min_exponent + 127) << 23).sub_(fmt.man_bits << 23)
+        step = step_bits.view(torch.float32)
+    else:  # E = 8 formats: the smallest steps are float32 subnormals
+        step = (xf.view(torch.int32) & _EXP_MASK).view(torch.float32)
+        step = step.clamp_(min=min_pow2).mul_(2.0 ** -fmt.man_bits)
     t = xf / step
-    out = torch.round(t).mul_(step)
+    out = torch.round(t) if fmt.man_bits == 0 else t.round_()
+    out.mul_(step)
     if fmt.man_bits == 0:
         # With no mantissa bits the code's last bit is the exponent's: a tie at 1.5·2^k goes to whichever
         # of 2^k, 2^(k+1) has an even exponent code (torch.round would always pick 2^(k+1)).
@@ -90,10 +97,11 @@ def max_abs_scale(x: torch.Tensor, fmt: "str | Format", axis: int | None = None)
     """The max-abs scale ``amax / fmt.max_value``: a 0-d tensor (``axis=None``) or one value per index
     along ``axis``, shaped to broadcast against ``x``. All-zero slices get scale 1."""
     fmt = parse_format(fmt)
-    xa = x.detach().abs().to(torch.float32)
     if axis is None:
-        amax = xa.amax()
+        lo, hi = torch.aminmax(x.detach())
+        amax = torch.maximum(-lo, hi).to(torch.float32)
     else:
+        xa = x.detach().abs().to(torch.float32)
         axis = axis % x.dim()
         dims = [d for d in range(x.dim()) if d != axis]
         amax = xa.amax(dim=dims, keepdim=True) if dims else xa
@@ -155,10 +163,12 @@ def fake_quantize(
         return x
     if not torch.is_floating_point(x):
         raise ValueError(f"fake_quantize: expected a floating-point tensor, got {x.dtype}")
-    if check_finite:
-        _check_finite(x)
     dtype = x.dtype
     xf = x.to(torch.float32)
+    if check_finite and xf.numel():
+        lo, hi = torch.aminmax(xf)  # NaN propagates and ±inf shows at an end: one pass, no buffer
+        if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+            _check_finite(xf)
     if block_size is not None:
         if scale is not None or axis is not None:
             raise ValueError("fake_quantize: block_size computes its own scales; do not pass scale or axis with it")
@@ -169,7 +179,7 @@ def fake_quantize(
             )
         xb = xf.reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
         s = _block_scales(xb, fmt, scale_format)
-        return (round_to_grid(xb / s, fmt) * s).reshape(x.shape).to(dtype)
+        return round_to_grid(xb / s, fmt).mul_(s).reshape(x.shape).to(dtype)
     if scale is None:
         s = max_abs_scale(xf, fmt, axis)
     else:
@@ -177,7 +187,8 @@ def fake_quantize(
             raise ValueError("fake_quantize: pass either scale or axis (axis only chooses max-abs granularity)")
         s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
         try:
-            torch.broadcast_shapes(s.shape, x.shape)
+            if torch.broadcast_shapes(s.shape, x.shape) != x.shape:
+                raise RuntimeError
         except RuntimeError:
             raise ValueError(
                 f"fake_quantize: scale of shape {tuple(s.shape)} does not broadcast to x of shape {tuple(x.shape)}"
@@ -185,4 +196,16 @@ def fake_quantize(
         if check_finite:
             if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
                 raise ValueError("fake_quantize: scales must be finite and positive")
-    return (round_to_grid(xf / s, fmt) * s).to(dtype)
+    return round_to_grid(xf / s, fmt).mul_(s).to(dtype)
+
+
+def sqnr_db(x: torch.Tensor, x_q: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10·log10(Σx² / Σ(x - x_q)²)`` in dB (inf when exact)."""
+    if x.shape != x_q.shape:
+        raise ValueError(f"sqnr_db: shapes differ, {tuple(x.shape)} vs {tuple(x_q.shape)}")
+    xd = x.detach().double()
+    noise = (xd - x_q.detach().double()).pow(2).sum()
+    signal = xd.pow(2).sum()
+    if noise == 0:
+        return math.inf
+    return float(10 * torch.log10(signal / noise))

@@ -1,0 +1,37 @@
+# The two commands of the README: `make test` and `make book`. Both create the pinned environment first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export IPYTHONDIR := $(CURDIR)/book/ipython_profile
+
+.PHONY: env test book bench clean-book help
+
+help:
+	@echo "make test   - create .venv (pinned torch==2.14.1/torchvision==0.29.1 first) and run pytest"
+	@echo "make book   - same environment, then build the book into _build/html/index.html"
+	@echo "make bench  - run the benchmarks, write benchmarks/results.md"
+
+# torch and torchvision first, as a pair; every later install is constrained to that pair and to the
+# versions this project was tested with (requirements/constraints.txt).
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ".[book]"
+	$(BIN)/python -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1'), torch.__version__"
+	touch $(STAMP)
+
+env: $(STAMP)
+
+test: env
+	$(BIN)/python -m pytest
+
+book: env
+	$(BIN)/jupyter-book build . -W -n --keep-going
+
+bench: env
+	$(BIN)/python benchmarks/run_all.py
+
+clean-book:
+	rm -rf _build
