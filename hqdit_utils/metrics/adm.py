@@ -1,0 +1,370 @@
+"""ADM-format image batches and the one function that turns two of them into a metrics table.
+
+File format (the ADM evaluator's, ``guided-diffusion/evaluations``): a ``.npz`` whose ``arr_0`` holds
+uint8 NHWC images ``[N, H, W, C]`` (values 0..255). Sample batches may add ``arr_1`` (class labels,
+int64 ``[N]``). Reference batches such as ``VIRTUAL_imagenet256_labeled.npz`` (10,000 ImageNet images)
+also carry precomputed Inception statistics ``mu`` ``[2048]``, ``sigma`` ``[2048, 2048]`` (pool_3) and
+``mu_s`` ``[2023]``, ``sigma_s`` ``[2023, 2023]`` (sFID), which the evaluator prefers over recomputing
+them. Everything is read with ``allow_pickle=False``; image arrays are streamed from the zip archive
+batch by batch (a 50,000-image 256² batch is 9.8 GB), as the evaluator does.
+
+:func:`evaluate` → :class:`MetricReport`: FID, sFID, IS, precision, recall, the sample counts, and the
+feature network's name and weights checksum. With any network but the ADM Inception the metrics are
+*proxy* metrics and their names carry a star (FID*, sFID*, IS*, P*, R*) wherever they are shown.
+"""
+from __future__ import annotations
+
+import math
+import os
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .features import FeatureExtractor, check_images
+from .frechet import FeatureStats, frechet_distance
+from .inception_score import inception_score
+from .precision_recall import precision_recall
+from .sfid import spatial_features
+
+#: Keys of precomputed reference statistics in ADM reference batches.
+STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+#: Images fed to the feature network at once (the ADM evaluator uses 64).
+DEFAULT_BATCH_SIZE = 64
+
+
+class NpzImages:
+    """The ``arr_0`` (or ``key``) image array of an ``.npz``, validated from its header and read in batches.
+
+    Attributes:
+        path: the file.
+        shape: ``(N, H, W, C)``.
+    """
+
+    def __init__(self, path: str | Path, key: str = "arr_0"):
+        self.path = Path(path)
+        self.key = key
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no such .npz file: {self.path}")
+        with self._open() as f:
+            self.shape, self._fortran, dtype = self._read_header(f)
+        where = f"{self.path}:{key}"
+        if dtype != np.uint8:
+            raise TypeError(f"{where} must hold uint8 images (0..255); it holds {dtype}")
+        if self._fortran:
+            raise ValueError(f"{where} is stored in Fortran order; save it C-contiguous (np.ascontiguousarray)")
+        # Shape, emptiness and channel checks, on a zero-copy stand-in with the same shape.
+        check_images(np.broadcast_to(np.zeros((), np.uint8), self.shape), what=where)
+
+    def _open(self):
+        archive = zipfile.ZipFile(self.path)
+        name = f"{self.key}.npy"
+        if name not in archive.namelist():
+            keys = sorted(n[:-4] for n in archive.namelist() if n.endswith(".npy"))
+            archive.close()
+            raise KeyError(f"{self.path} has no array {self.key!r} (it has {keys}); ADM batches store images in 'arr_0'")
+        return _ClosingMember(archive, archive.open(name))
+
+    @staticmethod
+    def _read_header(f):
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:  # 3.0 only differs for structured dtypes with non-latin-1 field names
+            raise ValueError(f"unsupported .npy format version {version} (images are written as 1.0)")
+        if dtype.hasobject:
+            raise TypeError("arrays of Python objects are not accepted (they would need allow_pickle=True)")
+        return tuple(shape), fortran, dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def iter_batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        """Yield uint8 ``[≤batch_size, H, W, C]`` batches in file order."""
+        per_image = int(np.prod(self.shape[1:]))
+        with self._open() as f:
+            self._read_header(f)
+            for start in range(0, len(self), batch_size):
+                count = min(batch_size, len(self) - start)
+                data = f.read(count * per_image)
+                if len(data) != count * per_image:
+                    raise ValueError(f"{self.path}:{self.key} is truncated (ends inside image {start + len(data) // per_image})")
+                yield np.frombuffer(bytearray(data), dtype=np.uint8).reshape(count, *self.shape[1:])  # writable
+
+    def read(self) -> np.ndarray:
+        """All images, ``[N, H, W, C]`` uint8."""
+        return np.concatenate(list(self.iter_batches(max(len(self), 1))))
+
+
+class _ClosingMember:
+    """A zip member opened for reading that also closes its archive."""
+
+    def __init__(self, archive: zipfile.ZipFile, member):
+        self.archive, self.member = archive, member
+
+    def read(self, n: int = -1) -> bytes:
+        # ZipExtFile.read(n) may return fewer bytes than asked; loop until n or EOF.
+        if n < 0:
+            return self.member.read()
+        chunks, got = [], 0
+        while got < n:
+            chunk = self.member.read(n - got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.member.close()
+        self.archive.close()
+
+
+@dataclass
+class ReferenceBatch:
+    """A reference set: images and/or precomputed Inception statistics.
+
+    Attributes:
+        images: uint8 ``[N, H, W, C]`` array or :class:`NpzImages`, or ``None`` (statistics only).
+        mu, sigma: pool_3 statistics ``[2048]``, ``[2048, 2048]`` (ADM Inception only), or ``None``.
+        mu_s, sigma_s: sFID statistics ``[2023]``, ``[2023, 2023]``, or ``None``.
+        source: where it came from (file path or description).
+    """
+
+    images: np.ndarray | NpzImages | None = None
+    mu: np.ndarray | None = None
+    sigma: np.ndarray | None = None
+    mu_s: np.ndarray | None = None
+    sigma_s: np.ndarray | None = None
+    source: str = "<array>"
+
+    @property
+    def has_stats(self) -> bool:
+        return self.mu is not None
+
+    @property
+    def n_images(self) -> int:
+        return 0 if self.images is None else len(self.images)
+
+
+def load_reference(path: str | Path) -> ReferenceBatch:
+    """Read an ADM reference batch (``arr_0`` images and/or ``mu, sigma, mu_s, sigma_s``).
+
+    Raises:
+        ValueError: neither images nor a complete set of statistics, or statistics of inconsistent shapes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such reference batch: {path}")
+    with np.load(path, allow_pickle=False) as npz:
+        keys = set(npz.files)
+        present = [k for k in STAT_KEYS if k in keys]
+        if present and len(present) != len(STAT_KEYS):
+            raise ValueError(f"{path} has only {present} of the statistics {list(STAT_KEYS)}")
+        stats = {k: np.asarray(npz[k], dtype=np.float64) for k in present}
+    if "arr_0" not in keys and not stats:
+        raise ValueError(f"{path} has neither images ('arr_0') nor statistics {list(STAT_KEYS)}; keys: {sorted(keys)}")
+    for mu, sigma in (("mu", "sigma"), ("mu_s", "sigma_s")):
+        if stats and (stats[mu].ndim != 1 or stats[sigma].shape != (len(stats[mu]),) * 2):
+            raise ValueError(f"{path}: {mu} {stats[mu].shape} and {sigma} {stats[sigma].shape} do not form mean/covariance")
+    images = NpzImages(path) if "arr_0" in keys else None
+    return ReferenceBatch(images=images, source=str(path), **stats)
+
+
+def load_samples(path: str | Path) -> NpzImages:
+    """Open an ADM sample batch (``arr_0``: uint8 NHWC), validated from its header; read with ``.iter_batches``/``.read``."""
+    return NpzImages(path)
+
+
+def save_samples(path: str | Path, images, labels=None) -> Path:
+    """Write an ADM sample batch atomically: ``arr_0`` = uint8 NHWC images, ``arr_1`` = labels ``[N]`` if given.
+
+    Returns the path written. Raises like :func:`~.features.check_images` for bad images.
+    """
+    images = check_images(images)
+    arrays = {"arr_0": images}
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (len(images),) or labels.dtype.kind not in "iu":
+            raise ValueError(f"labels must be integers of shape [{len(images)}]; got {labels.dtype} {labels.shape}")
+        arrays["arr_1"] = labels.astype(np.int64)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def embedded_reference(split: str = "heldout") -> np.ndarray:
+    """The embedded data set's images of ``split`` as a reference batch: uint8 ``[N, 16, 16, 1]``.
+
+    Args:
+        split: ``"heldout"`` (360 images, never seen by the DiT or the proxy network) or ``"train"`` (1,437).
+
+    The data (scikit-learn's digits upsampled to 16×16, fixed stratified split, seed 0) and its
+    conversion to uint8 (the sampler's ``round((x + 1) * 127.5)``) are those of
+    :mod:`hqdit_utils.train_embedded`, so reference and samples are quantized to pixels the same way.
+    """
+    from .. import train_embedded
+
+    data = train_embedded.load_digits16()
+    indices = {"heldout": data.heldout_idx, "train": data.train_idx}
+    if split not in indices:
+        raise ValueError(f"split must be one of {sorted(indices)}; got {split!r}")
+    images = train_embedded.to_uint8_nhwc(data.images[indices[split]]).numpy()
+    return check_images(images, channels=1, what=f"embedded {split!r} images")
+
+
+@dataclass
+class MetricReport:
+    """The metrics of one sample batch against one reference.
+
+    Attributes:
+        fid: Fréchet distance of pooled features (FID), or NaN.
+        sfid: Fréchet distance of spatial features (sFID), or NaN if the network has no spatial map.
+        inception_score: IS of the samples (ADM splits of 5000), or NaN without logits.
+        precision, recall: k=3 manifold precision/recall, or NaN without reference images.
+        n_samples, n_reference: image counts (``n_reference`` is 0 for statistics-only references).
+        extractor: feature network name; weights_checksum: its sha256.
+        proxy: ``True`` when the network is not the ADM Inception — the names then carry a star.
+    """
+
+    fid: float
+    sfid: float
+    inception_score: float
+    precision: float
+    recall: float
+    n_samples: int
+    n_reference: int
+    extractor: str
+    weights_checksum: str | None
+    proxy: bool
+
+    def metric_names(self) -> dict[str, str]:
+        """Field → display name: ``FID``, ``sFID``, ``IS``, ``P``, ``R`` (each with ``*`` if proxy)."""
+        star = "*" if self.proxy else ""
+        return {"fid": "FID" + star, "sfid": "sFID" + star, "inception_score": "IS" + star,
+                "precision": "P" + star, "recall": "R" + star}
+
+    def to_frame(self):
+        """One-row ``pandas.DataFrame``: the five metrics (starred names if proxy), counts, network, checksum."""
+        import pandas as pd
+
+        row = {name: getattr(self, field) for field, name in self.metric_names().items()}
+        row.update({"samples": self.n_samples, "reference": self.n_reference, "extractor": self.extractor,
+                    "weights sha256": self.weights_checksum})
+        return pd.DataFrame([row])
+
+    def to_dict(self) -> dict:
+        """Plain dict (JSON-ready; NaN for unavailable metrics)."""
+        return asdict(self)
+
+    def footnote(self) -> str:
+        """One sentence saying which network made the numbers."""
+        if self.proxy:
+            return (f"* proxy metrics: features from {self.extractor!r}, not the ADM Inception-v3; "
+                    "compare them only with other starred numbers from the same network.")
+        return "Inception-v3 (TF 2015-12-05 weights) as in the ADM evaluator: comparable with published FID/sFID/IS/P/R."
+
+
+def _as_images(x) -> np.ndarray | NpzImages:
+    if isinstance(x, NpzImages):
+        return x
+    if isinstance(x, (str, Path)):
+        return NpzImages(x)
+    return check_images(x)
+
+
+def _batches(images, batch_size: int) -> Iterator[np.ndarray]:
+    if isinstance(images, NpzImages):
+        yield from images.iter_batches(batch_size)
+    else:
+        for start in range(0, len(images), batch_size):
+            yield images[start : start + batch_size]
+
+
+def _features(images, extractor: FeatureExtractor, batch_size: int, progress: bool, desc: str):
+    """Stream ``images`` through ``extractor``: (pool [N, D] float32, pool stats, spatial stats or None, logits or None)."""
+    from tqdm.auto import tqdm
+
+    pool, logits = [], []
+    pool_stats, spatial_stats = FeatureStats(), None
+    total = math.ceil(len(images) / batch_size)
+    for batch in tqdm(_batches(images, batch_size), total=total, desc=desc, unit="batch", disable=not progress):
+        out = extractor(batch)
+        pool.append(out["pool"])
+        pool_stats.update(out["pool"])
+        if "spatial" in out:
+            spatial_stats = (spatial_stats or FeatureStats()).update(spatial_features(out["spatial"]))
+        if "logits" in out:
+            logits.append(out["logits"])
+    return np.concatenate(pool), pool_stats, spatial_stats, (np.concatenate(logits) if logits else None)
+
+
+def evaluate(samples, reference, extractor: FeatureExtractor, batch_size: int = DEFAULT_BATCH_SIZE,
+             progress: bool = False) -> MetricReport:
+    """FID, sFID, IS, precision and recall of ``samples`` against ``reference``, with ``extractor``'s features.
+
+    Args:
+        samples: uint8 ``[N, H, W, C]`` array, an ``.npz`` path, or :class:`NpzImages`.
+        reference: :class:`ReferenceBatch`, an ``.npz`` path (:func:`load_reference`), or a uint8 image array.
+        extractor: the feature network (:mod:`.features`).
+        batch_size: images per forward pass (results do not depend on it).
+        progress: show tqdm progress bars (stderr).
+
+    The reference's precomputed ``mu, sigma, mu_s, sigma_s`` are used exactly when the extractor is the
+    verified ADM Inception (``extractor.proxy`` is False), as the ADM evaluator does; otherwise the
+    statistics are computed from the reference images. Precision/recall always need reference images.
+
+    Raises:
+        ValueError / TypeError: bad images, a reference with neither usable statistics nor images,
+        fewer than 2 images on a side, or NaN features.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    samples = _as_images(samples)
+    if isinstance(reference, (str, Path)):
+        reference = load_reference(reference)
+    elif not isinstance(reference, ReferenceBatch):
+        reference = ReferenceBatch(images=_as_images(reference))
+    use_stats = reference.has_stats and not extractor.proxy
+    if reference.images is None and not use_stats:
+        raise ValueError(
+            f"reference {reference.source} has only precomputed Inception statistics, which do not apply to "
+            f"{extractor.name!r}; give a reference with images ('arr_0')"
+        )
+    if len(samples) < 2 or (not use_stats and reference.n_images < 2):
+        raise ValueError(f"need at least 2 images on each side; got {len(samples)} samples, {reference.n_images} reference")
+
+    gen_pool, gen_stats, gen_spatial, gen_logits = _features(samples, extractor, batch_size, progress, "samples")
+    ref_pool = None
+    if reference.images is not None:
+        ref_pool, ref_stats, ref_spatial, _ = _features(reference.images, extractor, batch_size, progress, "reference")
+    if use_stats:
+        fid = frechet_distance(gen_stats.mean, gen_stats.cov, reference.mu, reference.sigma)
+        sfid = (frechet_distance(gen_spatial.mean, gen_spatial.cov, reference.mu_s, reference.sigma_s)
+                if gen_spatial is not None else math.nan)
+    else:
+        fid = gen_stats.frechet_distance(ref_stats)
+        sfid = gen_spatial.frechet_distance(ref_spatial) if gen_spatial is not None else math.nan
+    precision, recall = precision_recall(ref_pool, gen_pool) if ref_pool is not None else (math.nan, math.nan)
+    return MetricReport(
+        fid=fid,
+        sfid=sfid,
+        inception_score=inception_score(gen_logits) if gen_logits is not None else math.nan,
+        precision=precision,
+        recall=recall,
+        n_samples=len(samples),
+        n_reference=reference.n_images,
+        extractor=extractor.name,
+        weights_checksum=extractor.weights_checksum,
+        proxy=extractor.proxy,
+    )
