@@ -222,6 +222,9 @@ def test_bad_npz_files_are_rejected(tmp_path):
         load_reference(tmp_path / "partial.npz")
     with pytest.raises(FileNotFoundError):
         load_samples(tmp_path / "missing.npz")
+    np.save(tmp_path / "plain.npy", digits(2))
+    with pytest.raises(ValueError, match="not an .npz archive"):
+        load_reference(tmp_path / "plain.npy")
 
 
 # ------------------------------------------------------------------------------------------ evaluate

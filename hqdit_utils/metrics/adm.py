@@ -46,14 +46,13 @@ class NpzImages:
     def __init__(self, path: str | Path, key: str = "arr_0"):
         self.path = Path(path)
         self.key = key
-        if not self.path.is_file():
-            raise FileNotFoundError(f"no such .npz file: {self.path}")
+        _check_npz(self.path)
         with self._open() as f:
-            self.shape, self._fortran, dtype = self._read_header(f)
+            self.shape, fortran, dtype = self._read_header(f)
         where = f"{self.path}:{key}"
         if dtype != np.uint8:
             raise TypeError(f"{where} must hold uint8 images (0..255); it holds {dtype}")
-        if self._fortran:
+        if fortran:
             raise ValueError(f"{where} is stored in Fortran order; save it C-contiguous (np.ascontiguousarray)")
         # Shape, emptiness and channel checks, on a zero-copy stand-in with the same shape.
         check_images(np.broadcast_to(np.zeros((), np.uint8), self.shape), what=where)
@@ -98,6 +97,13 @@ class NpzImages:
     def read(self) -> np.ndarray:
         """All images, ``[N, H, W, C]`` uint8."""
         return np.concatenate(list(self.iter_batches(max(len(self), 1))))
+
+
+def _check_npz(path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"no such .npz file: {path}")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not an .npz archive (write batches with np.savez / save_samples)")
 
 
 class _ClosingMember:
@@ -161,8 +167,7 @@ def load_reference(path: str | Path) -> ReferenceBatch:
         ValueError: neither images nor a complete set of statistics, or statistics of inconsistent shapes.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such reference batch: {path}")
+    _check_npz(path)
     with np.load(path, allow_pickle=False) as npz:
         keys = set(npz.files)
         present = [k for k in STAT_KEYS if k in keys]

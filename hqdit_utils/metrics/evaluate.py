@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, TypeError, KeyError) as err:
         print(f"hqdit evaluate: {err}", file=sys.stderr)
         return 1
-    print(report.to_frame().to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    # 4 decimals; a rounding-level negative distance (-1e-12) prints as 0.0000, not -0.0000.
+    print(report.to_frame().to_string(index=False, float_format=lambda v: f"{v:.4f}".replace("-0.0000", "0.0000")))
     print(report.footnote())
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
