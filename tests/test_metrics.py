@@ -38,6 +38,18 @@ def test_frechet_matches_symmetric_scipy_formula_on_random_covariances():
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
 
 
+def test_frechet_agrees_with_torch_fidelity_on_feature_statistics():
+    # torch-fidelity takes the trace from the eigenvalues of the product: an independent implementation.
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    rng = np.random.default_rng(8)
+    a = rng.standard_normal((300, 40)) @ rng.standard_normal((40, 40))
+    b = 0.5 + rng.standard_normal((250, 40)) @ rng.standard_normal((40, 40))
+    sa, sb = FeatureStats.from_features(a, batch_size=33), FeatureStats.from_features(b)
+    theirs = fid_statistics_to_metric({"mu": sa.mean, "sigma": sa.cov}, {"mu": sb.mean, "sigma": sb.cov}, verbose=False)
+    assert sa.frechet_distance(sb) == pytest.approx(theirs["frechet_inception_distance"], rel=1e-8)
+
+
 def test_frechet_zero_for_identical_and_symmetric():
     rng = np.random.default_rng(2)
     mu, s = rng.standard_normal(24), random_cov(rng, 24)
@@ -205,6 +217,19 @@ def test_precision_recall_partial_overlap_and_block_independence():
     assert p == 0.5  # the far half of the samples is outside every reference ball
     assert 0.4 < r < 0.9  # only the reference points near the copied half are covered
     assert precision_recall(ref, samples, block=7) == (p, r)
+
+
+def test_precision_recall_matches_brute_force_definition():
+    from scipy.spatial.distance import cdist
+
+    rng = np.random.default_rng(9)
+    ref, gen = rng.standard_normal((150, 6)), 0.7 * rng.standard_normal((120, 6)) + 0.8
+    r_ref = np.sort(cdist(ref, ref), axis=1)[:, 3]  # 3rd nearest other point (column 0 is the point itself)
+    r_gen = np.sort(cdist(gen, gen), axis=1)[:, 3]
+    precision = np.mean((cdist(gen, ref) <= r_ref[None, :]).any(axis=1))
+    recall = np.mean((cdist(ref, gen) <= r_gen[None, :]).any(axis=1))
+    assert 0.05 < precision < 0.95 and 0.05 < recall < 0.95  # a case where both can be wrong
+    assert precision_recall(ref, gen, block=16) == pytest.approx((precision, recall), abs=1e-12)
 
 
 def test_manifold_radii_is_distance_to_third_other_neighbour():
