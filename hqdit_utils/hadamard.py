@@ -68,6 +68,7 @@ __all__ = [
     "fast_hadamard_transform",
     "rotate_weight",
     "rotate_input",
+    "rotate_output",
 ]
 
 #: Largest order of the dense (non-power-of-two) Kronecker factor. Larger bases would exist (Paley works
@@ -546,3 +547,22 @@ def rotate_input(x: torch.Tensor, q: RotationLike, *, transpose: bool = False) -
     identity). A :class:`HadamardSpec` uses :func:`fast_hadamard_transform`; a dense ``Q`` a matmul.
     ``transpose=True`` applies ``Qᵀ`` (undoes the rotation)."""
     return _apply(x, q, transpose)
+
+
+def rotate_output(weight: torch.Tensor, bias: torch.Tensor | None, q: RotationLike
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fold a rotation into the layer that *produces* the activation: for ``y = x Wᵀ + b``,
+    ``y Q = x (Qᵀ W)ᵀ + b Q``, so returns ``(Qᵀ W, b Q)`` (``W`` [out, in], ``Q`` [out, out]).
+
+    This is the "fused where the graph allows it" option (digest §3.2, §9 item 3): it is valid only when
+    nothing non-linear or sample-dependent sits between the producer and the consumer. In a DiT block
+    that excludes ``qkv`` and ``fc1`` (adaLN modulation in between) and ``fc2`` (GELU); for ``attn.proj``
+    a *head-wise* rotation (block-diagonal with one block per head, e.g. ``HadamardSpec(1152, block=72)``
+    for DiT-XL/2's 16 heads of 72) commutes with the attention weights and can be folded into the value
+    rows of ``qkv`` — a full-order rotation cannot. Our default stays the online rotation.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [out, in], got shape {tuple(weight.shape)}")
+    w_rot = _apply(weight.t(), q, False).t().contiguous()  # (Wᵀ Q)ᵀ = Qᵀ W
+    b_rot = None if bias is None else _apply(bias.reshape(1, -1), q, False).reshape(-1)
+    return w_rot, b_rot

@@ -17,6 +17,7 @@ from hqdit_utils.hadamard import (
     is_supported,
     random_hadamard,
     rotate_input,
+    rotate_output,
     rotate_weight,
     supported_sizes,
 )
@@ -193,6 +194,18 @@ def test_rotation_leaves_linear_output_unchanged(n_in, n_out, use_spec):
     y_rot = torch.nn.functional.linear(rotate_input(x, q), rotate_weight(lin.weight.detach(), q), lin.bias)
     y = y.detach()
     torch.testing.assert_close(y_rot, y, rtol=1e-5, atol=1e-5 * float(y.abs().max()))
+
+
+def test_rotation_folded_into_producer():
+    """y Q = x (Qᵀ W)ᵀ + b Q; with a head-wise (block = head dim) rotation this is the fusable case."""
+    g = torch.Generator().manual_seed(5)
+    w, b = torch.randn(1152, 144, generator=g), torch.randn(1152, generator=g)
+    x = torch.randn(7, 144, generator=g)
+    for q in (HadamardSpec(1152, seed=3, block=72), random_hadamard(1152, seed=3)):
+        w2, b2 = rotate_output(w, b, q)
+        y = rotate_input(x @ w.t() + b, q)
+        torch.testing.assert_close(x @ w2.t() + b2, y, rtol=1e-5, atol=1e-4)
+    assert rotate_output(w, None, HadamardSpec(1152, seed=3))[1] is None
 
 
 def _crest(t: torch.Tensor) -> torch.Tensor:
