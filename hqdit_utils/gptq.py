@@ -203,11 +203,11 @@ class GPTQ:
             if scale is None:
                 row_scale = max_abs_scale(W, fmt, axis=0).reshape(-1)
             else:
-                row_scale = _check_scale(scale, (self.rows,), "scale").reshape(-1)
+                row_scale = _check_scale(scale, (self.rows,), "scale").reshape(-1).to(W.device)
         else:
             n_groups = math.ceil(ncol / groupsize)
             if scale is not None:
-                group_scales = _check_scale(scale, (self.rows, n_groups), "scale")
+                group_scales = _check_scale(scale, (self.rows, n_groups), "scale").to(W.device)
 
         # --- dead inputs (published GPTQ) ---------------------------------------------------------------
         diag = torch.diagonal(H)
@@ -240,6 +240,7 @@ class GPTQ:
             W1 = W[:, i1:i2].clone()
             Q1 = torch.zeros_like(W1)
             Err1 = torch.zeros_like(W1)
+            Sq1 = torch.zeros_like(W1)  # squared rounding errors, turned into the proxy loss per block
             U1 = U[i1:i2, i1:i2]
             for i in range(count):
                 j = i1 + i
@@ -256,12 +257,13 @@ class GPTQ:
                 q = round_to_grid(w / s_cur, fmt) * s_cur
                 Q1[:, i] = q
                 diff = w - q
-                losses += (diff.double() ** 2) / (2.0 * float(d) ** 2)
+                Sq1[:, i] = diff * diff
                 err = diff / d
                 if i + 1 < count:
                     W1[:, i + 1:].addr_(err, U1[i, i + 1:], alpha=-1.0)
                 Err1[:, i] = err
             Q[:, i1:i2] = Q1
+            losses += (Sq1.double() / (2.0 * torch.diagonal(U1).double() ** 2)).sum(dim=1)
             if i2 < ncol:
                 W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
 
