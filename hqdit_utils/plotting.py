@@ -69,3 +69,62 @@ def plot_histogram_with_grid(x: torch.Tensor, fmt: str, scale: float, *, bins: i
         ax.axvline(g, color=format_color(fmt), lw=0.8, alpha=0.8)
     ax.set_title(str(parse_format(fmt)))
     return ax
+
+
+#: DiT's own names for the linears of a diffusers DiT block (DiT: qkv, attn.proj, mlp.fc1, mlp.fc2, adaLN).
+LEAF_NAMES = {"attn1.to_q": "q", "attn1.to_k": "k", "attn1.to_v": "v", "attn1.to_out.0": "proj",
+              "ff.net.0.proj": "fc1", "ff.net.2": "fc2", "norm1.linear": "adaLN"}
+
+
+def short_layer_name(name: str) -> str:
+    """``transformer_blocks.3.ff.net.2`` → ``b3.fc2`` (block index + DiT's name for the linear)."""
+    parts = name.split(".")
+    if parts[0] == "transformer_blocks" and len(parts) > 2:
+        leaf = ".".join(parts[2:])
+        return f"b{parts[1]}.{LEAF_NAMES.get(leaf, leaf)}"
+    return name
+
+
+def plot_abs_histogram(stats, *, ax=None, label=None, color=None, density: bool = True):
+    """Log-log histogram of ``|x|`` in exact 1/8-octave bins, from a capture ``TensorStats`` or a tensor
+    (e.g. a weight), binned the same way.
+
+    The y-axis is the fraction of elements per octave, so histograms of tensors of different sizes and
+    ranges compare directly.
+    """
+    from .capture import HIST_BINS, hist_bin_edges
+
+    ax = ax or plt.gca()
+    if isinstance(stats, torch.Tensor):
+        codes = (stats.detach().abs().to(torch.float32).reshape(-1).view(torch.int32) >> 20)
+        hist = torch.bincount(codes, minlength=HIST_BINS)[:HIST_BINS].double()
+    else:
+        hist = stats.hist.double()
+    nz = torch.nonzero(hist[1:]).flatten() + 1  # bin 0 holds exact zeros, which a log axis cannot show
+    lo, hi = int(nz.min()), int(nz.max()) + 1
+    edges = hist_bin_edges()[lo:hi + 1].numpy()
+    counts = hist[lo:hi].numpy()
+    if density:
+        counts = counts / counts.sum() * 8  # 8 bins per octave → fraction per octave
+    ax.stairs(counts, edges, label=label, **({"color": color} if color else {}))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("|x|")
+    ax.set_ylabel("fraction per octave" if density else "count")
+    return ax
+
+
+def plot_heatmap(table, *, ax=None, cmap: str = "viridis", log: bool = True, cbar_label: str = "", fmt_cols=None):
+    """Heat map of a pandas table (rows × columns), optionally on a log colour scale, with a colour bar."""
+    from matplotlib.colors import LogNorm
+
+    ax = ax or plt.gca()
+    values = table.to_numpy(dtype=float)
+    norm = LogNorm(vmin=np.nanmin(values[values > 0]), vmax=np.nanmax(values)) if log else None
+    im = ax.imshow(values, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+    ax.set_yticks(range(len(table.index)), [str(i) for i in table.index])
+    cols = [fmt_cols(c) for c in table.columns] if fmt_cols else [str(c) for c in table.columns]
+    ax.set_xticks(range(len(cols)), cols, rotation=90)
+    ax.grid(False)
+    plt.colorbar(im, ax=ax, label=cbar_label)
+    return ax

@@ -1,0 +1,32 @@
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from hqdit_utils.plotting import plot_abs_histogram, plot_format_grids, plot_heatmap, short_layer_name  # noqa: E402
+
+
+def test_short_layer_names_use_dits_names():
+    assert short_layer_name("transformer_blocks.3.ff.net.2") == "b3.fc2"
+    assert short_layer_name("transformer_blocks.0.attn1.to_out.0") == "b0.proj"
+    assert short_layer_name("transformer_blocks.11.norm1.linear") == "b11.adaLN"
+    assert short_layer_name("proj_out_1") == "proj_out_1"
+
+
+def test_abs_histogram_of_a_tensor_sums_to_eight_per_octave():
+    fig, ax = plt.subplots()
+    plot_abs_histogram(torch.randn(10_000), ax=ax)
+    (stairs,) = ax.patches
+    assert abs(stairs.get_data().values.sum() - 8.0) < 1e-6  # 8 bins per octave, fractions sum to 1
+    plt.close(fig)
+
+
+def test_grid_and_heatmap_plots_draw_one_row_per_item():
+    fig, ax = plt.subplots()
+    plot_format_grids(["int4", "fp4_e2m1"], ax=ax)
+    assert len(ax.get_yticks()) == 2
+    plot_heatmap(pd.DataFrame([[1.0, 2.0], [3.0, 4.0]], index=["a", "b"]), ax=ax)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b"]
+    plt.close(fig)
