@@ -1,0 +1,247 @@
+"""One recipe, end to end: calibrate → quantize → sample → evaluate, with an on-disk result cache.
+
+:func:`run` is what every table of the book calls. A run is keyed by everything that can change its
+numbers — the model's weights checksum, the recipe (all fields), the profile's sizes, the seed, the
+sampler settings and this package's version — so chapters share runs (the FP32 run is computed once for
+the whole book) and a rebuild with no change reads results from disk in milliseconds. A cached entry
+whose key material or sample file does not match is recomputed, never silently reused.
+
+Protocol of one run (our choices; the paper's sampling protocol for ImageNet is in ``data/paper/``):
+
+* labels ``i mod num_classes`` for ``i = 0 … N-1`` and per-sample seeds ``1_000_003 · seed + i``: every
+  recipe of a table sees *the same* noise and labels for a given seed, so differences between rows are
+  differences between quantizers, not between noise draws;
+* the same ``seed`` also seeds the calibration trajectories (disjoint from the evaluation seeds);
+* DDPM respaced to ``profile.sampling_steps`` steps, CFG scale 1.5 (DiT's FID protocol) by default;
+* metrics against the held-out split of the embedded data with the proxy network (FID*, sFID*, IS*,
+  P*, R*) plus class-consistency: the share of samples the proxy classifier assigns to the requested
+  class. Full-scale DiT-XL/2 runs use the ADM Inception and reference batch instead (``hqdit evaluate``).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import __version__
+from .config import CACHE_DIR, Profile, profile as get_profile
+from .recipes import QuantRecipe, get_recipe
+
+#: Multiplier separating the per-sample seed ranges of different run seeds.
+SEED_STRIDE = 1_000_003
+
+
+@dataclass
+class RunResult:
+    """The outcome of one (model, recipe, profile, seed) run.
+
+    metrics:   ``{"FID*": …, "sFID*": …, "IS*": …, "P*": …, "R*": …, "class-consistency": …}``
+               (unstarred names when the feature network is the ADM Inception).
+    quant:     the quantization summary (mean SQNRs, format histograms, seconds) or ``{}`` for FP32.
+    protocol:  how the numbers were made (sampler, steps, cfg, samples, seeds, feature network and its
+               checksum, model checksum, versions, device, wall times).
+    samples:   path of the ``.npz`` with the generated images (``arr_0`` uint8 NHWC, ``labels``).
+    cached:    whether this result was read from the cache.
+    """
+
+    recipe: str
+    seed: int
+    metrics: dict
+    quant: dict
+    protocol: dict
+    samples: str
+    cached: bool = False
+
+    def row(self) -> dict:
+        return {"recipe": self.recipe, "seed": self.seed, **self.metrics}
+
+
+def model_checksum(bundle) -> str:
+    """sha256 over the model's weight-file checksums when known, else over its state dict (float32 bytes)."""
+    h = hashlib.sha256()
+    if bundle.sha256:
+        for k in sorted(bundle.sha256):
+            h.update(f"{k}={bundle.sha256[k]};".encode())
+        return h.hexdigest()
+    for k, v in sorted(bundle.transformer.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _run_key(material: dict) -> str:
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _atomic_write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def sample_plan(num_classes: int, n: int, seed: int) -> tuple[torch.Tensor, list[int]]:
+    """Labels ``[n]`` and per-sample seeds of run ``seed`` (shared by every recipe)."""
+    labels = torch.arange(n) % num_classes
+    return labels, [SEED_STRIDE * (seed + 1) + i for i in range(n)]
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    out = {"hqdit_utils": __version__}
+    for name in ("torch", "diffusers", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+_CALIBRATIONS: dict = {}
+
+
+def _calibration(bundle, recipe: QuantRecipe, prof: Profile, seed: int, cfg_scale: float, mkey: str):
+    """Calibration for ``recipe``'s layers, memoised per (model, layers, profile, seed, cfg) in this process."""
+    from .capture import calibrate
+
+    attention = recipe.quantize_attention and recipe.attn_format != "fp32"
+    key = (mkey, tuple(recipe.layers), tuple(recipe.exclude), attention, prof.name, seed, cfg_scale)
+    if key not in _CALIBRATIONS:
+        _CALIBRATIONS.clear()  # one at a time: a calibration holds tens of MB of rows
+        _CALIBRATIONS[key] = calibrate(bundle, layers=recipe.layers, exclude=recipe.exclude,
+                                       num_trajectories=prof.calib_trajectories, num_timesteps=prof.calib_timesteps,
+                                       num_steps=prof.sampling_steps, batch_size=prof.batch_size, seed=seed,
+                                       cfg_scale=cfg_scale, attention=attention)
+    return _CALIBRATIONS[key]
+
+
+def run(bundle, recipe: "QuantRecipe | str", *, profile: "str | Profile | None" = None, seed: int = 0,
+        cfg_scale: float = 1.5, sampler: str = "ddpm", num_samples: int | None = None,
+        cache_dir: "str | os.PathLike | None" = None, extractor=None, reference=None,
+        progress: bool = True) -> RunResult:
+    """Calibrate, quantize a copy of ``bundle.transformer`` with ``recipe``, sample, evaluate; cached.
+
+    Args:
+        bundle: a ``models.DiTBundle`` (left unchanged: the recipe is applied to a deep copy).
+        recipe: a :class:`QuantRecipe` or a registered name (``"fp32"``, ``"hqdit-w4a4"`` …).
+        profile: sizes (samples, steps, calibration); default ``$HQDIT_PROFILE``.
+        seed: run seed (calibration trajectories and evaluation noise).
+        cfg_scale, sampler: sampling settings.
+        num_samples: override the profile's ``eval_samples``.
+        cache_dir: default ``config.CACHE_DIR / "runs"``.
+        extractor, reference: feature network and reference images; default: the embedded proxy network
+            and the embedded data's held-out split.
+
+    Returns:
+        :class:`RunResult`.
+    """
+    from .metrics.adm import embedded_reference, evaluate
+    from .metrics.features import ProxyExtractor
+    from .qmodel import quantize_
+    from .sampling import sample
+
+    recipe = get_recipe(recipe)
+    prof = profile if isinstance(profile, Profile) else get_profile(profile)
+    n = int(num_samples or prof.eval_samples)
+    extractor = extractor or ProxyExtractor()
+    mkey = model_checksum(bundle)
+    material = {"model": mkey, "recipe": recipe.to_dict(), "profile": prof.as_dict(), "seed": seed,
+                "cfg_scale": cfg_scale, "sampler": sampler, "num_samples": n, "version": __version__,
+                "extractor": [extractor.name, extractor.weights_checksum],
+                "reference": "embedded-heldout" if reference is None else "custom"}
+    key = _run_key(material)
+    folder = Path(cache_dir or CACHE_DIR / "runs") / f"{recipe.name}-s{seed}-{key}"
+    result_file, samples_file = folder / "result.json", folder / "samples.npz"
+    if result_file.is_file() and samples_file.is_file():
+        cached = json.loads(result_file.read_text())
+        if cached.get("material") == json.loads(json.dumps(material, default=str)) and \
+                cached.get("samples_sha256") == _file_sha256(samples_file):
+            return RunResult(**cached["result"], cached=True)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    qbundle = replace(bundle, transformer=copy.deepcopy(bundle.transformer))
+    quant: dict = {}
+    if not recipe.is_identity:
+        calib = _calibration(bundle, recipe, prof, seed, cfg_scale, mkey) if recipe.needs_calibration else None
+        report = quantize_(qbundle.transformer, recipe, calib)
+        quant = report.summary()
+    t_quant = time.perf_counter() - t0
+    labels, seeds = sample_plan(bundle.num_classes, n, seed)
+    t1 = time.perf_counter()
+    images = sample(qbundle, labels, num_steps=prof.sampling_steps, cfg_scale=cfg_scale, seeds=seeds,
+                    sampler=sampler, batch_size=prof.batch_size, progress=progress)
+    t_sample = time.perf_counter() - t1
+    images_np = images.numpy()
+    ref = embedded_reference("heldout") if reference is None else reference
+    report_m = evaluate(images_np, ref, extractor)
+    metrics = {name: float(getattr(report_m, f)) for f, name in report_m.metric_names().items()}
+    logits = extractor(images_np).get("logits")
+    if logits is not None:
+        pred = torch.as_tensor(np.asarray(logits)).argmax(dim=1)
+        metrics["class-consistency"] = float((pred == labels).float().mean())
+    protocol = {"sampler": sampler, "steps": prof.sampling_steps, "cfg_scale": cfg_scale, "samples": n,
+                "labels": f"i mod {bundle.num_classes}", "seeds": f"{SEED_STRIDE}*(seed+1)+i",
+                "calibration": {"trajectories": prof.calib_trajectories, "timesteps": prof.calib_timesteps,
+                                "seed": seed} if quant else None,
+                "model": bundle.name, "model_sha256": mkey, "extractor": extractor.name,
+                "extractor_sha256": extractor.weights_checksum, "reference": material["reference"],
+                "n_reference": report_m.n_reference, "profile": prof.name, "versions": _versions(),
+                "device": str(next(bundle.transformer.parameters()).device), "threads": torch.get_num_threads(),
+                "seconds": {"quantize": round(t_quant, 2), "sample": round(t_sample, 2),
+                            "total": round(time.perf_counter() - t0, 2)}}
+    tmp = folder / "samples.tmp.npz"
+    np.savez(tmp, arr_0=images_np, labels=labels.numpy())
+    os.replace(tmp, samples_file)
+    result = RunResult(recipe.name, seed, metrics, quant, protocol, str(samples_file))
+    entry = {"material": material, "samples_sha256": _file_sha256(samples_file),
+             "result": {k: v for k, v in asdict(result).items() if k != "cached"}}
+    _atomic_write_json(result_file, entry)
+    return result
+
+
+def run_table(bundle, recipes: Sequence["QuantRecipe | str"], *, seeds: Sequence[int] | None = None,
+              profile: "str | Profile | None" = None, progress: bool = True, **kwargs) -> pd.DataFrame:
+    """:func:`run` for every (recipe, seed), one progress bar; one row per run (``recipe``, ``seed``, metrics).
+
+    ``seeds`` defaults to ``range(profile.seeds)``. Finished runs are cached, so an interrupted table
+    resumes where it stopped.
+    """
+    from tqdm.auto import tqdm
+
+    prof = profile if isinstance(profile, Profile) else get_profile(profile)
+    seeds = list(range(prof.seeds)) if seeds is None else list(seeds)
+    jobs = [(r, s) for r in recipes for s in seeds]
+    rows = []
+    for r, s in tqdm(jobs, desc="runs", disable=not progress):
+        res = run(bundle, r, profile=prof, seed=s, progress=False, **kwargs)
+        rows.append({**res.row(), **{f"quant: {k}": v for k, v in res.quant.items()
+                                     if k in ("weight_sqnr", "act_sqnr", "output_sqnr")},
+                     "seconds": res.protocol["seconds"]["total"], "cached": res.cached})
+    return pd.DataFrame(rows)
+
+
+def summarize(table: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.DataFrame:
+    """Mean ± std over seeds per recipe: a table of strings ``"mean ± std"`` in the recipes' order."""
+    metrics = list(metrics or [c for c in table.columns if c.endswith("*") or c == "class-consistency"])
+    order = list(dict.fromkeys(table["recipe"]))
+    g = table.groupby("recipe", sort=False)[metrics]
+    mean, std, count = g.mean().loc[order], g.std(ddof=1).loc[order], g.count().loc[order]
+    out = mean.copy().astype(object)
+    for c in metrics:
+        out[c] = [f"{m:.3f} ± {s:.3f}" if cnt > 1 else f"{m:.3f}" for m, s, cnt in zip(mean[c], std[c], count[c])]
+    out["seeds"] = count[metrics[0]].values
+    return out
