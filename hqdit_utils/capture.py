@@ -12,6 +12,7 @@ halves of a CFG batch are pooled, digest §9.7):
   (8 exponent bits + the top 3 mantissa bits) equal ``k`` — 2048 bins covering all of float32, eight
   per octave, no rounding anywhere. Percentiles are read off it (linear inside a bin, so a percentile
   is exact to within one bin, ≤ 1/8 octave ≈ 9 %);
+* the K = 8 rows with the largest max-abs ("extreme rows"; ties broken by the hash below);
 * a bounded **reservoir** of raw input rows: the ``rows_per_timestep`` rows with the smallest value of a
   seeded integer hash of the row's content (64 columns, truncated to bfloat16 precision so that 1-ulp
   differences between runs rarely matter) — "bottom-k sampling". The hash depends only on the row's
@@ -24,9 +25,11 @@ Every statistic except the float64 moment sums is computed with integer or max o
 Memory bound
 ------------
 Per recorded input (layers that consume the *same* tensor — ``to_q``, ``to_k``, ``to_v`` — share one
-record) and per timestep: ``rows_per_timestep · in_features · 4`` bytes of rows, ``in_features · 12``
-bytes of per-channel statistics and 16 KiB of histogram. Total:
-``n_timesteps · Σ_inputs (4·R·d_in + 12·d_in + 16384)`` bytes, independent of the number of trajectories.
+record) and per timestep: ``(R + K) · in_features · 4`` bytes of rows (R = ``rows_per_timestep``
+reservoir rows, K = 8 extreme rows: the rows with the largest max-abs, which fix a static α = max
+exactly), ``in_features · 12`` bytes of per-channel statistics and 16 KiB of histogram. Total:
+``n_timesteps · Σ_inputs (4·(R+K)·d_in + 12·d_in + 16384 + 12·(R+K))`` bytes, independent of the number
+of trajectories.
 :meth:`Calibration.nbytes` reports the actual number. Example: DiT-XL/2, all 28 blocks, 4 distinct inputs
 per block (Σ d_in = 3·1152 + 4608 per block), 10 timesteps, R = 64: ≈ 0.3 GB.
 
@@ -173,6 +176,10 @@ class TensorStats:
     hist: torch.Tensor | None = None
     rows: torch.Tensor | None = None
     priority: torch.Tensor | None = None
+    top_k: int = 8
+    top_rows: torch.Tensor | None = None
+    top_absmax: torch.Tensor | None = None
+    top_priority: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.channel_absmax is None:
@@ -182,6 +189,10 @@ class TensorStats:
             self.hist = torch.zeros(HIST_BINS, dtype=torch.int64)
             self.rows = torch.zeros(0, self.d, dtype=torch.float32)
             self.priority = torch.zeros(0, dtype=torch.int64)
+        if self.top_rows is None:
+            self.top_rows = torch.zeros(0, self.d, dtype=torch.float32)
+            self.top_absmax = torch.zeros(0, dtype=torch.float32)
+            self.top_priority = torch.zeros(0, dtype=torch.int64)
 
     # -- accumulation ------------------------------------------------------------------------------
     def update(self, x: torch.Tensor) -> None:
@@ -200,9 +211,22 @@ class TensorStats:
         codes = (a.view(torch.int32) >> 20).reshape(-1)
         self.hist += torch.bincount(codes, minlength=HIST_BINS)[:HIST_BINS]
         self.count += x.shape[0]
-        if self.capacity > 0:
+        if self.capacity > 0 or self.top_k > 0:
             pr = _row_hash(x, self.coeffs)
-            self._merge_rows(x, pr)
+            if self.capacity > 0:
+                self._merge_rows(x, pr)
+            if self.top_k > 0:
+                self._merge_top(x, a.amax(dim=1), pr)
+
+    def _merge_top(self, rows: torch.Tensor, absmax: torch.Tensor, pr: torch.Tensor) -> None:
+        """Keep the ``top_k`` rows with the largest max-abs (ties: smallest hash) — the extreme rows that
+        fix a static α = max; a hash-sampled reservoir would miss them."""
+        allr = torch.cat([self.top_rows, rows])
+        allm = torch.cat([self.top_absmax, absmax])
+        allp = torch.cat([self.top_priority, pr])
+        order = torch.sort(allp, stable=True).indices
+        order = order[torch.sort(allm[order], descending=True, stable=True).indices][: self.top_k]
+        self.top_rows, self.top_absmax, self.top_priority = allr[order].contiguous(), allm[order], allp[order]
 
     def _merge_rows(self, rows: torch.Tensor, pr: torch.Tensor) -> None:
         allp = torch.cat([self.priority, pr])
@@ -222,6 +246,9 @@ class TensorStats:
         out.channel_sumsq = self.channel_sumsq + other.channel_sumsq
         out.moments = self.moments + other.moments
         out.hist = self.hist + other.hist
+        out.top_k = self.top_k + other.top_k if keep_all_rows else self.top_k
+        out.top_rows, out.top_absmax, out.top_priority = self.top_rows, self.top_absmax, self.top_priority
+        out._merge_top(other.top_rows, other.top_absmax, other.top_priority)
         if keep_all_rows:
             out.rows = torch.cat([self.rows, other.rows])
             out.priority = torch.cat([self.priority, other.priority])
@@ -296,7 +323,8 @@ class TensorStats:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in
-                   (self.channel_absmax, self.channel_sumsq, self.moments, self.hist, self.rows, self.priority))
+                   (self.channel_absmax, self.channel_sumsq, self.moments, self.hist, self.rows, self.priority,
+                    self.top_rows, self.top_absmax, self.top_priority))
 
 
 @dataclass
@@ -322,6 +350,15 @@ class LayerCalibration:
         """Reservoir rows [n, in_features] (float32), pooled over ``timesteps`` in timestep order."""
         ts = sorted(self.per_timestep) if timesteps is None else list(timesteps)
         return torch.cat([self.per_timestep[t].rows for t in ts]) if ts else torch.zeros(0, self.in_features)
+
+    def extreme_rows(self, timesteps: Iterable[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the top-k max-abs rows of every timestep [m, d], their timesteps [m]) — they contain the row
+        holding the calibration-wide max, so a static α = γ·max is exact even though the reservoir
+        is a sample."""
+        ts = sorted(self.per_timestep) if timesteps is None else list(timesteps)
+        rows = [self.per_timestep[t].top_rows for t in ts]
+        tags = [torch.full((len(r),), t, dtype=torch.int64) for t, r in zip(ts, rows)]
+        return torch.cat(rows), torch.cat(tags)
 
     def rows_by_timestep(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows [n, d], timestep of each row [n] int64)."""
@@ -392,7 +429,8 @@ class Calibration:
                 "in_features": rec.in_features, "shared_with": rec.shared_with,
                 "per_timestep": {t: {k: getattr(s, k) for k in (
                     "d", "capacity", "coeffs", "count", "absmax", "channel_absmax", "channel_sumsq",
-                    "moments", "hist", "rows", "priority")} for t, s in rec.per_timestep.items()},
+                    "moments", "hist", "rows", "priority", "top_k", "top_rows", "top_absmax", "top_priority")}
+                    for t, s in rec.per_timestep.items()},
             }
         torch.save(blob, path)
 

@@ -186,7 +186,7 @@ def clip_weight(weight: torch.Tensor, fmt: "str | Format", *, method: str = "mse
 @torch.no_grad()
 def clip_activation(x: torch.Tensor, fmt: "str | Format", *, granularity: str = "tensor", method: str = "mse",
                     grid: torch.Tensor | None = None, p: float = 2.4, weight: torch.Tensor | None = None,
-                    max_elems: int = _MAX_ELEMS) -> ClipResult:
+                    amax: "float | torch.Tensor | None" = None, max_elems: int = _MAX_ELEMS) -> ClipResult:
     """Clipping search for activation rows ``x`` [n, d] with one γ shared by the whole tensor.
 
     Args:
@@ -197,6 +197,8 @@ def clip_activation(x: torch.Tensor, fmt: "str | Format", *, granularity: str = 
         method: "mse" | "lp" | "output" | "none"; "output" needs ``weight`` [out, d] (already quantized,
             ‖X Wᵀ − Q(X) Wᵀ‖²).
         grid: γ values (default :func:`gamma_grid`).
+        amax: ("tensor" only) the max-abs that γ multiplies, when it is known from more data than the
+            rows ``x`` (e.g. the whole calibration set); default ``max|x|``.
 
     Returns:
         :class:`ClipResult` with 0-d ``alpha``/``gamma``.
@@ -211,7 +213,8 @@ def clip_activation(x: torch.Tensor, fmt: "str | Format", *, granularity: str = 
     if n == 0:
         raise ValueError("clip_activation: no calibration rows")
     if granularity == "tensor":
-        amax = X.abs().amax().reshape(1, 1)
+        m = X.abs().amax()
+        amax = (m if amax is None else torch.maximum(m, torch.as_tensor(amax, dtype=torch.float32))).reshape(1, 1)
     else:
         amax = X.abs().amax(dim=1, keepdim=True)  # [n, 1]
     safe = torch.where(amax > 0, amax, torch.ones_like(amax))

@@ -373,7 +373,7 @@ def _quantize_weight(W, X, recipe, grid):
     return Wq, wf, float(cr.gamma.float().mean()), mse, stats, info
 
 
-def _quantize_act(X, Wq, recipe, grid, tags, ts_groups):
+def _quantize_act(X, Wq, recipe, grid, tags, ts_groups, ext=None, ext_tags=None):
     """Returns (QuantLinear kwargs, Q(X), format, γ, α, {candidate: mse}, stats)."""
     stats = ratio_statistics(X, channel_axis=1)
     af = recipe.act_format
@@ -390,8 +390,13 @@ def _quantize_act(X, Wq, recipe, grid, tags, ts_groups):
     ckw = {"weight": Wq} if method == "output" else {}
     mse: dict = {}
 
-    def clip(name, rows):
-        return clip_activation(rows, name, granularity=gran, method=method, grid=grid, p=recipe.clip_p, **ckw)
+    def clip(name, rows, group=None):
+        kw = dict(ckw)
+        if gran == "tensor" and ext is not None and len(ext):
+            e = ext if group is None else ext[torch.isin(ext_tags, torch.tensor(group))]
+            if len(e):
+                kw["amax"] = e.abs().amax()  # the calibration-wide max (extreme rows), not the sample's
+        return clip_activation(rows, name, granularity=gran, method=method, grid=grid, p=recipe.clip_p, **kw)
     if af == AUTO:
         cands = list(recipe.act_candidates)
         if recipe.format_rule == "ratio":
@@ -420,7 +425,7 @@ def _quantize_act(X, Wq, recipe, grid, tags, ts_groups):
         sel = X[torch.isin(tags, torch.tensor(grp))]
         if len(sel) == 0:
             raise QuantizationError(f"no calibration rows for timestep group {grp}")
-        cr = clip(af, sel)
+        cr = clip(af, sel, grp)
         scales.append(float(alpha_to_scale(cr.alpha, fmt)))
         gammas.append(float(cr.gamma))
     s = torch.tensor(scales)
@@ -483,6 +488,7 @@ def quantize_(model: nn.Module, recipe: "QuantRecipe | str", calibration: Calibr
         ts_groups = _timestep_groups(calibration.timesteps, recipe.timestep_groups)
     rotation_spec = None
     new_modules: dict[str, QuantLinear] = {}
+    act_cache: dict = {}
     for name, lin in selected.items():
         t0 = time.perf_counter()
         W = lin.weight.detach().to(torch.float32)
@@ -492,10 +498,11 @@ def quantize_(model: nn.Module, recipe: "QuantRecipe | str", calibration: Calibr
             rows_all, tags_all = rec.rows_by_timestep()
             idx = _subsample(torch.arange(len(rows_all)), recipe.max_calib_rows)
             X, tags = rows_all[idx].to(torch.float32), tags_all[idx]
+            ext, ext_tags = rec.extreme_rows()
             if len(X) == 0:
                 raise QuantizationError(f"layer {name!r}: the calibration holds no rows (rows_per_timestep=0?)")
         else:
-            X, tags = None, None
+            X, tags, ext, ext_tags = None, None, None, None
         if recipe.is_identity:
             ql = QuantLinear.from_linear(lin, name)
             new_modules[name] = ql
@@ -513,6 +520,7 @@ def quantize_(model: nn.Module, recipe: "QuantRecipe | str", calibration: Calibr
             s = (xmax.pow(a) / wmax.pow(1 - a)).clamp(min=1e-5)
             W = W * s[None, :]
             Xw = Xw / s[None, :]
+            ext = ext / s[None, :]
             smooth_inv = 1.0 / s
         rot = None
         if recipe.rotation:
@@ -521,12 +529,23 @@ def quantize_(model: nn.Module, recipe: "QuantRecipe | str", calibration: Calibr
             rot = HadamardSpec(d, seed=recipe.rotation_seed, block=recipe.rotation_block)
             W = rotate_weight(W, rot)
             Xw = rotate_input(Xw, rot)
+            if ext is not None and len(ext):
+                ext = rotate_input(ext, rot)
         if recipe.gptq and len(Xw) == 0:
             raise QuantizationError(f"layer {name!r}: GPTQ needs calibration rows")
         Wq, wf, wgamma, wmse, wstats, ginfo = _quantize_weight(W, Xw, recipe, grid)
-        if len(Xw):
+        # layers reading the same tensor (to_q/to_k/to_v) share the activation search unless it depends on
+        # the layer's own weight (layer-output loss, SmoothQuant)
+        cache_key = None
+        if recipe.smoothquant_alpha is None and recipe.act_clip != "output" and recipe.format_rule != "output":
+            cache_key = id(rec)
+        if len(Xw) and cache_key is not None and cache_key in act_cache:
+            akw, Xq, af, agamma, aalpha, amse, astats = act_cache[cache_key]
+        elif len(Xw):
             akw, Xq, af, agamma, aalpha, amse, astats = _quantize_act(
-                Xw, Wq, recipe, grid, tags, ts_groups)
+                Xw, Wq, recipe, grid, tags, ts_groups, ext, ext_tags)
+            if cache_key is not None:
+                act_cache[cache_key] = (akw, Xq, af, agamma, aalpha, amse, astats)
         else:  # dynamic activation recipes without calibration
             af = recipe.act_format
             if af == AUTO:

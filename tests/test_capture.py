@@ -10,6 +10,17 @@ from hqdit_utils.capture import (ALL_FC_LAYERS, DEFAULT_LAYERS, ActivationRecord
 from hqdit_utils.models import tiny_dit
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on the shared 2-core machine, OpenMP threads competing with another process
+    made these tests 3-5x slower. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
 def _coeffs(seed=0):
     return torch.randint(1, 2 ** 62, (64,), generator=torch.Generator().manual_seed(seed), dtype=torch.int64) | 1
 
@@ -25,6 +36,7 @@ def test_default_selection_is_the_token_wise_block_linears(bundle):
     assert len(sel) == 12
     assert all(n.split(".", 2)[2] in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj",
                                       "ff.net.2") for n in sel)
+
     sel_all = select_linears(bundle.transformer, ALL_FC_LAYERS)
     assert set(sel_all) - set(sel) == {"transformer_blocks.0.norm1.linear", "transformer_blocks.1.norm1.linear"}
 
@@ -59,6 +71,7 @@ def test_statistics_identical_for_any_batch_split():
         assert torch.equal(a.channel_absmax, b.channel_absmax)
         assert torch.equal(a.hist, b.hist)
         assert torch.equal(a.rows, b.rows) and torch.equal(a.priority, b.priority)
+        assert torch.equal(a.top_rows, b.top_rows) and float(a.top_absmax[0]) == a.absmax
         torch.testing.assert_close(a.moments, b.moments, rtol=1e-12, atol=0)
         torch.testing.assert_close(a.channel_sumsq, b.channel_sumsq, rtol=1e-12, atol=0)
     # order of arrival does not matter either
@@ -145,7 +158,7 @@ def test_memory_bound_holds(calib):
     for rec in calib.unique():
         if rec.name.endswith((".q", ".k", ".v", ".p")):
             continue
-        bound += T * (4 * R * rec.in_features + 12 * rec.in_features + 16384 + 8 * R + 64)
+        bound += T * (4 * (R + 8) * rec.in_features + 12 * rec.in_features + 16384 + 12 * (R + 8) + 64)
     attn = sum(s.nbytes() for rec in calib.unique() if rec.name.endswith((".q", ".k", ".v", ".p"))
                for s in rec.per_timestep.values())
     assert calib.nbytes() - attn <= bound

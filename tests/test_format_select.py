@@ -19,6 +19,17 @@ DATA = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on the shared 2-core machine, OpenMP threads competing with another process
+    made these tests 3-5x slower. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
 @pytest.mark.parametrize("kind", ["weight", "activation"])
 @pytest.mark.parametrize("name", list(DATA))
 def test_selected_format_never_worse_than_any_fixed_candidate(kind, name):
@@ -80,6 +91,7 @@ def test_plan_json_round_trip_and_summaries(tmp_path):
                                    {"channel_max_ratio": 20.0}, 0.8, 0.7)
     plan.layers["b"] = LayerFormat("fp4_e1m2", "fp4_e2m1", weight_stats={"channel_max_ratio": 1.5},
                                    act_stats={"channel_max_ratio": 2.0})
+
     plan.save(tmp_path / "plan.json")
     back = FormatPlan.load(tmp_path / "plan.json")
     assert back.layers["a"].weight_mse == plan.layers["a"].weight_mse

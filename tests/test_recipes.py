@@ -1,0 +1,103 @@
+"""Tests of QuantRecipe and the named recipes (and the quantize CLI's parser)."""
+import argparse
+import dataclasses
+
+import pytest
+import torch
+
+from hqdit_utils.capture import ALL_FC_LAYERS, DEFAULT_LAYERS
+from hqdit_utils.formats import parse_format
+from hqdit_utils.recipes import AUTO, RECIPES, QuantRecipe, get_recipe, list_recipes, register_recipe
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on the shared 2-core machine, OpenMP threads competing with another process
+    made these tests 3-5x slower. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+PART1 = ["fp32", "int8", "int4-rtn", "int4w-a8", "fp4-minmax", "fp4-clip", "fp4-hybrid"]
+PART2 = ["hqdit-w4a4", "hqdit-w4a8", "hqdit-w8a8", "hqdit-no-rotation", "hqdit-no-select", "hqdit-no-clip",
+         "hqdit-no-gptq", "smoothquant-int", "fpq", "gptq-int", "mxfp4", "nvfp4", "hqdit-w4a4-all-fc"]
+
+
+def test_all_named_recipes_exist_and_are_valid():
+    names = list_recipes()
+    for n in PART1 + PART2:
+        assert n in names
+    for fam in ("fp4-minmax", "fp4-clip", "fp4-hybrid"):
+        for s in ("w4a4", "w4a8", "w8a8"):
+            assert f"{fam}-{s}" in names
+    for r in RECIPES.values():  # every concrete format name parses
+        for f in (r.weight_format, r.act_format, *r.weight_candidates, *r.act_candidates, r.attn_format):
+            if f != AUTO:
+                parse_format(f)
+        assert r.description
+
+
+def test_get_recipe_unknown_name_lists_names():
+    with pytest.raises(KeyError) as e:
+        get_recipe("fp4-hybird")
+    msg = str(e.value)
+    assert "fp4-hybrid" in msg and "Known recipes" in msg and "int4-rtn" in msg
+    r = get_recipe("fp4-clip")
+    assert get_recipe(r) is r
+
+
+def test_recipes_are_frozen_and_validated():
+    r = get_recipe("fp4-minmax")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.act_format = "int4"
+    with pytest.raises(ValueError, match="act_granularity"):
+        QuantRecipe("bad", act_granularity="channel")
+    with pytest.raises(ValueError, match="weight_clip"):
+        QuantRecipe("bad", weight_clip="kl")
+    with pytest.raises(ValueError, match="block_size"):
+        QuantRecipe("bad", weight_granularity="block")
+    with pytest.raises(ValueError, match="tuples"):
+        QuantRecipe("bad", layers="*.to_q")
+    with pytest.raises(ValueError, match="exists"):
+        register_recipe(r)
+
+
+def test_recipe_contents_match_their_definitions():
+    mm = get_recipe("fp4-minmax")
+    assert (mm.weight_format, mm.act_format, mm.weight_granularity, mm.act_granularity, mm.weight_clip,
+            mm.act_clip) == ("fp4_e2m1", "fp4_e2m1", "channel", "tensor", "none", "none")
+    assert get_recipe("fp4-clip").weight_clip == "mse" and get_recipe("fp4-clip").act_clip == "mse"
+    hy = get_recipe("fp4-hybrid")
+    assert hy.weight_format == AUTO and set(hy.weight_candidates) == {"fp4_e1m2", "fp4_e2m1", "fp4_e3m0"}
+    assert get_recipe("fp4-hybrid-w4a8").act_candidates == ("fp8_e2m5", "fp8_e3m4", "fp8_e4m3")
+    assert get_recipe("fp4-minmax-w4a8").act_format == "fp8_e4m3"
+    assert get_recipe("int4w-a8").weight_format == "int4" and get_recipe("int4w-a8").act_format == "int8"
+    h = get_recipe("hqdit-w4a4")
+    assert h.rotation and h.gptq and h.weight_format == AUTO and h.weight_clip == "mse"
+    assert not get_recipe("hqdit-no-rotation").rotation and not get_recipe("hqdit-no-gptq").gptq
+    assert get_recipe("hqdit-no-select").weight_format == "fp4_e2m1"
+    assert get_recipe("hqdit-no-clip").act_clip == "none"
+    assert get_recipe("smoothquant-int").smoothquant_alpha == 0.5
+    assert get_recipe("mxfp4").block_size == 32 and get_recipe("nvfp4").scale_format == "fp8_e4m3fn"
+    assert tuple(get_recipe("fp4-hybrid").layers) == DEFAULT_LAYERS
+    assert tuple(get_recipe("hqdit-w4a4-all-fc").layers) == ALL_FC_LAYERS
+    assert get_recipe("fp32").is_identity and not get_recipe("fp32").needs_calibration
+    assert get_recipe("int4-rtn").needs_calibration  # static activation ranges
+    assert not get_recipe("mxfp4").needs_calibration
+
+
+def test_quantize_cli_parser(capsys):
+    from hqdit_utils import quantize_cli
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    quantize_cli.add_parser(sub)
+    args = parser.parse_args(["quantize", "--recipe", "fp4-hybrid", "--out", "x", "--model", "embedded"])
+    assert args.recipe == "fp4-hybrid" and args.model == "embedded" and args.func is quantize_cli._cmd
+    assert quantize_cli._cmd(parser.parse_args(["quantize", "--list"])) == 0
+    assert "fp4-hybrid" in capsys.readouterr().out
+    assert quantize_cli._cmd(parser.parse_args(["quantize", "--recipe", "nope", "--out", "x"])) == 2
+    assert "Known recipes" in capsys.readouterr().err
