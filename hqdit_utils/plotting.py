@@ -128,3 +128,28 @@ def plot_heatmap(table, *, ax=None, cmap: str = "viridis", log: bool = True, cba
     ax.grid(False)
     plt.colorbar(im, ax=ax, label=cbar_label)
     return ax
+
+
+def plot_format_plan(plan, *, ax=None):
+    """A two-row map (weight, activation) × layers, each cell coloured by its chosen format.
+
+    ``plan``: a :class:`~hqdit_utils.format_select.FormatPlan`.
+    """
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    ax = ax or plt.gca()
+    names = list(plan.layers)
+    formats = list(plan.candidates)
+    code = {f: i for i, f in enumerate(formats)}
+    grid = np.array([[code.get(plan[n].weight_format, -1) for n in names],
+                     [code.get(plan[n].act_format, -1) for n in names]], dtype=float)
+    cmap = ListedColormap([format_color(f) for f in formats])
+    ax.imshow(np.ma.masked_less(grid, 0), cmap=cmap, vmin=-0.5, vmax=len(formats) - 0.5, aspect="auto",
+              interpolation="nearest")
+    ax.set_yticks([0, 1], ["weight", "activation"])
+    ax.set_xticks(range(len(names)), [short_layer_name(n) for n in names], rotation=90, fontsize=8)
+    ax.grid(False)
+    ax.legend(handles=[Patch(color=format_color(f), label=f) for f in formats], loc="upper left",
+              bbox_to_anchor=(1.0, 1.0))
+    return ax
