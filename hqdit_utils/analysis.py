@@ -1,0 +1,413 @@
+"""Layer-level measurements for the chapters on outlier rotation (04) and GPTQ on FP grids (05).
+
+Everything here works on one linear layer at a time: its FP32 weight ``W`` [out, in] and calibration
+rows ``X`` [n, in] of its input (the capture reservoir, :mod:`hqdit_utils.capture`). Nothing is
+quantized inside the model; the functions answer "what would this layer's error be if …".
+
+Quantizer conventions of these measurements (ours, chosen to isolate one effect at a time; they are
+*not* the full HQ-DiT recipe of :mod:`hqdit_utils.qmodel`, which adds format selection and clipping):
+
+* weights: one max-abs scale per output row (``α = max|W_row|``), round to nearest on the grid;
+* activations: one static max-abs scale per tensor (``α = max|X|`` over all calibration rows);
+* rotation: ``Q = diag(s) · H / √n`` (:class:`Rotation`), a random Hadamard matrix of the full input
+  order with the random signs applied *before* the mixing, to the weight rows (offline) and to the
+  activation rows (online); the quantizers see ``W Q`` and ``X Q``. (With the signs *after* the
+  mixing, ``H · diag(s)``, the signs change no magnitude and so no quantization error — see
+  :class:`Rotation`.)
+
+Errors are measured on the matmul ``X Wᵀ`` (the bias is never quantized and cancels out of every error).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from .formats import parse_format
+from .gptq import GPTQ, rtn_quantize
+from .hadamard import HadamardSpec, fast_hadamard_transform, hadamard_factors, hadamard_signs
+from .quantizer import fake_quantize, round_to_grid, sqnr_db
+
+__all__ = [
+    "BLOCK_LINEARS", "BlockLinear", "block_linears", "crest_factor", "Rotation", "rotation_spec", "rotate_pair",
+    "w4a4_errors", "rotation_table", "time_call", "rotation_cost", "split_rows", "output_error",
+    "gptq_rtn_table", "energy_rank", "damping_sweep", "error_feedback_2d",
+]
+
+#: The four token-wise linears of a DiT block, by DiT's name, and the diffusers modules behind each.
+#: ``qkv`` is the concatenation of ``to_q``, ``to_k``, ``to_v`` (one [3·d, d] weight, as in DiT).
+BLOCK_LINEARS: dict[str, tuple[str, ...]] = {
+    "qkv": ("attn1.to_q", "attn1.to_k", "attn1.to_v"),
+    "proj": ("attn1.to_out.0",),
+    "fc1": ("ff.net.0.proj",),
+    "fc2": ("ff.net.2",),
+}
+
+
+@dataclass
+class BlockLinear:
+    """One block linear with its calibration inputs.
+
+    Attributes:
+        name: short name, ``"b{block}.{kind}"`` (e.g. ``"b3.fc2"``).
+        block: block index; kind: one of :data:`BLOCK_LINEARS`.
+        weight: [out, in] float32 (a copy; ``qkv`` concatenates q, k, v).
+        bias: [out] or ``None``.
+        inputs: [n, in] float32 calibration rows of the layer input (all recorded timesteps).
+        timesteps: [n] int64, the timestep each row was recorded at.
+    """
+
+    name: str
+    block: int
+    kind: str
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    inputs: torch.Tensor
+    timesteps: torch.Tensor
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+
+def block_linears(model, calibration, kinds: Sequence[str] = tuple(BLOCK_LINEARS), *,
+                  blocks: Iterable[int] | None = None) -> list[BlockLinear]:
+    """The block linears of a diffusers DiT with their calibration rows, in block order.
+
+    Args:
+        model: a ``DiTTransformer2DModel`` (``bundle.transformer``).
+        calibration: a :class:`~hqdit_utils.capture.Calibration` recorded with the default layer set.
+        kinds: which of ``"qkv"``, ``"proj"``, ``"fc1"``, ``"fc2"``.
+        blocks: block indices (default: all).
+    """
+    unknown = set(kinds) - set(BLOCK_LINEARS)
+    if unknown:
+        raise ValueError(f"unknown layer kinds {sorted(unknown)}; choose from {list(BLOCK_LINEARS)}")
+    n_blocks = len(model.transformer_blocks)
+    out = []
+    for b in (range(n_blocks) if blocks is None else blocks):
+        blk = model.transformer_blocks[b]
+        for kind in kinds:
+            mods = [blk.get_submodule(leaf) for leaf in BLOCK_LINEARS[kind]]
+            w = torch.cat([m.weight.detach() for m in mods]).to(torch.float32).clone()
+            bias = None
+            if all(m.bias is not None for m in mods):
+                bias = torch.cat([m.bias.detach() for m in mods]).to(torch.float32).clone()
+            rec = calibration[f"transformer_blocks.{b}.{BLOCK_LINEARS[kind][0]}"]
+            x, tags = rec.rows_by_timestep()
+            out.append(BlockLinear(f"b{b}.{kind}", b, kind, w, bias, x.to(torch.float32), tags))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Rotation and W4A4 errors
+# --------------------------------------------------------------------------------------------------
+def crest_factor(x: torch.Tensor, dim: int | None = None) -> "float | torch.Tensor":
+    """Crest factor ``max|x| / rms(x)``: over the whole tensor (``dim=None``, a float) or along ``dim``
+    (a tensor, one value per slice). It is the number of "RMS units" a max-abs quantizer must reach, so
+    it sets how coarse the grid is around the typical value: 1 for a ±c vector, √n for a one-hot one."""
+    xd = x.detach().to(torch.float64)
+    if dim is None:
+        rms = xd.pow(2).mean().sqrt()
+        return float(xd.abs().max() / rms) if rms > 0 else float("nan")
+    rms = xd.pow(2).mean(dim=dim).sqrt()
+    return xd.abs().amax(dim=dim) / rms
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """A random Hadamard rotation ``Q`` of order ``n`` with the ±1 signs on a chosen side.
+
+    ``signs="before"``: ``Q = D H / √k`` — ``x Q`` flips the signs of the input channels, *then* mixes
+    them (the randomised Hadamard transform of QuIP#/QuaRot, written for row vectors).
+    ``signs="after"``: ``Q = H D / √k`` — mix first, flip the outputs' signs afterwards. Both are
+    orthogonal, but only "before" randomises what the quantizer sees: with "after", ``|x Q| = |x H| / √k``
+    element for element, and a sign-symmetric grid rounds ``-v`` to ``-round(v)``, so the signs change
+    nothing. ``H`` is the ±1 Hadamard matrix of order ``n`` (``block=None``) or block-diagonal with
+    blocks of order ``k = block``; ``D = diag(hadamard_signs(n, seed))`` (``seed=None``: no signs).
+
+    Built from :func:`~hqdit_utils.hadamard.fast_hadamard_transform` with no signs plus an explicit
+    sign vector, so it does not depend on which side ``hadamard.random_hadamard`` puts its signs.
+    """
+
+    n: int
+    seed: int | None = 0
+    signs: str = "before"
+    block: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.signs not in ("before", "after"):
+            raise ValueError(f"signs must be 'before' or 'after', got {self.signs!r}")
+        HadamardSpec(self.n, seed=None, block=self.block)  # validates the order / block
+
+    @property
+    def _plain(self) -> HadamardSpec:
+        return HadamardSpec(self.n, seed=None, block=self.block)
+
+    def sign_vector(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return hadamard_signs(self.n, self.seed).to(dtype)
+
+    def apply(self, t: torch.Tensor) -> torch.Tensor:
+        """``t Q`` for ``t`` [..., n] (fast transform)."""
+        s = self.sign_vector(t.dtype).to(t.device)
+        if self.signs == "before":
+            return fast_hadamard_transform(t * s, self._plain)
+        return fast_hadamard_transform(t, self._plain) * s
+
+    def matrix(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense ``Q`` [n, n]."""
+        h = self._plain.matrix(torch.float64)
+        s = self.sign_vector(torch.float64)
+        q = s[:, None] * h if self.signs == "before" else h * s[None, :]
+        return q.to(dtype)
+
+
+def rotation_spec(n: int, seed: int | None = 0, block: int | None = None, signs: str = "before") -> Rotation:
+    """The random Hadamard rotation of order ``n`` used by these measurements (full order unless ``block``;
+    signs before the mixing unless ``signs="after"``)."""
+    return Rotation(n, seed=seed, signs=signs, block=block)
+
+
+def rotate_pair(weight: torch.Tensor, x: torch.Tensor, rot: "Rotation | None"):
+    """``(W Q, X Q)``; ``(W, X)`` for ``rot=None`` (``y = X Wᵀ = (X Q)(W Q)ᵀ`` since ``Q Qᵀ = I``)."""
+    if rot is None:
+        return weight, x
+    return rot.apply(weight), rot.apply(x)
+
+
+def w4a4_errors(weight: torch.Tensor, x: torch.Tensor, fmt: str, rot: "Rotation | None" = None) -> dict:
+    """Quantize a layer's weight (per-row max-abs) and input (per-tensor max-abs) onto ``fmt``, optionally
+    after rotating both by ``rot``, and return SQNRs (dB) of the activation, the weight and the
+    matmul output ``X Wᵀ`` (weight and activation quantized together), plus the crest factors the
+    quantizers saw (activation: whole tensor; weight: mean over rows)."""
+    w, xr = rotate_pair(weight.to(torch.float32), x.to(torch.float32), rot)
+    wq = fake_quantize(w, fmt, axis=0)
+    xq = fake_quantize(xr, fmt)
+    y = x.to(torch.float64) @ weight.to(torch.float64).t()
+    yq = xq.to(torch.float64) @ wq.to(torch.float64).t()
+    return {
+        "act_crest": crest_factor(xr),
+        "weight_crest": float(crest_factor(w, dim=1).mean()),
+        "act_sqnr_db": sqnr_db(xr, xq),
+        "weight_sqnr_db": sqnr_db(w, wq),
+        "out_sqnr_db": sqnr_db(y, yq),
+    }
+
+
+def rotation_table(layers: Sequence[BlockLinear], formats: Sequence[str] = ("fp4_e2m1", "int4"), *,
+                   seed: int | None = 0, block: int | None = None, signs: str = "before"):
+    """One row per (layer, format, rotated): crest factors and W4A4 SQNRs (:func:`w4a4_errors`) without
+    and with the random Hadamard rotation (:func:`rotation_spec` with ``seed``, ``block``, ``signs``).
+    Returns a pandas DataFrame."""
+    import pandas as pd
+
+    rows = []
+    for lay in layers:
+        rot = rotation_spec(lay.in_features, seed, block, signs)
+        for fmt in formats:
+            for rotated in (False, True):
+                r = w4a4_errors(lay.weight, lay.inputs, fmt, rot if rotated else None)
+                rows.append({"layer": lay.name, "block": lay.block, "kind": lay.kind, "format": str(parse_format(fmt)),
+                             "rotated": rotated, **r})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Run-time cost of the online rotation
+# --------------------------------------------------------------------------------------------------
+def time_call(fn: Callable[[], object], *, min_time: float = 0.05, repeats: int = 5) -> float:
+    """Median wall time (s) of one call of ``fn``: ``repeats`` measurements, each running ``fn`` enough
+    times to last about ``min_time`` s (after one warm-up call)."""
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    one = max(time.perf_counter() - t0, 1e-7)
+    inner = max(1, int(min_time / one))
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        samples.append((time.perf_counter() - t0) / inner)
+    samples.sort()
+    return samples[len(samples) // 2]
+
+
+def rotation_cost(widths: Sequence[int], rows: int = 256, *, out_features: Sequence[int] | None = None,
+                  threads: int | None = 1, min_time: float = 0.05, repeats: int = 5, seed: int = 0):
+    """Time the online rotation ``x → x Q`` of ``rows`` rows of each width, dense (``x @ Q``) and fast
+    (:meth:`Rotation.apply`, the Kronecker-structured transform plus the sign flips), against the linear layer that consumes it
+    (``x @ Wᵀ`` with ``W`` [out, n], ``out`` from ``out_features`` or ``n``).
+
+    Runs with ``threads`` torch threads (restored afterwards; ``None`` keeps the current setting).
+    Returns a DataFrame with times in µs, the rotation's share of the linear's time, and multiply-add
+    counts per row (dense ``n²``; fast ``n·b + n·log2 p`` additions/multiplications, ``n = p·b``).
+    """
+    import pandas as pd
+
+    old = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(seed)
+        out_rows = []
+        for i, n in enumerate(widths):
+            out = n if out_features is None else out_features[i]
+            x = torch.randn(rows, n, generator=g)
+            w = torch.randn(out, n, generator=g)
+            rot = Rotation(n, seed=seed)
+            q = rot.matrix()
+            p, b, _ = hadamard_factors(n)
+            t_dense = time_call(lambda: x @ q, min_time=min_time, repeats=repeats)
+            t_fast = time_call(lambda: rot.apply(x), min_time=min_time, repeats=repeats)
+            t_lin = time_call(lambda: x @ w.t(), min_time=min_time, repeats=repeats)
+            out_rows.append({
+                "width n": n, "factors p × b": f"{p} × {b}", "linear n→out": f"{n}→{out}",
+                "dense x@Q µs": t_dense * 1e6, "fast µs": t_fast * 1e6, "linear µs": t_lin * 1e6,
+                "fast / linear": t_fast / t_lin, "dense / linear": t_dense / t_lin,
+                "ops/row dense": n * n, "ops/row fast": n * b + n * int(math.log2(p)) if p > 1 else n * b,
+            })
+        return pd.DataFrame(out_rows).set_index("width n")
+    finally:
+        torch.set_num_threads(old)
+
+
+# --------------------------------------------------------------------------------------------------
+# GPTQ vs round-to-nearest
+# --------------------------------------------------------------------------------------------------
+def split_rows(x: torch.Tensor, eval_fraction: float = 0.5, seed: int = 0):
+    """A seeded random split of the rows of ``x`` into ``(fit, eval)`` (disjoint, deterministic)."""
+    if not 0.0 < eval_fraction < 1.0:
+        raise ValueError("eval_fraction must be in (0, 1)")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(x.shape[0], generator=g)
+    n_eval = max(1, int(round(eval_fraction * x.shape[0])))
+    return x[perm[n_eval:]], x[perm[:n_eval]]
+
+
+def output_error(x: torch.Tensor, weight: torch.Tensor, weight_q: torch.Tensor) -> float:
+    """Relative squared error of the matmul output, ``‖X Wᵀ − X Ŵᵀ‖² / ‖X Wᵀ‖²`` (float64)."""
+    xd = x.to(torch.float64)
+    y = xd @ weight.to(torch.float64).t()
+    d = xd @ (weight.to(torch.float64) - weight_q.to(torch.float64)).t()
+    return float(d.pow(2).sum() / y.pow(2).sum())
+
+
+def gptq_rtn_table(layers: Sequence[BlockLinear], formats: Sequence[str] = ("fp4_e2m1", "int4"), *,
+                   rotations: Sequence[bool] = (False, True), percdamp: float = 0.01, blocksize: int = 128,
+                   eval_fraction: float = 0.5, seed: int = 0):
+    """Weight-only quantization of each layer with round-to-nearest and with GPTQ, same per-row max-abs
+    scale, optionally after the random Hadamard rotation. GPTQ's Hessian comes from a seeded
+    ``1 - eval_fraction`` share of the calibration rows; errors (:func:`output_error`) are measured on
+    the held-out rest (and on the fit rows, to expose over-fitting). Returns a DataFrame, one row per
+    (layer, format, rotated), with both errors, the reduction in %, and the run time of each method."""
+    import pandas as pd
+
+    rows = []
+    for lay in layers:
+        x_fit, x_eval = split_rows(lay.inputs, eval_fraction, seed)
+        rot = rotation_spec(lay.in_features, seed)
+        for rotated in rotations:
+            w, xf = rotate_pair(lay.weight, x_fit, rot if rotated else None)
+            _, xe = rotate_pair(lay.weight, x_eval, rot if rotated else None)
+            t0 = time.perf_counter()
+            gp = GPTQ(w).add_batch(xf)
+            t_h = time.perf_counter() - t0
+            for fmt in formats:
+                t0 = time.perf_counter()
+                w_rtn = rtn_quantize(w, fmt)
+                t_rtn = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                res = gp.quantize(fmt, blocksize=blocksize, percdamp=percdamp)
+                t_gptq = time.perf_counter() - t0 + t_h
+                e_rtn, e_gptq = output_error(xe, w, w_rtn), output_error(xe, w, res.weight)
+                rows.append({
+                    "layer": lay.name, "block": lay.block, "kind": lay.kind, "format": str(parse_format(fmt)),
+                    "rotated": rotated, "rtn_err": e_rtn, "gptq_err": e_gptq,
+                    "reduction_pct": 100.0 * (1.0 - e_gptq / e_rtn) if e_rtn > 0 else float("nan"),
+                    "rtn_fit_err": output_error(xf, w, w_rtn), "gptq_fit_err": output_error(xf, w, res.weight),
+                    "rtn_ms": 1e3 * t_rtn, "gptq_ms": 1e3 * t_gptq, "retries": res.retries,
+                    "fit_rows": xf.shape[0], "eval_rows": xe.shape[0],
+                })
+    return pd.DataFrame(rows)
+
+
+def energy_rank(x: torch.Tensor, energy: float = 0.99) -> int:
+    """How many principal directions of the rows of ``x`` [n, d] (uncentred, i.e. of ``XᵀX``) hold the
+    fraction ``energy`` of ``Σ x²``. Small values mean the inputs live near a low-dimensional subspace —
+    the situation in which GPTQ's error feedback can hide almost all rounding error."""
+    if not 0.0 < energy <= 1.0:
+        raise ValueError("energy must be in (0, 1]")
+    s2 = torch.linalg.svdvals(x.detach().to(torch.float64)).pow(2)
+    if s2.sum() == 0:
+        return 0
+    frac = torch.cumsum(s2, 0) / s2.sum()
+    return int(torch.searchsorted(frac, torch.tensor([energy - 1e-12], dtype=torch.float64))[0]) + 1
+
+
+def damping_sweep(layer: BlockLinear, fmt: str, percdamps: Sequence[float], *, fit_rows: int | None = None,
+                  rotated: bool = True, blocksize: int = 128, eval_fraction: float = 0.5, seed: int = 0):
+    """GPTQ on one layer for each damping ``percdamp`` (λ = percdamp · mean diag H), Hessian from the
+    first ``fit_rows`` of the seeded fit split (all of it by default). Returns a DataFrame indexed by
+    ``percdamp`` with the output error on the fit rows and on the held-out rows, and RTN's for reference."""
+    import pandas as pd
+
+    x_fit, x_eval = split_rows(layer.inputs, eval_fraction, seed)
+    if fit_rows is not None:
+        x_fit = x_fit[:fit_rows]
+    rot = rotation_spec(layer.in_features, seed) if rotated else None
+    w, xf = rotate_pair(layer.weight, x_fit, rot)
+    _, xe = rotate_pair(layer.weight, x_eval, rot)
+    gp = GPTQ(w).add_batch(xf)
+    w_rtn = rtn_quantize(w, fmt)
+    rows = []
+    for pd_ in percdamps:
+        res = gp.quantize(fmt, blocksize=blocksize, percdamp=pd_)
+        rows.append({"percdamp": pd_, "gptq_fit_err": output_error(xf, w, res.weight),
+                     "gptq_eval_err": output_error(xe, w, res.weight),
+                     "rtn_fit_err": output_error(xf, w, w_rtn), "rtn_eval_err": output_error(xe, w, w_rtn),
+                     "retries": res.retries})
+    return pd.DataFrame(rows).set_index("percdamp")
+
+
+def error_feedback_2d(w: Sequence[float], hessian: torch.Tensor, fmt: str, scale: float = 1.0) -> dict:
+    """GPTQ on a single weight row of two entries, step by step, for a figure.
+
+    ``w`` = (w1, w2); ``hessian`` [2, 2] positive definite; the grid is ``fmt``'s grid times ``scale``.
+    Returns (float64 tensors of shape [2]):
+
+    * ``"w"``: the weight; ``"rtn"``: both entries rounded independently;
+    * ``"updated"``: after rounding w1 to q1, w2 moved by the error feedback
+      ``w2 + (w1 − q1)·H12/H22`` (the best continuous w2 given q1) — GPTQ's update with no damping;
+    * ``"gptq"``: (q1, round(updated w2)); ``"best"``: the grid pair with the lowest loss (brute force);
+    * ``"loss"``: a dict of the proxy loss ``(w − q)ᵀ H (w − q)`` of each point.
+    """
+    h = torch.as_tensor(hessian, dtype=torch.float64)
+    if h.shape != (2, 2):
+        raise ValueError("hessian must be 2 × 2")
+    w = torch.as_tensor(w, dtype=torch.float64)
+
+    def rnd(v):
+        return (round_to_grid(torch.as_tensor(v / scale, dtype=torch.float32), fmt).to(torch.float64) * scale)
+
+    rtn = rnd(w)
+    q1 = rnd(w[0])
+    w2_new = w[1] + (w[0] - q1) * h[0, 1] / h[1, 1]
+    updated = torch.stack([q1, w2_new])
+    gptq = torch.stack([q1, rnd(w2_new)])
+    grid = parse_format(fmt).grid().to(torch.float64) * scale
+    a, b = torch.meshgrid(grid, grid, indexing="ij")
+    cand = torch.stack([a.flatten(), b.flatten()], dim=1)
+    d = w[None, :] - cand
+    losses = ((d @ h) * d).sum(dim=1)
+    best = cand[int(torch.argmin(losses))]
+
+    def loss(q):
+        e = w - q
+        return float(e @ h @ e)
+
+    pts = {"w": w, "rtn": rtn, "updated": updated, "gptq": gptq, "best": best}
+    return {**pts, "loss": {k: loss(v) for k, v in pts.items()}}
