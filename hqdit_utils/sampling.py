@@ -250,7 +250,7 @@ def _atomic_savez(path: Path, **arrays) -> None:
 def write_samples(bundle, out_npz: str | Path, n: int, *, num_steps: int = 50, cfg_scale: float = 1.5,
                   sampler: str = "ddpm", class_labels: Sequence[int] | None = None, seed_offset: int = 0,
                   batch_size: int = 64, shard_size: int | None = None, progress: bool = True,
-                  keep_shards: bool = False, eta: float = 0.0) -> Path | None:
+                  keep_shards: bool = False, eta: float = 0.0, tag: str = "") -> Path | None:
     """Write ``n`` samples to an ADM-style ``.npz`` (``arr_0``: uint8 ``[n, H, W, C]``, ``arr_1``: labels).
 
     Sample ``i`` has label ``class_labels[i]`` (default ``i mod num_classes``) and seed ``seed_offset + i``.
@@ -259,6 +259,9 @@ def write_samples(bundle, out_npz: str | Path, n: int, *, num_steps: int = 50, c
     Existing shards are skipped, so rerunning after a crash resumes. A ``spec.json`` in the shard folder
     records the protocol; resuming with a different protocol is refused. When all shards exist, rank 0
     assembles ``out_npz`` (atomically) and, unless ``keep_shards``, deletes the shards.
+
+    ``tag`` names what was sampled beyond ``bundle.name`` (e.g. the quantization recipe of a transformer
+    modified in place); it is part of the protocol, so shards of different models never mix.
 
     Under ``torchrun`` the process group is initialised here (gloo on CPU, nccl on GPU).
 
@@ -273,7 +276,7 @@ def write_samples(bundle, out_npz: str | Path, n: int, *, num_steps: int = 50, c
         return _write_samples(bundle, out_npz, n, rank, world, num_steps=num_steps, cfg_scale=cfg_scale,
                               sampler=sampler, class_labels=class_labels, seed_offset=seed_offset,
                               batch_size=batch_size, shard_size=shard_size, progress=progress,
-                              keep_shards=keep_shards, eta=eta)
+                              keep_shards=keep_shards, eta=eta, tag=tag)
     finally:
         if init_here:
             import torch.distributed as dist
@@ -282,13 +285,13 @@ def write_samples(bundle, out_npz: str | Path, n: int, *, num_steps: int = 50, c
 
 
 def _write_samples(bundle, out_npz: Path, n: int, rank: int, world: int, *, num_steps, cfg_scale, sampler,
-                   class_labels, seed_offset, batch_size, shard_size, progress, keep_shards, eta):
+                   class_labels, seed_offset, batch_size, shard_size, progress, keep_shards, eta, tag):
     labels = _as_long(class_labels, n) if class_labels is not None else torch.arange(n) % bundle.num_classes
     shard_size = int(shard_size or batch_size)
     nshards = (n + shard_size - 1) // shard_size
     spec = {
         "n": n, "num_steps": num_steps, "cfg_scale": cfg_scale, "sampler": sampler, "eta": eta,
-        "seed_offset": seed_offset, "shard_size": shard_size, "model": bundle.name,
+        "seed_offset": seed_offset, "shard_size": shard_size, "model": bundle.name, "tag": tag,
         "labels_sha256": hashlib.sha256(labels.numpy().astype(np.int64).tobytes()).hexdigest(),
         "image_size": bundle.image_size, "image_channels": bundle.image_channels,
     }

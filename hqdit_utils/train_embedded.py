@@ -208,11 +208,11 @@ class TrainConfig:
     width: int = 144
     head_dim: int = 72
     num_layers: int = 6
-    steps: int = 5000
+    steps: int = 3000
     batch_size: int = 128
     lr: float = 1e-3
     min_lr_fraction: float = 0.02
-    warmup_steps: int = 200
+    warmup_steps: int = 150
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
@@ -625,8 +625,11 @@ def _versions() -> dict:
 
 
 def run(cfg: TrainConfig, out: str | Path, checkpoint_dir: str | Path, command: str, progress: bool = True,
-        skip_consistency: bool = False) -> dict:
-    """All stages (see the module docstring); returns the manifest record."""
+        skip_consistency: bool = False, stop_after_steps: int | None = None) -> dict:
+    """All stages (see the module docstring); returns the manifest record.
+
+    ``stop_after_steps`` ends training at that step of the ``cfg.steps``-step schedule (the learning
+    rate still follows the full schedule) and exports the EMA weights of that step."""
     from .metrics.proxy_net import load_proxy_net, save_proxy_net
 
     out = Path(out)
@@ -645,7 +648,7 @@ def run(cfg: TrainConfig, out: str | Path, checkpoint_dir: str | Path, command: 
     print(f"[train-embedded] proxy held-out accuracy {proxy_info['heldout_accuracy']:.4f}", flush=True)
 
     print(f"[train-embedded] stage 2/4: embedded DiT ({cfg.steps} steps, checkpoints in {checkpoint_dir})", flush=True)
-    ema, _raw, state = train_dit(data, cfg, checkpoint_dir, progress=progress)
+    ema, _raw, state = train_dit(data, cfg, checkpoint_dir, progress=progress, stop_after_steps=stop_after_steps)
     curve = state["loss_curve"]
     final_loss = sum(r[1] for r in curve[-8:]) / max(1, len(curve[-8:])) if curve else float("nan")
     print(f"[train-embedded] trained {state['step']} steps in {state['wall_time_s']:.0f} s; final loss {final_loss:.4f}", flush=True)
@@ -685,6 +688,8 @@ def run(cfg: TrainConfig, out: str | Path, checkpoint_dir: str | Path, command: 
             "config": asdict(cfg),
             "seed": cfg.seed,
             "steps": state["step"],
+            "schedule_steps": cfg.steps,
+            "stopped_early": state["step"] < cfg.steps,
             "wall_time_s": round(state["wall_time_s"], 1),
             "final_loss": final_loss,
             "final_loss_definition": "mean eps-MSE of the last 8 loss-curve entries (raw model, training batches)",
@@ -732,7 +737,8 @@ def _cmd(args: argparse.Namespace) -> int:
     )
     command = shlex.join(["hqdit"] + sys.argv[1:]) if sys.argv and "train-embedded" in sys.argv else "hqdit train-embedded"
     ckdir = Path(args.checkpoint_dir) if args.checkpoint_dir else _default_checkpoint_dir()
-    rec = run(cfg, args.out, ckdir, command, progress=not args.no_progress, skip_consistency=args.skip_consistency)
+    rec = run(cfg, args.out, ckdir, command, progress=not args.no_progress, skip_consistency=args.skip_consistency,
+              stop_after_steps=args.stop_after)
     cc = rec.get("class_consistency", {}).get("fraction")
     print(json.dumps({"steps": rec["training"]["steps"], "wall_time_s": rec["training"]["wall_time_s"],
                       "final_loss": rec["training"]["final_loss"],
@@ -764,6 +770,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--consistency-samples", type=int, default=d.consistency_samples)
     p.add_argument("--consistency-steps", type=int, default=d.consistency_steps)
     p.add_argument("--skip-consistency", action="store_true", help="do not measure class-consistency")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="end training at this step of the --steps schedule (LR schedule unchanged) and export it")
     p.add_argument("--fp32", action="store_true", help="train without bf16 autocast")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
     p.add_argument("--no-progress", action="store_true")

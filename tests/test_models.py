@@ -171,3 +171,23 @@ def test_dit_xl2_shaped_random_shapes():
     a = dit_xl2_shaped_random(seed=0, num_layers=1).transformer.state_dict()
     for k, v in b.transformer.state_dict().items():
         assert torch.equal(v, a[k])  # seeded
+
+
+def test_original_checkpoint_with_vae_folder_samples_rgb(tmp_path, monkeypatch):
+    """The DiT-XL/2 path end to end on tiny stand-ins: original .pt + a separate VAE folder."""
+    from diffusers import AutoencoderKL
+
+    from hqdit_utils.sampling import sample
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=8, sample_size=16)
+    vae.save_pretrained(str(tmp_path / "sd-vae-ft-ema"))
+    sd = to_original_state_dict(tiny_dit(in_channels=4).transformer)
+    torch.save(sd, tmp_path / "DiT-XL-2-256x256.pt")
+    monkeypatch.setenv(models.ENV_VAE, str(tmp_path / "sd-vae-ft-ema"))
+    b = load_dit(str(tmp_path / "DiT-XL-2-256x256.pt"), num_attention_heads=1)
+    assert (b.latent_channels, b.latent_size, b.image_size, b.image_channels) == (4, 8, 16, 3)
+    imgs = sample(b, [0, 3], num_steps=2, cfg_scale=1.5, seeds=[0, 1], progress=False)
+    assert imgs.shape == (2, 16, 16, 3) and imgs.dtype == torch.uint8
