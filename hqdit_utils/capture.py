@@ -187,27 +187,57 @@ class TensorStats:
             self.channel_sumsq = torch.zeros(self.d, dtype=torch.float64)
             self.moments = torch.zeros(4, dtype=torch.float64)
             self.hist = torch.zeros(HIST_BINS, dtype=torch.int64)
-            self.rows = torch.zeros(0, self.d, dtype=torch.float32)
-            self.priority = torch.zeros(0, dtype=torch.int64)
-        if self.top_rows is None:
-            self.top_rows = torch.zeros(0, self.d, dtype=torch.float32)
-            self.top_absmax = torch.zeros(0, dtype=torch.float32)
-            self.top_priority = torch.zeros(0, dtype=torch.int64)
+        # Row stores are preallocated once and updated in place (``rows`` etc. are views of the first
+        # valid entries): allocating small long-lived tensors in the middle of every forward pass
+        # fragmented the heap and inflated the peak RSS by hundreds of MB.
+        self._rows_buf = torch.zeros(self.capacity, self.d, dtype=torch.float32)
+        self._prio_buf = torch.zeros(self.capacity, dtype=torch.int64)
+        self._top_buf = torch.zeros(self.top_k, self.d, dtype=torch.float32)
+        self._topm_buf = torch.zeros(self.top_k, dtype=torch.float32)
+        self._topp_buf = torch.zeros(self.top_k, dtype=torch.int64)
+        rows, prio = self.rows, self.priority
+        top, topm, topp = self.top_rows, self.top_absmax, self.top_priority
+        self._set_rows(rows if rows is not None else self._rows_buf[:0],
+                       prio if prio is not None else self._prio_buf[:0])
+        self._set_top(top if top is not None else self._top_buf[:0], topm if topm is not None else self._topm_buf[:0],
+                      topp if topp is not None else self._topp_buf[:0])
+
+    def _set_rows(self, rows: torch.Tensor, prio: torch.Tensor) -> None:
+        k = len(prio)
+        if k > self.capacity:
+            raise ValueError(f"{k} rows exceed the reservoir capacity {self.capacity}")
+        self._rows_buf[:k].copy_(rows)
+        self._prio_buf[:k].copy_(prio)
+        self.rows, self.priority = self._rows_buf[:k], self._prio_buf[:k]
+
+    def _set_top(self, rows: torch.Tensor, absmax: torch.Tensor, prio: torch.Tensor) -> None:
+        k = len(prio)
+        self._top_buf[:k].copy_(rows)
+        self._topm_buf[:k].copy_(absmax)
+        self._topp_buf[:k].copy_(prio)
+        self.top_rows, self.top_absmax, self.top_priority = self._top_buf[:k], self._topm_buf[:k], self._topp_buf[:k]
 
     # -- accumulation ------------------------------------------------------------------------------
     def update(self, x: torch.Tensor) -> None:
-        """Add rows ``x`` [n, d] (any float dtype; converted to float32)."""
+        """Add rows ``x`` [n, d] (any float dtype; converted to float32). Processed in chunks of about
+        2^20 elements, so the temporaries stay small whatever the batch."""
         x = x.detach().to(torch.float32).reshape(-1, self.d)
+        step = max(1, (1 << 20) // self.d)
+        for i in range(0, x.shape[0], step):
+            self._update(x[i:i + step])
+
+    def _update(self, x: torch.Tensor) -> None:
         if x.shape[0] == 0:
             return
         a = x.abs()
         cmax = a.amax(dim=0)
         torch.maximum(self.channel_absmax, cmax, out=self.channel_absmax)
         self.absmax = max(self.absmax, float(cmax.max()))
-        x64 = x.to(torch.float64)
-        sq = x64 * x64
-        self.channel_sumsq += sq.sum(dim=0)
-        self.moments += torch.stack([x64.sum(), sq.sum(), (sq * x64).sum(), (sq * sq).sum()])
+        sq = x * x  # float32 powers, float64 accumulation
+        f64 = torch.float64
+        self.channel_sumsq += sq.sum(dim=0, dtype=f64)
+        self.moments += torch.stack([x.sum(dtype=f64), sq.sum(dtype=f64), (sq * x).sum(dtype=f64),
+                                     (sq * sq).sum(dtype=f64)])
         codes = (a.view(torch.int32) >> 20).reshape(-1)
         self.hist += torch.bincount(codes, minlength=HIST_BINS)[:HIST_BINS]
         self.count += x.shape[0]
@@ -226,16 +256,13 @@ class TensorStats:
         allp = torch.cat([self.top_priority, pr])
         order = torch.sort(allp, stable=True).indices
         order = order[torch.sort(allm[order], descending=True, stable=True).indices][: self.top_k]
-        self.top_rows, self.top_absmax, self.top_priority = allr[order].contiguous(), allm[order], allp[order]
+        self._set_top(allr[order], allm[order], allp[order])
 
     def _merge_rows(self, rows: torch.Tensor, pr: torch.Tensor) -> None:
         allp = torch.cat([self.priority, pr])
+        keep = torch.sort(allp, stable=True).indices[: self.capacity]
         allr = torch.cat([self.rows, rows])
-        if allp.numel() > self.capacity:
-            keep = torch.sort(allp, stable=True).indices[: self.capacity]
-        else:
-            keep = torch.sort(allp, stable=True).indices
-        self.priority, self.rows = allp[keep], allr[keep].contiguous()
+        self._set_rows(allr[keep], allp[keep])
 
     def merge(self, other: "TensorStats", *, keep_all_rows: bool = True) -> "TensorStats":
         """A new TensorStats pooling ``self`` and ``other`` (rows: concatenated when ``keep_all_rows``)."""
@@ -246,14 +273,15 @@ class TensorStats:
         out.channel_sumsq = self.channel_sumsq + other.channel_sumsq
         out.moments = self.moments + other.moments
         out.hist = self.hist + other.hist
-        out.top_k = self.top_k + other.top_k if keep_all_rows else self.top_k
-        out.top_rows, out.top_absmax, out.top_priority = self.top_rows, self.top_absmax, self.top_priority
+        out.top_k = self.top_k
+        out._top_buf, out._topm_buf, out._topp_buf = (torch.zeros_like(self._top_buf), torch.zeros_like(self._topm_buf),
+                                                      torch.zeros_like(self._topp_buf))
+        out._set_top(self.top_rows, self.top_absmax, self.top_priority)
         out._merge_top(other.top_rows, other.top_absmax, other.top_priority)
         if keep_all_rows:
-            out.rows = torch.cat([self.rows, other.rows])
-            out.priority = torch.cat([self.priority, other.priority])
+            out._set_rows(torch.cat([self.rows, other.rows]), torch.cat([self.priority, other.priority]))
         else:
-            out.rows, out.priority = self.rows, self.priority
+            out._set_rows(self.rows, self.priority)
             out._merge_rows(other.rows, other.priority)
         return out
 
@@ -323,8 +351,8 @@ class TensorStats:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in
-                   (self.channel_absmax, self.channel_sumsq, self.moments, self.hist, self.rows, self.priority,
-                    self.top_rows, self.top_absmax, self.top_priority))
+                   (self.channel_absmax, self.channel_sumsq, self.moments, self.hist, self._rows_buf, self._prio_buf,
+                    self._top_buf, self._topm_buf, self._topp_buf))
 
 
 @dataclass
@@ -427,10 +455,10 @@ class Calibration:
             owner[id(rec)] = name
             blob["layers"][name] = {
                 "in_features": rec.in_features, "shared_with": rec.shared_with,
-                "per_timestep": {t: {k: getattr(s, k) for k in (
+                "per_timestep": {t: {k: (v.clone() if torch.is_tensor(v) else v) for k in (
                     "d", "capacity", "coeffs", "count", "absmax", "channel_absmax", "channel_sumsq",
-                    "moments", "hist", "rows", "priority", "top_k", "top_rows", "top_absmax", "top_priority")}
-                    for t, s in rec.per_timestep.items()},
+                    "moments", "hist", "rows", "priority", "top_k", "top_rows", "top_absmax", "top_priority")
+                    for v in (getattr(s, k),)} for t, s in rec.per_timestep.items()},
             }
         torch.save(blob, path)
 
@@ -512,6 +540,10 @@ class ActivationRecorder:
         self._handles.append(self.model.register_forward_hook(self._post_model))
         for name, mod in self.modules.items():
             self._handles.append(mod.register_forward_pre_hook(self._make_hook(name)))
+            if self.timesteps is not None:  # allocate every store up front (see TensorStats.__post_init__)
+                rec = self._records.setdefault(name, LayerCalibration(name, mod.in_features))
+                for t in sorted(self.timesteps, reverse=True):
+                    rec.per_timestep.setdefault(t, TensorStats(mod.in_features, self.rows_per_timestep, self.coeffs))
         if self.attention:
             from .qmodel import QuantAttnProcessor
 
@@ -569,6 +601,7 @@ class ActivationRecorder:
             x = args[0]
             if self._last_input is not None and x is self._last_input:
                 self._alias.setdefault(name, self._last_name)
+                self._records.pop(name, None)  # its preallocated stores are not needed
                 return None
             if name in self._alias:  # shared-input layer seen before: same tensor object expected
                 return None
@@ -590,6 +623,15 @@ class ActivationRecorder:
             raise CalibrationError(
                 f"nothing was recorded: the model ran at timesteps {sorted(self._seen_t)} but recording was "
                 f"restricted to {sorted(self.timesteps) if self.timesteps is not None else 'all'}")
+        for name in [n for n, r in self._records.items() if all(st.count == 0 for st in r.per_timestep.values())]:
+            del self._records[name]  # preallocated but never reached (e.g. timesteps never sampled)
+        if not self._records:
+            raise CalibrationError(
+                f"nothing was recorded: the model ran at timesteps {sorted(self._seen_t)} but recording was "
+                f"restricted to {sorted(self.timesteps) if self.timesteps is not None else 'all'}")
+        for rec in self._records.values():  # timesteps never reached
+            for t in [t for t, st in rec.per_timestep.items() if st.count == 0]:
+                del rec.per_timestep[t]
         layers = dict(self._records)
         for name, target in self._alias.items():
             root = target

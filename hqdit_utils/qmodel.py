@@ -326,7 +326,7 @@ def _grid(recipe: QuantRecipe) -> torch.Tensor:
     return gamma_grid(int(n), float(lo), float(hi))
 
 
-def _quantize_weight(W, X, recipe, grid):
+def _quantize_weight(W, X, recipe, grid, hessians: dict | None = None, key=None):
     """Returns (W_q, format name, mean γ, {candidate: mse}, stats, gptq info)."""
     stats = ratio_statistics(W, channel_axis=0)
     wf = recipe.weight_format
@@ -364,7 +364,14 @@ def _quantize_weight(W, X, recipe, grid):
     if recipe.gptq and not isinstance(fmt, NoFormat):
         from .gptq import GPTQ
 
-        res = GPTQ(W).add_batch(X).quantize(fmt, scale.reshape(-1) if scale.dim() else scale.expand(W.shape[0]),
+        g = GPTQ(W)
+        if hessians is not None and key is not None and key in hessians:
+            g.set_hessian(*hessians[key])  # to_q/to_k/to_v share their input, hence their Hessian
+        else:
+            g.add_batch(X)
+            if hessians is not None and key is not None:
+                hessians[key] = (g.hessian, g.nsamples)
+        res = g.quantize(fmt, scale.reshape(-1) if scale.dim() else scale.expand(W.shape[0]),
                                              blocksize=recipe.gptq_blocksize, percdamp=recipe.gptq_percdamp)
         Wq = res.weight
         info = {k: v for k, v in vars(res).items() if k != "weight" and isinstance(v, (int, float, str, bool))}
@@ -489,6 +496,7 @@ def quantize_(model: nn.Module, recipe: "QuantRecipe | str", calibration: Calibr
     rotation_spec = None
     new_modules: dict[str, QuantLinear] = {}
     act_cache: dict = {}
+    hessians: dict = {}
     for name, lin in selected.items():
         t0 = time.perf_counter()
         W = lin.weight.detach().to(torch.float32)
@@ -533,12 +541,13 @@ def quantize_(model: nn.Module, recipe: "QuantRecipe | str", calibration: Calibr
                 ext = rotate_input(ext, rot)
         if recipe.gptq and len(Xw) == 0:
             raise QuantizationError(f"layer {name!r}: GPTQ needs calibration rows")
-        Wq, wf, wgamma, wmse, wstats, ginfo = _quantize_weight(W, Xw, recipe, grid)
+        share_key = id(rec) if (rec is not None and recipe.smoothquant_alpha is None) else None
+        Wq, wf, wgamma, wmse, wstats, ginfo = _quantize_weight(W, Xw, recipe, grid, hessians, share_key)
         # layers reading the same tensor (to_q/to_k/to_v) share the activation search unless it depends on
         # the layer's own weight (layer-output loss, SmoothQuant)
         cache_key = None
         if recipe.smoothquant_alpha is None and recipe.act_clip != "output" and recipe.format_rule != "output":
-            cache_key = id(rec)
+            cache_key = share_key
         if len(Xw) and cache_key is not None and cache_key in act_cache:
             akw, Xq, af, agamma, aalpha, amse, astats = act_cache[cache_key]
         elif len(Xw):

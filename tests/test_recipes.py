@@ -101,3 +101,23 @@ def test_quantize_cli_parser(capsys):
     assert "fp4-hybrid" in capsys.readouterr().out
     assert quantize_cli._cmd(parser.parse_args(["quantize", "--recipe", "nope", "--out", "x"])) == 2
     assert "Known recipes" in capsys.readouterr().err
+
+
+def test_quantize_cli_end_to_end(tmp_path):
+    import json
+
+    from hqdit_utils import quantize_cli
+    from hqdit_utils.models import load_dit, tiny_dit
+    from hqdit_utils.qmodel import QuantLinear, load_quantized
+
+    b = tiny_dit(0, width=72, heads=1, num_layers=1)
+    b.transformer.save_pretrained(tmp_path / "m" / "transformer")
+    b.scheduler.save_pretrained(tmp_path / "m" / "scheduler")
+    info = quantize_cli.run("fp4-minmax", tmp_path / "q", model=str(tmp_path / "m"), trajectories=1, timesteps=2,
+                            steps=2, rows_per_timestep=8)
+    assert info["summary"]["layers"] == 6
+    for f in ("quant_state.safetensors", "quant_config.json", "plan.json", "report.csv", "run.json"):
+        assert (tmp_path / "q" / f).is_file()
+    assert json.loads((tmp_path / "q" / "run.json").read_text())["recipe"] == "fp4-minmax"
+    m = load_quantized(load_dit(str(tmp_path / "m")).transformer, tmp_path / "q")
+    assert sum(isinstance(x, QuantLinear) for x in m.modules()) == 6
