@@ -153,3 +153,62 @@ def plot_format_plan(plan, *, ax=None):
     ax.legend(handles=[Patch(color=format_color(f), label=f) for f in formats], loc="upper left",
               bbox_to_anchor=(1.0, 1.0))
     return ax
+
+
+def plot_image_panels(panels: "dict[str, np.ndarray]", *, ncols: int = 3, panel_width: float = 3.4, axes=None,
+                      title_size: int = 10):
+    """Show tiled uint8 images (e.g. from ``sampling.tile``) side by side, one titled panel each.
+
+    ``panels``: title → ``[H, W, C]`` uint8 image (C = 1 is shown in grey). ``axes``: optional array of
+    Axes to draw into (one per panel, extra Axes are hidden). Returns the figure.
+    """
+    n = len(panels)
+    if axes is None:
+        nrows = (n + ncols - 1) // ncols
+        first = next(iter(panels.values())) if n else np.zeros((1, 1, 1))
+        aspect = first.shape[0] / first.shape[1]
+        fig, axes = plt.subplots(nrows, ncols, figsize=(panel_width * ncols, panel_width * aspect * nrows + 0.45 * nrows),
+                                 squeeze=False)
+    axes = np.asarray(axes).reshape(-1)
+    for ax in axes:
+        ax.axis("off")
+    for ax, (title, img) in zip(axes, panels.items()):
+        img = np.asarray(img)
+        ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+                  vmin=0, vmax=255, interpolation="nearest")
+        ax.set_title(title, fontsize=title_size)
+    return axes[0].figure
+
+
+def plot_step_errors(frames: "dict[str, object]", column: str, *, ax=None, log: bool = True):
+    """One line per recipe of a per-step error (a ``trajectory.trajectory_error`` column) against the
+    sampling step (noisy → clean). ``frames``: label → DataFrame with ``step`` and ``column``."""
+    ax = ax or plt.gca()
+    for label, df in frames.items():
+        ax.plot(df["step"], df[column], marker="o", ms=3, label=label)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("sampling step (noisy → clean)")
+    ax.set_ylabel(column)
+    return ax
+
+
+def plot_metric_bars(mean, std=None, *, metric: str, reference: str | None = None, noise: float | None = None,
+                     ax=None, color: str = "#1f77b4", highlight: "Sequence[str]" = ()):
+    """Horizontal bars of ``mean[metric]`` per recipe with ±std error bars; a dashed line at the
+    ``reference`` recipe (FP32) and a shaded band of ± ``noise`` around it (the seed-to-seed noise)."""
+    ax = ax or plt.gca()
+    names = list(mean.index)
+    y = np.arange(len(names))[::-1]
+    err = None if std is None else np.nan_to_num(std[metric].to_numpy(dtype=float))
+    colors = ["#d62728" if n in highlight else color for n in names]
+    ax.barh(y, mean[metric].to_numpy(dtype=float), xerr=err, color=colors, alpha=0.85, capsize=3)
+    ax.set_yticks(y, names)
+    if reference is not None and reference in mean.index:
+        ref = float(mean.loc[reference, metric])
+        ax.axvline(ref, color="k", ls="--", lw=1)
+        if noise is not None and np.isfinite(noise):
+            ax.axvspan(ref - noise, ref + noise, color="k", alpha=0.08, lw=0)
+    ax.set_xlabel(metric)
+    ax.grid(axis="y", visible=False)
+    return ax
