@@ -36,7 +36,7 @@ from .formats import FloatFormat, Format, NoFormat, bias_for_clip, parse_format
 from .quantizer import round_to_grid
 
 __all__ = ["ClipResult", "gamma_grid", "clip_weight", "clip_activation", "alpha_to_scale", "alpha_to_bias",
-           "CLIP_METHODS"]
+           "CLIP_METHODS", "SEARCHES"]
 
 CLIP_METHODS = ("none", "mse", "lp", "output")
 _MAX_ELEMS = 1 << 20  # temporaries of at most 1 M float32 elements (4 MB, cache-sized) per chunk
@@ -123,10 +123,43 @@ def _scaled_loss(x: torch.Tensor, s: torch.Tensor, fmt: Format, method: str, p: 
     return e.mul_(e).sum(dim=dims, keepdim=True) * (s * s)
 
 
+SEARCHES = ("grid", "coarse-fine")
+
+
+def _search(eval_fn, g: torch.Tensor, C: int, search: str, stride: int):
+    """Minimise ``eval_fn(gammas [C, k]) -> losses [C, k]`` over the grid ``g`` for each of C rows.
+
+    ``"grid"``: every grid point. ``"coarse-fine"``: every ``stride``-th point (always including γ = 1),
+    then the ``2·stride − 1`` points around each row's coarse minimum — ~3x fewer evaluations for the
+    default 100-point grid and the same answer whenever the loss is unimodal within ``stride`` points;
+    γ = 1 is always evaluated, so never worse than max-abs. Ties go to the smaller γ.
+    Returns (best index [C], best loss [C], loss at γ = 1 [C]).
+    """
+    G = len(g)
+    one = int(torch.argmin((g - 1).abs()))
+    if search not in SEARCHES:
+        raise ValueError(f"unknown clip search {search!r}; choose one of {SEARCHES}")
+    if search == "grid" or G <= 3 * stride:
+        L = eval_fn(g[None, :].expand(C, G))
+        best = torch.argmin(L, dim=1)  # first minimum: the smaller γ
+        return best, L.gather(1, best[:, None])[:, 0], L[:, one]
+    coarse = sorted(set(range(one, -1, -stride)) | set(range(one, G, stride)))
+    ci = torch.tensor(coarse)
+    Lc = eval_fn(g[ci][None, :].expand(C, len(coarse)))
+    bc = ci[torch.argmin(Lc, dim=1)]
+    fi = (bc[:, None] + torch.arange(-stride + 1, stride)[None, :]).clamp(0, G - 1)  # [C, 2s-1]
+    Lf = eval_fn(g[fi])
+    idx = torch.cat([ci[None, :].expand(C, -1), fi], dim=1)
+    L = torch.cat([Lc, Lf], dim=1)
+    m = L.min(dim=1, keepdim=True).values
+    best = torch.where(L == m, idx, torch.full_like(idx, G)).min(dim=1).values
+    return best, m[:, 0], Lc[:, coarse.index(one)]
+
+
 @torch.no_grad()
 def clip_weight(weight: torch.Tensor, fmt: "str | Format", *, method: str = "mse", grid: torch.Tensor | None = None,
                 p: float = 2.4, inputs: torch.Tensor | None = None, quant_inputs: torch.Tensor | None = None,
-                max_elems: int = _MAX_ELEMS) -> ClipResult:
+                search: str = "grid", stride: int = 5, max_elems: int = _MAX_ELEMS) -> ClipResult:
     """Per-output-channel clipping search for a weight ``[out, in]``.
 
     Args:
@@ -136,6 +169,7 @@ def clip_weight(weight: torch.Tensor, fmt: "str | Format", *, method: str = "mse
         grid: γ values [G] (default :func:`gamma_grid`).
         p: exponent of the L_p loss.
         inputs: [n, d] calibration rows X (``method="output"``); ``quant_inputs`` = Q(X) (default X).
+        search: "grid" (every γ; default) or "coarse-fine" (see :func:`_search`), ``stride`` its step.
         max_elems: bound on the temporaries (elements per chunk).
 
     Returns:
@@ -150,10 +184,7 @@ def clip_weight(weight: torch.Tensor, fmt: "str | Format", *, method: str = "mse
         z = torch.zeros(C)
         return ClipResult(amax, torch.ones(C), z, z, 0.0, "channel", method)
     g = torch.ones(1) if method == "none" else (gamma_grid() if grid is None else grid.to(torch.float32))
-    G = len(g)
-    one_idx = int(torch.argmin((g - 1).abs()))
     safe = torch.where(amax > 0, amax, torch.ones_like(amax))
-    losses = torch.empty(C, G, dtype=torch.float64)
     if method == "output":
         if inputs is None:
             raise ValueError("method='output' needs the calibration rows `inputs` [n, in]")
@@ -161,32 +192,35 @@ def clip_weight(weight: torch.Tensor, fmt: "str | Format", *, method: str = "mse
         Xq = X if quant_inputs is None else quant_inputs.detach().to(torch.float32).reshape(-1, d)
         n = X.shape[0]
         ref = X @ w.T  # [n, C]
-        per = max(1, max_elems // max(1, G * max(d, n)))
+
+    def evaluate(gm: torch.Tensor) -> torch.Tensor:  # gm [C, k] -> losses [C, k]
+        k = gm.shape[1]
+        out = torch.empty(C, k, dtype=torch.float64)
+        per = max(1, max_elems // max(1, k * (max(d, n) if method == "output" else d)))
         for c0 in range(0, C, per):
             wc = w[c0:c0 + per]
-            s = (safe[c0:c0 + per, None] * g[None, :] / fmt.max_value)[:, :, None]  # [c, G, 1]
-            q = _fq(wc[:, None, :], s, fmt)  # [c, G, d]
-            out = Xq @ q.reshape(-1, d).T  # [n, c·G]
-            err = out.reshape(n, len(wc), G) - ref[:, c0:c0 + per, None]
-            losses[c0:c0 + per] = (err * err).sum(dim=0).double()
-    else:
-        per = max(1, max_elems // max(1, G * d))
-        for c0 in range(0, C, per):
-            wc = w[c0:c0 + per]
-            s = (safe[c0:c0 + per, None] * g[None, :] / fmt.max_value)[:, :, None]
-            losses[c0:c0 + per] = _scaled_loss(wc[:, None, :], s, fmt, method, p, 2)[:, :, 0].double()
-    best = torch.argmin(losses, dim=1)  # first minimum: ties go to the smaller γ
+            s = (safe[c0:c0 + per, None] * gm[c0:c0 + per] / fmt.max_value)[:, :, None]  # [c, k, 1]
+            if method == "output":
+                q = _fq(wc[:, None, :], s, fmt)  # [c, k, d]
+                err = (Xq @ q.reshape(-1, d).T).reshape(n, len(wc), k) - ref[:, c0:c0 + per, None]
+                out[c0:c0 + per] = (err * err).sum(dim=0).double()
+            else:
+                out[c0:c0 + per] = _scaled_loss(wc[:, None, :], s, fmt, method, p, 2)[:, :, 0].double()
+        return out
+
+    best, loss, loss_max = _search(evaluate, g, C, search, stride)
     gamma = g[best]
     alpha = amax * gamma
     scale = alpha_to_scale(alpha, fmt)[:, None]
     mse = float(((_fq(w, scale, fmt) - w) ** 2).mean())
-    return ClipResult(alpha, gamma, losses.gather(1, best[:, None])[:, 0], losses[:, one_idx], mse, "channel", method)
+    return ClipResult(alpha, gamma, loss, loss_max, mse, "channel", method)
 
 
 @torch.no_grad()
 def clip_activation(x: torch.Tensor, fmt: "str | Format", *, granularity: str = "tensor", method: str = "mse",
                     grid: torch.Tensor | None = None, p: float = 2.4, weight: torch.Tensor | None = None,
-                    amax: "float | torch.Tensor | None" = None, max_elems: int = _MAX_ELEMS) -> ClipResult:
+                    amax: "float | torch.Tensor | None" = None, search: str = "grid", stride: int = 5,
+                    max_elems: int = _MAX_ELEMS) -> ClipResult:
     """Clipping search for activation rows ``x`` [n, d] with one γ shared by the whole tensor.
 
     Args:
@@ -199,6 +233,7 @@ def clip_activation(x: torch.Tensor, fmt: "str | Format", *, granularity: str = 
         grid: γ values (default :func:`gamma_grid`).
         amax: ("tensor" only) the max-abs that γ multiplies, when it is known from more data than the
             rows ``x`` (e.g. the whole calibration set); default ``max|x|``.
+        search, stride: as in :func:`clip_weight`.
 
     Returns:
         :class:`ClipResult` with 0-d ``alpha``/``gamma``.
@@ -222,9 +257,6 @@ def clip_activation(x: torch.Tensor, fmt: "str | Format", *, granularity: str = 
         z = torch.zeros(())
         return ClipResult(amax.max(), torch.ones(()), z, z, 0.0, granularity, method)
     g = torch.ones(1) if method == "none" else (gamma_grid() if grid is None else grid.to(torch.float32))
-    G = len(g)
-    one_idx = int(torch.argmin((g - 1).abs()))
-    losses = torch.empty(G, dtype=torch.float64)
     if method == "output":
         if weight is None:
             raise ValueError("method='output' needs the (quantized) weight [out, in]")
@@ -233,20 +265,26 @@ def clip_activation(x: torch.Tensor, fmt: "str | Format", *, granularity: str = 
         width = max(d, Wt.shape[1])
     else:
         width = d
-    per = max(1, max_elems // max(1, n * width))
-    for g0 in range(0, G, per):
-        gg = g[g0:g0 + per]
-        s = (safe[None] * gg[:, None, None] / fmt.max_value)  # [k, n or 1, 1]
-        if method == "output":
-            q = _fq(X[None], s, fmt)  # [k, n, d]
-            err = q @ Wt - ref[None]
-            losses[g0:g0 + per] = (err * err).sum(dim=(1, 2)).double()
-        elif granularity == "tensor":
-            losses[g0:g0 + per] = _scaled_loss(X[None], s, fmt, method, p, (1, 2)).reshape(-1).double()
-        else:
-            losses[g0:g0 + per] = _scaled_loss(X[None], s, fmt, method, p, 2).sum(dim=(1, 2)).double()
-    best = int(torch.argmin(losses))
-    gamma = g[best]
+
+    def evaluate(gm: torch.Tensor) -> torch.Tensor:  # gm [1, k] -> [1, k]
+        gv = gm[0]
+        out = torch.empty(len(gv), dtype=torch.float64)
+        per = max(1, max_elems // max(1, n * width))
+        for g0 in range(0, len(gv), per):
+            gg = gv[g0:g0 + per]
+            s = (safe[None] * gg[:, None, None] / fmt.max_value)  # [k, n or 1, 1]
+            if method == "output":
+                q = _fq(X[None], s, fmt)  # [k, n, d]
+                err = q @ Wt - ref[None]
+                out[g0:g0 + per] = (err * err).sum(dim=(1, 2)).double()
+            elif granularity == "tensor":
+                out[g0:g0 + per] = _scaled_loss(X[None], s, fmt, method, p, (1, 2)).reshape(-1).double()
+            else:
+                out[g0:g0 + per] = _scaled_loss(X[None], s, fmt, method, p, 2).sum(dim=(1, 2)).double()
+        return out[None, :]
+
+    best, loss, loss_max = _search(evaluate, g, 1, search, stride)
+    gamma = g[int(best[0])]
     s = safe * gamma / fmt.max_value
     mse = float(((_fq(X, s, fmt) - X) ** 2).mean())
-    return ClipResult(amax.max() * gamma, gamma.clone(), losses[best], losses[one_idx], mse, granularity, method)
+    return ClipResult(amax.max() * gamma, gamma.clone(), loss[0], loss_max[0], mse, granularity, method)

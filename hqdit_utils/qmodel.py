@@ -341,10 +341,11 @@ def _quantize_weight(W, X, recipe, grid, hessians: dict | None = None, key=None)
     if recipe.weight_granularity == "tensor":
         def clip(name):
             return clip_activation(W, name, granularity="tensor", method="mse" if method == "output" else method,
-                                   grid=grid, p=recipe.clip_p)
+                                   grid=grid, p=recipe.clip_p, search=recipe.clip_search, stride=recipe.clip_stride)
     else:
         def clip(name):
-            return clip_weight(W, name, method=method, grid=grid, p=recipe.clip_p, **kw)
+            return clip_weight(W, name, method=method, grid=grid, p=recipe.clip_p, search=recipe.clip_search,
+                               stride=recipe.clip_stride, **kw)
     if wf == AUTO:
         cands = list(recipe.weight_candidates)
         if recipe.format_rule == "ratio":
@@ -403,7 +404,8 @@ def _quantize_act(X, Wq, recipe, grid, tags, ts_groups, ext=None, ext_tags=None)
             e = ext if group is None else ext[torch.isin(ext_tags, torch.tensor(group))]
             if len(e):
                 kw["amax"] = e.abs().amax()  # the calibration-wide max (extreme rows), not the sample's
-        return clip_activation(rows, name, granularity=gran, method=method, grid=grid, p=recipe.clip_p, **kw)
+        return clip_activation(rows, name, granularity=gran, method=method, grid=grid, p=recipe.clip_p,
+                               search=recipe.clip_search, stride=recipe.clip_stride, **kw)
     if af == AUTO:
         cands = list(recipe.act_candidates)
         if recipe.format_rule == "ratio":

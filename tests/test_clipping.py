@@ -134,3 +134,19 @@ def test_zero_channels_and_shapes():
     assert float(r.loss[2]) == 0.0 and math.isfinite(r.mse)
     a = clip_activation(torch.randn(2, 3, 16), "fp4_e2m1")
     assert a.alpha.dim() == 0
+
+
+def test_coarse_fine_search_matches_grid_search_mostly_and_is_never_worse_than_max():
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(11))
+    full = clip_weight(w, "fp4_e2m1")
+    cf = clip_weight(w, "fp4_e2m1", search="coarse-fine", stride=5)
+    assert bool((cf.loss <= cf.loss_at_max * (1 + 1e-9)).all())
+    torch.testing.assert_close(cf.loss_at_max, full.loss_at_max)
+    assert bool((cf.loss >= full.loss * (1 - 1e-9)).all())  # the full grid is the optimum
+    assert float((cf.gamma == full.gamma).float().mean()) >= 0.6
+    assert float((cf.loss / full.loss).max()) < 1.1
+    a = clip_activation(_heavy(128, 48, seed=12), "fp4_e2m1", search="coarse-fine")
+    b = clip_activation(_heavy(128, 48, seed=12), "fp4_e2m1")
+    assert float(a.loss) <= float(a.loss_at_max) and float(a.loss) >= float(b.loss) * (1 - 1e-9)
+    with pytest.raises(ValueError, match="clip search"):
+        clip_weight(w, "fp4_e2m1", search="random")
