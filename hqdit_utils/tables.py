@@ -6,9 +6,9 @@
 * :data:`METHODS`, :func:`bit_recipe` — the paper's comparison (INT-RTN, MinMax-FP, SmoothQuant, FPQ,
   GPTQ-INT, HQ-DiT) at W8A8 / W4A8 / W4A4. Registered recipes are used where they exist; the missing
   bit settings of a baseline are derived from its W4A4 recipe by changing the bit widths only.
-* :func:`mean_std`, :func:`noise_level`, :func:`paired_difference` — statistics over seeds of a
-  :func:`~hqdit_utils.experiments.run_table` frame (runs of one seed share labels and noise, so
-  differences between recipes are paired).
+* :func:`mean_std`, :func:`noise_level`, :func:`paired_difference`, :func:`claim_verdict` — statistics
+  over seeds of a :func:`~hqdit_utils.experiments.run_table` frame (runs of one seed share labels and
+  noise, so differences between recipes are paired) and the verdict rule of chapter 7.
 * :func:`full_scale_results` — the results of ``hqdit reproduce`` runs in ``data/results/<run-id>/``.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pandas as pd
 from .config import DATA_DIR
 
 __all__ = ["METHODS", "SETTINGS", "bit_recipe", "load_paper", "paper_sources", "mean_std", "noise_level",
-           "paired_difference", "full_scale_results", "LOWER_IS_BETTER", "RESULTS_DIR"]
+           "paired_difference", "claim_verdict", "full_scale_results", "LOWER_IS_BETTER", "RESULTS_DIR"]
 
 #: Where ``hqdit reproduce`` writes full-scale results (one folder per run id).
 RESULTS_DIR = DATA_DIR / "results"
@@ -152,11 +152,12 @@ def paired_difference(table: pd.DataFrame, a: str, b: str, metric: str) -> dict:
 # --------------------------------------------------------------------------------------------------
 def full_scale_results(root: "str | Path | None" = None) -> pd.DataFrame:
     """One row per finished full-scale run in ``<root>/<run-id>/result.json`` (written by ``hqdit
-    reproduce``): run id, recipe, metrics and the protocol fields that decide comparability. Empty frame
-    (with the columns) when there is none."""
+    reproduce``): run id, recipe, metrics and the protocol fields that decide comparability (``proxy
+    metrics``: the run used the proxy network, its numbers are starred ones). Empty frame (with the
+    columns) when there is none."""
     root = Path(root or RESULTS_DIR)
     cols = ["run", "model", "recipe", "FID", "sFID", "IS", "Precision", "Recall", "samples", "steps", "cfg",
-            "reference", "device", "finished"]
+            "reference", "device", "proxy metrics", "finished"]
     rows = []
     for f in sorted(root.glob("*/result.json")) if root.is_dir() else []:
         try:
@@ -165,7 +166,44 @@ def full_scale_results(root: "str | Path | None" = None) -> pd.DataFrame:
             continue
         p, m = r.get("protocol", {}), r.get("metrics", {})
         rows.append({"run": f.parent.name, "model": p.get("model"), "recipe": r.get("recipe"),
-                     **{k: m.get(k) for k in ("FID", "sFID", "IS", "Precision", "Recall")},
+                     **{k: m.get(k, m.get(k + "*")) for k in ("FID", "sFID", "IS", "Precision", "Recall")},
                      "samples": p.get("samples"), "steps": p.get("steps"), "cfg": p.get("cfg_scale"),
-                     "reference": p.get("reference"), "device": p.get("device"), "finished": r.get("finished")})
+                     "reference": p.get("reference"), "device": p.get("device"),
+                     "proxy metrics": any(k.endswith("*") for k in m), "finished": r.get("finished")})
     return pd.DataFrame(rows, columns=cols)
+
+
+def claim_verdict(table: pd.DataFrame, better: str, worse: str, metrics: Sequence[str],
+                  noise: "pd.Series | None" = None) -> dict:
+    """Does recipe ``better`` beat recipe ``worse`` on every metric in ``metrics``? The rule of chapter 7.
+
+    Each metric's paired difference (:func:`paired_difference`) counts as a win (loss) when it favours
+    ``better`` (``worse``) by more than two standard errors. With a single common seed the standard
+    error is taken as ``√2 ×`` the seed-to-seed ``noise`` of that metric (conservative: paired runs
+    share their noise). Verdict: ``"reproduced"`` if every metric is a win, ``"not reproduced"`` if any
+    is a loss or if none is a win, otherwise ``"inconclusive (within noise)"``.
+
+    Returns ``{"verdict", "evidence"}``; the evidence lists each metric's difference ± standard error.
+    """
+    wins = losses = 0
+    parts = []
+    for m in metrics:
+        d = paired_difference(table, better, worse, m)
+        se = d["stderr"]
+        if not np.isfinite(se) and noise is not None and m in noise and np.isfinite(noise[m]):
+            se = float(np.sqrt(2.0) * noise[m])
+        sign = -1.0 if m in LOWER_IS_BETTER else 1.0
+        gain = sign * d["difference"]
+        if np.isfinite(se):
+            wins += gain > 2 * se
+            losses += gain < -2 * se
+        parts.append(f"{m}: {d['difference']:+.3g} ± {se:.2g}" if np.isfinite(se) else f"{m}: {d['difference']:+.3g}")
+    if wins == len(metrics):
+        verdict = "reproduced"
+    elif losses or not wins:
+        verdict = "not reproduced"
+    else:
+        verdict = "inconclusive (within noise)"
+    seeds = paired_difference(table, better, worse, metrics[0])["seeds"]
+    return {"verdict": verdict,
+            "evidence": f"{better} − {worse} ({seeds} paired seed{'s' if seeds > 1 else ''}): " + "; ".join(parts)}

@@ -76,3 +76,16 @@ def test_full_scale_results_discovery(tmp_path):
     (tmp_path / "broken" / "result.json").write_text("{not json")
     df = full_scale_results(tmp_path)
     assert len(df) == 1 and df.loc[0, "FID"] == 5.0 and df.loc[0, "samples"] == 10000
+
+
+def test_claim_verdict_rule():
+    t = _table()
+    from hqdit_utils.tables import claim_verdict
+    v = claim_verdict(t, "fp32", "q", ["FID*", "IS*"])
+    assert v["verdict"] == "reproduced" and "3 paired seeds" in v["evidence"]
+    assert claim_verdict(t, "q", "fp32", ["FID*", "IS*"])["verdict"] == "not reproduced"
+    # one seed: judged against the noise level
+    noise = pd.Series({"FID*": 1.0, "IS*": 1.0})
+    assert claim_verdict(t, "fp32", "one-seed", ["FID*"], noise)["verdict"] == "reproduced"  # 10 vs 20
+    assert claim_verdict(t, "fp32", "one-seed", ["FID*"], noise * 10)["verdict"] == "not reproduced"  # no win
+    assert claim_verdict(t, "fp32", "one-seed", ["FID*", "IS*"], noise)["verdict"] == "reproduced"

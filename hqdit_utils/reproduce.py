@@ -1,0 +1,401 @@
+"""``hqdit reproduce``: the full-scale tables on DiT-XL/2 — plan, then execute resumably.
+
+::
+
+    hqdit reproduce --table sfid --weights DiT-XL-2-256x256.pt --dry-run      # the plan only
+    hqdit reproduce --table sfid --weights DiT-XL-2-256x256.pt \\
+        --reference VIRTUAL_imagenet256_labeled.npz --inception-weights weights-inception-2015-12-05-6726825d.pth
+    torchrun --nproc-per-node 8 -m hqdit_utils.cli reproduce --table sfid --weights ...   # N GPUs
+
+The ``sfid`` table is the W4A4 comparison of chapter 7 at full scale: FP32, HQ-DiT and the baselines.
+Every (recipe) is one *run* with its own folder ``<out>/<run-id>/``:
+
+1. **quantize** — calibrate (``full`` profile sizes: our defaults modelled on PTQ4DiT's protocol) and
+   quantize a copy of the model; the quantized state is saved to ``quant/`` (rank 0 quantizes, the other
+   ranks load it, so every rank samples the same model);
+2. **sample** — :func:`~hqdit_utils.sampling.write_samples` into ``samples.npz``: per-sample seeds, shards
+   written atomically, a restart skips finished shards, ``torchrun`` splits the shards over ranks;
+3. **evaluate** — the ADM Inception (FID, sFID, IS, precision, recall) against the ADM reference batch;
+   ``result.json`` (metrics + protocol) is written last, atomically.
+
+Rerunning the same command resumes: finished runs (``result.json``) are skipped, quantized states are
+loaded, finished shards are kept. A run folder remembers its protocol (``plan.json``); resuming it with a
+different protocol is refused. The book (chapter 7) lists every ``<out>/*/result.json``.
+
+The plan's time estimate comes from a *measured* per-image cost: a few denoising steps of the FP32 model
+on one batch, timed on this machine (fake-quantized runs are slower than FP32: simulated quantization
+and online rotations add work, so the estimate is a lower bound for them).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: The tables ``hqdit reproduce`` knows: name → recipes (FP32 first).
+TABLES = {
+    "sfid": ["fp32", "hqdit-w4a4", "fp4-minmax", "smoothquant-int", "fpq", "gptq-int", "int4-rtn"],
+    "ablation": ["hqdit-w4a4", "hqdit-no-rotation", "hqdit-no-select", "hqdit-no-clip", "hqdit-no-gptq"],
+    "bits": ["fp32", "hqdit-w8a8", "hqdit-w4a8", "hqdit-w4a4", "fp4-minmax-w8a8", "fp4-minmax-w4a8", "fp4-minmax"],
+}
+#: Environment variable of the ADM reference batch.
+ENV_REFERENCE = "HQDIT_ADM_REFERENCE"
+
+
+@dataclass
+class Run:
+    """One planned run: a recipe on a model with one protocol, in ``folder``."""
+
+    recipe: str
+    run_id: str
+    folder: Path
+    status: str = "todo"  # todo | quantized | sampling (k/n shards) | sampled | done
+
+    @property
+    def result_file(self) -> Path:
+        return self.folder / "result.json"
+
+
+@dataclass
+class Plan:
+    table: str
+    weights: str
+    samples: int
+    steps: int
+    cfg: float
+    seed_offset: int
+    batch_size: int
+    out: Path
+    runs: list[Run] = field(default_factory=list)
+    image_shape: tuple | None = None  # (H, W, C) when known
+    step_seconds: float | None = None  # measured seconds per image per denoising step (guided)
+    decode_seconds: float | None = None  # measured seconds per image for decoding latents
+    world_size: int = 1
+
+    def spec(self, recipe: str) -> dict:
+        return {"weights": str(self.weights), "recipe": recipe, "samples": self.samples, "steps": self.steps,
+                "cfg_scale": self.cfg, "seed_offset": self.seed_offset, "sampler": "ddpm"}
+
+    # estimates -------------------------------------------------------------------------------------
+    def seconds_per_run(self) -> float | None:
+        if self.step_seconds is None:
+            return None
+        from .config import profile as get_profile
+
+        calib = get_profile("full").calib_trajectories
+        per_image = self.steps * self.step_seconds + (self.decode_seconds or 0.0)
+        return (self.samples * per_image + calib * self.steps * self.step_seconds) / max(self.world_size, 1)
+
+    def bytes_per_run(self) -> int | None:
+        if self.image_shape is None:
+            return None
+        h, w, c = self.image_shape
+        return int(self.samples * h * w * c)
+
+    def describe(self) -> str:
+        todo = [r for r in self.runs if r.status != "done"]
+        lines = [f"hqdit reproduce --table {self.table}: {len(self.runs)} runs ({len(todo)} to do), "
+                 f"{self.samples} samples each, DDPM {self.steps} steps, cfg {self.cfg}, seeds "
+                 f"{self.seed_offset}+i, world size {self.world_size}",
+                 f"  model: {self.weights}", f"  results: {self.out}/<run-id>/result.json"]
+        for r in self.runs:
+            lines.append(f"  - {r.run_id:<48} {r.status}")
+        sec, b = self.seconds_per_run(), self.bytes_per_run()
+        if self.step_seconds is not None:
+            lines.append(f"  measured cost: {self.step_seconds * 1e3:.2f} ms per image per guided step, "
+                         f"{(self.decode_seconds or 0) * 1e3:.2f} ms per image to decode (FP32, this machine)")
+            lines.append(f"  estimated sampling time: {sec / 3600:.2f} h per run, {sec * len(todo) / 3600:.2f} h "
+                         f"for the runs to do (+ quantization and evaluation; fake-quantized runs are slower)")
+        else:
+            lines.append("  estimated time: unknown (per-image cost not measured)")
+        if b is not None:
+            lines.append(f"  disk: {b / 1e9:.2f} GB of samples per run ({b * len(self.runs) / 1e9:.2f} GB in all; "
+                         f"twice that transiently while shards are assembled) + one quantized state per run "
+                         f"(about the FP32 model's size)")
+        return "\n".join(lines)
+
+
+def run_id(weights: str, recipe: str, samples: int, steps: int, cfg: float) -> str:
+    stem = Path(str(weights)).name.replace(".pt", "").replace(".pth", "") or "model"
+    return f"{stem}-{recipe}-n{samples}-s{steps}-cfg{cfg:g}"
+
+
+def _status(r: Run, samples: int) -> str:
+    if r.result_file.is_file():
+        return "done"
+    if (r.folder / "samples.npz").is_file():
+        return "sampled (not evaluated)"
+    shards = r.folder / "samples.npz.shards"
+    if shards.is_dir():
+        return f"sampling ({len(list(shards.glob('shard_*.npz')))} shards written)"
+    if (r.folder / "quant" / "quant_config.json").is_file():
+        return "quantized"
+    return "todo"
+
+
+def make_plan(table: str, weights: str, *, samples: int, steps: int, cfg: float, out: "str | Path",
+              seed_offset: int = 0, batch_size: int = 32, recipes: list[str] | None = None) -> Plan:
+    """The runs of ``table`` (or ``recipes``) with their folders and current status; nothing is computed."""
+    from .recipes import get_recipe
+
+    if table not in TABLES:
+        raise ValueError(f"unknown table {table!r}; choose one of {sorted(TABLES)}")
+    names = [get_recipe(r).name for r in (recipes or TABLES[table])]
+    out = Path(out)
+    plan = Plan(table, str(weights), samples, steps, cfg, seed_offset, batch_size, out,
+                world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    for name in names:
+        rid = run_id(weights, name, samples, steps, cfg)
+        r = Run(name, rid, out / rid)
+        r.status = _status(r, samples)
+        plan.runs.append(r)
+    return plan
+
+
+def measure_cost(bundle, plan: Plan, probe_steps: int = 2) -> None:
+    """Time ``probe_steps`` guided steps and one decode of one batch of the FP32 model; fills the plan."""
+    import torch
+
+    from .sampling import denoise_batch
+
+    b = max(1, min(plan.batch_size, 8))
+    labels = torch.arange(b) % bundle.num_classes
+    seeds = list(range(b))
+    denoise_batch(bundle, labels, seeds, num_steps=1, cfg_scale=plan.cfg)  # warm-up
+    t0 = time.perf_counter()
+    lat = denoise_batch(bundle, labels, seeds, num_steps=probe_steps, cfg_scale=plan.cfg)
+    plan.step_seconds = (time.perf_counter() - t0) / (b * probe_steps)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        img = bundle.decoder(lat)
+    plan.decode_seconds = (time.perf_counter() - t0) / b
+    plan.image_shape = (bundle.image_size, bundle.image_size, bundle.image_channels)
+    del img
+
+
+def _atomic_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def execute(plan: Plan, bundle, *, extractor, reference, reference_name: str = "", progress: bool = True,
+            calib_profile=None, log=print) -> list[Path]:
+    """Run every unfinished run of ``plan`` (resumably); returns the ``result.json`` paths written or found.
+
+    ``extractor``/``reference``: the feature network and reference batch passed to ``metrics.evaluate``
+    (full scale: ``InceptionExtractor`` and the ADM ``.npz``). ``calib_profile``: sizes of calibration
+    (default: the ``full`` profile with the plan's steps and batch size).
+    """
+    import torch
+
+    from . import __version__
+    from .config import profile as get_profile
+    from .experiments import _calibration, _versions, model_checksum
+    from .metrics.adm import evaluate
+    from .qmodel import load_quantized, quantize_, save_quantized
+    from .recipes import get_recipe
+    from .sampling import _barrier, _dist_setup, write_samples
+
+    full = get_profile("full")
+    prof = calib_profile or dataclasses.replace(full, sampling_steps=plan.steps, batch_size=plan.batch_size,
+                                                eval_samples=plan.samples,
+                                                calib_timesteps=min(full.calib_timesteps, plan.steps))
+    rank, world, init_here = _dist_setup()
+    plan.world_size = world
+    mkey = model_checksum(bundle)
+    written = []
+    try:
+        for r in plan.runs:
+            if r.result_file.is_file():
+                written.append(r.result_file)
+                continue
+            recipe = get_recipe(r.recipe)
+            if recipe.quantize_attention or recipe.timestep_groups > 1:
+                raise ValueError(f"{recipe.name}: attention/timestep-group recipes cannot be resumed from a saved "
+                                 "state; not supported by hqdit reproduce")
+            spec = plan.spec(r.recipe) | {"model_sha256": mkey, "recipe_fields": recipe.to_dict(),
+                                          "calibration": prof.as_dict()}
+            spec = json.loads(json.dumps(spec, default=str))
+            if rank == 0:
+                r.folder.mkdir(parents=True, exist_ok=True)
+                pf = r.folder / "plan.json"
+                if pf.is_file() and json.loads(pf.read_text()) != spec:
+                    raise RuntimeError(f"{r.folder} belongs to another protocol (see its plan.json); "
+                                       "delete it or choose another --out")
+                if not pf.is_file():
+                    _atomic_json(pf, spec)
+            t0 = time.perf_counter()
+            qb = dataclasses.replace(bundle, transformer=copy.deepcopy(bundle.transformer))
+            qdir = r.folder / "quant"
+            if not recipe.is_identity:
+                if rank == 0 and not (qdir / "quant_config.json").is_file():
+                    log(f"[reproduce] {r.run_id}: calibrating and quantizing")
+                    calib = (_calibration(bundle, recipe, prof, 0, plan.cfg, mkey)
+                             if recipe.needs_calibration else None)
+                    report = quantize_(qb.transformer, recipe, calib)
+                    save_quantized(qb.transformer, qdir, report)
+                    del calib
+                _barrier()
+                if rank != 0 or not _is_quantized(qb.transformer):
+                    load_quantized(qb.transformer, qdir)
+            t_quant = time.perf_counter() - t0
+            if rank == 0:
+                log(f"[reproduce] {r.run_id}: sampling {plan.samples} images")
+            t1 = time.perf_counter()
+            path = write_samples(qb, r.folder / "samples.npz", plan.samples, num_steps=plan.steps,
+                                 cfg_scale=plan.cfg, seed_offset=plan.seed_offset, batch_size=plan.batch_size,
+                                 progress=progress, tag=recipe.name)
+            t_sample = time.perf_counter() - t1
+            del qb
+            if rank != 0:
+                continue
+            log(f"[reproduce] {r.run_id}: evaluating")
+            t2 = time.perf_counter()
+            rep = evaluate(path, reference, extractor, progress=progress)
+            names = {"P": "Precision", "R": "Recall", "P*": "Precision*", "R*": "Recall*"}
+            metrics = {names.get(n, n): float(getattr(rep, f)) for f, n in rep.metric_names().items()}
+            result = {
+                "recipe": r.recipe, "run_id": r.run_id, "metrics": metrics,
+                "protocol": {"model": Path(plan.weights).name, "model_sha256": mkey, "sampler": "ddpm",
+                             "steps": plan.steps, "cfg_scale": plan.cfg, "samples": plan.samples,
+                             "seeds": f"{plan.seed_offset}+i", "labels": f"i mod {bundle.num_classes}",
+                             "calibration": {"trajectories": prof.calib_trajectories,
+                                             "timesteps": prof.calib_timesteps, "seed": 0} if not recipe.is_identity else None,
+                             "reference": reference_name, "extractor": rep.extractor,
+                             "extractor_sha256": rep.weights_checksum, "n_reference": rep.n_reference,
+                             "versions": _versions() | {"hqdit_utils": __version__},
+                             "device": str(next(bundle.transformer.parameters()).device), "world_size": world,
+                             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                             "seconds_this_invocation": {"quantize": round(t_quant, 1), "sample": round(t_sample, 1),
+                                                         "evaluate": round(time.perf_counter() - t2, 1)}},
+                "samples": str(path), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            _atomic_json(r.result_file, result)
+            written.append(r.result_file)
+            log(f"[reproduce] {r.run_id}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        _barrier()
+    finally:
+        if init_here:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return written
+
+
+def _is_quantized(model) -> bool:
+    from .qmodel import is_quantized
+
+    return is_quantized(model)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+def _cmd(args: argparse.Namespace) -> int:
+    from .config import DATA_DIR
+
+    out = Path(args.out or DATA_DIR / "results")
+    rank = int(os.environ.get("RANK", "0"))
+    say = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)  # noqa: E731
+    try:
+        plan = make_plan(args.table, args.weights, samples=args.samples, steps=args.steps, cfg=args.cfg, out=out,
+                         seed_offset=args.seed_offset, batch_size=args.batch_size,
+                         recipes=args.recipes.split(",") if args.recipes else None)
+    except (ValueError, KeyError) as err:
+        print(f"hqdit reproduce: {err}", file=sys.stderr)
+        return 1
+    bundle = None
+    if not args.no_measure or not args.dry_run:
+        from .models import WeightsError, load_dit
+
+        try:
+            bundle = load_dit(args.weights, vae=args.vae, device=args.device)
+        except (WeightsError, FileNotFoundError) as err:
+            if not args.dry_run:
+                print(f"hqdit reproduce: {err}", file=sys.stderr)
+                return 1
+            say(f"(model not loaded, so the cost is not measured: {str(err).splitlines()[0]})")
+        if bundle is not None and not args.no_measure:
+            measure_cost(bundle, plan)
+    say(plan.describe())
+    if args.dry_run:
+        return 0
+    from .metrics.features import InceptionExtractor, ProxyExtractor
+
+    reference = args.reference or os.environ.get(ENV_REFERENCE)
+    try:
+        if args.proxy:
+            extractor = ProxyExtractor(device=args.device)
+            if reference is None:
+                from .metrics.adm import embedded_reference
+
+                reference, ref_name = embedded_reference("heldout"), "embedded-heldout"
+            else:
+                ref_name = Path(reference).name
+        else:
+            if reference is None:
+                raise FileNotFoundError(
+                    f"no reference batch: pass --reference VIRTUAL_imagenet256_labeled.npz (or set ${ENV_REFERENCE}); "
+                    "download it from the ADM evaluation suite (github.com/openai/guided-diffusion, evaluations/)")
+            extractor = InceptionExtractor(args.inception_weights, device=args.device)
+            ref_name = f"{Path(reference).name} sha256 {_file_sha256(Path(reference))[:16]}"
+    except (FileNotFoundError, ValueError) as err:
+        print(f"hqdit reproduce: {err}", file=sys.stderr)
+        return 1
+    execute(plan, bundle, extractor=extractor, reference=reference, reference_name=ref_name,
+            progress=not args.no_progress, log=say)
+    say(f"[reproduce] done; results in {out}")
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``hqdit reproduce``."""
+    p = subparsers.add_parser(
+        "reproduce", help="full-scale tables on DiT-XL/2: print the plan, then run it resumably (torchrun-aware)",
+        description="Quantize, sample and evaluate every recipe of a table on DiT-XL/2 weights. Prints the plan "
+                    "(runs, time from a measured per-image cost, disk) and executes it; rerun to resume.")
+    p.add_argument("--table", choices=sorted(TABLES), default="sfid",
+                   help="sfid: the W4A4 comparison (FP32, HQ-DiT, baselines); ablation; bits (W8A8/W4A8/W4A4)")
+    p.add_argument("--weights", required=True, help="DiT-XL-2-256x256.pt or a diffusers DiT-XL-2-256 folder")
+    p.add_argument("--vae", default=None, help="sd-vae-ft-ema folder for an original .pt (default $HQDIT_VAE)")
+    p.add_argument("--samples", type=int, default=50_000, help="images per run (paper: 50000; PTQ4DiT/Q-DiT: 10000)")
+    p.add_argument("--steps", type=int, default=100, help="DDPM steps (paper at 256 px: 100; at 512 px: 20)")
+    p.add_argument("--cfg", type=float, default=1.5, help="guidance scale (paper: 1.5 and 4.0)")
+    p.add_argument("--recipes", default=None, help="comma-separated recipes instead of the table's")
+    p.add_argument("--seed-offset", type=int, default=0, help="sample i uses seed offset+i")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--reference", default=None, help=f"ADM reference batch .npz (default ${ENV_REFERENCE})")
+    p.add_argument("--inception-weights", default=None, help="weights-inception-2015-12-05-6726825d.pth")
+    p.add_argument("--proxy", action="store_true", help="embedded model only: proxy network, starred metrics")
+    p.add_argument("--out", default=None, help="results folder (default data/results)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--dry-run", action="store_true", help="print the plan only")
+    p.add_argument("--no-measure", action="store_true", help="with --dry-run: do not load the model to time it")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd)
+    return p
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        return False
