@@ -12,8 +12,10 @@ import sys
 #: module name -> it defines ``add_parser(subparsers)`` that registers one or more sub-commands.
 COMMAND_MODULES = [
     "hqdit_utils.train_embedded",
+    "hqdit_utils.quantize_cli",
     "hqdit_utils.sampling",
     "hqdit_utils.metrics.evaluate",
+    "hqdit_utils.reproduce",
 ]
 
 
