@@ -495,10 +495,10 @@ def quantize_(model: nn.Module, recipe: "QuantRecipe | str", calibration: Calibr
         if calibration is None:
             raise QuantizationError("timestep_groups needs calibration")
         ts_groups = _timestep_groups(calibration.timesteps, recipe.timestep_groups)
-    rotation_spec = None
     new_modules: dict[str, QuantLinear] = {}
     act_cache: dict = {}
     hessians: dict = {}
+    last_key = None
     for name, lin in selected.items():
         t0 = time.perf_counter()
         W = lin.weight.detach().to(torch.float32)
@@ -544,6 +544,10 @@ def quantize_(model: nn.Module, recipe: "QuantRecipe | str", calibration: Calibr
         if recipe.gptq and len(Xw) == 0:
             raise QuantizationError(f"layer {name!r}: GPTQ needs calibration rows")
         share_key = id(rec) if (rec is not None and recipe.smoothquant_alpha is None) else None
+        if share_key is None or share_key != last_key:  # one-slot caches: layers sharing an input are consecutive
+            hessians.clear()
+            act_cache.clear()
+        last_key = share_key
         Wq, wf, wgamma, wmse, wstats, ginfo = _quantize_weight(W, Xw, recipe, grid, hessians, share_key)
         # layers reading the same tensor (to_q/to_k/to_v) share the activation search unless it depends on
         # the layer's own weight (layer-output loss, SmoothQuant)
