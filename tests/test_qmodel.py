@@ -198,3 +198,27 @@ def test_attention_processor_matches_default_and_quantizes(bundle, calib):
     assert isinstance(proc, QuantAttnProcessor) and set(proc.scales) == {"q", "k", "v"}
     out = _run(m)
     assert not torch.equal(out, ref) and float((out - ref).norm() / ref.norm()) < 0.05
+
+
+@pytest.mark.skipif(not (__import__("hqdit_utils.config", fromlist=["DATA_DIR"]).DATA_DIR / "embedded" / "transformer"
+                         ).is_dir(), reason="embedded model not present")
+def test_on_the_embedded_model():
+    from hqdit_utils.models import load_dit
+
+    b = load_dit("embedded")
+    cal = calibrate(b, num_trajectories=2, num_timesteps=2, num_steps=2, rows_per_timestep=16)
+    assert len(cal.unique()) == 4 * b.transformer.config.num_layers  # q/k/v share one record per block
+    m = _fresh(b)
+    quantize_(m, "fp32")
+    assert torch.equal(_run_on(m, b), _run_on(b.transformer, b))
+    m = _fresh(b)
+    rep = quantize_(m, _r("fp4-hybrid"), cal)
+    assert sum(rep.plan.histogram("weight").values()) == 6 * b.transformer.config.num_layers
+    assert torch.isfinite(_run_on(m, b)).all()
+
+
+def _run_on(m, b):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, b.latent_channels, b.latent_size, b.latent_size, generator=g)
+    with torch.no_grad():
+        return m(x, timestep=torch.tensor([500, 500]), class_labels=torch.tensor([1, 2])).sample
