@@ -177,7 +177,9 @@ def plot_image_panels(panels: "dict[str, np.ndarray]", *, ncols: int = 3, panel_
         ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
                   vmin=0, vmax=255, interpolation="nearest")
         ax.set_title(title, fontsize=title_size)
-    return axes[0].figure
+    fig = axes[0].figure
+    fig.tight_layout()
+    return fig
 
 
 def plot_step_errors(frames: "dict[str, object]", column: str, *, ax=None, log: bool = True):
@@ -185,7 +187,8 @@ def plot_step_errors(frames: "dict[str, object]", column: str, *, ax=None, log: 
     sampling step (noisy → clean). ``frames``: label → DataFrame with ``step`` and ``column``."""
     ax = ax or plt.gca()
     for label, df in frames.items():
-        ax.plot(df["step"], df[column], marker="o", ms=3, label=label)
+        y = df[column].where(df[column] > 0) if log else df[column]  # log axes: zeros are not drawn
+        ax.plot(df["step"], y, marker="o", ms=3, label=label)
     if log:
         ax.set_yscale("log")
     ax.set_xlabel("sampling step (noisy → clean)")
