@@ -35,17 +35,17 @@ first. The evidence:
 The two known ways a port gets sFID wrong
 -----------------------------------------
 * **Wrong block.** Reading "mixed_6" as "a Mixed_6 block" and taking ``Mixed_6a`` (the 35→17
-  reduction), ``Mixed_6e`` (the last 17×17 block, torchvision's usual "768" feature) or the whole
-  768-channel concatenation gives a 2023-d vector of *different* features: a plausible-looking number
-  that matches no published table. The shape (17×17) is the same for all of them, so nothing fails.
+  reduction) or ``Mixed_6e`` (the last 17×17 block, whose pooled output is torch-fidelity's "768"
+  feature) gives a 2023-d vector of *different* features: a plausible-looking number that matches no
+  published table. The shape (17×17) is the same for all of them, so nothing fails.
 * **NCHW flattening.** PyTorch returns ``[N, C, H, W]``; ``x[:, :7].reshape(N, -1)`` orders the 2023
   numbers channel-major, TF's ``[N, H, W, C]`` orders them position-major. The Fréchet distance is
   invariant to a permutation of coordinates applied to *both* sides, so a port that flattens NCHW
   everywhere agrees with itself — and is silently wrong as soon as one side is the ADM reference
   batch's precomputed ``mu_s, sigma_s`` (``VIRTUAL_imagenet256_labeled.npz``), which were computed in
-  NHWC order. Comparing an NCHW sample mean to an NHWC reference mean gives an sFID of hundreds (the
-  symptom reported in guided-diffusion issue #159 before the fix). ``tests/test_metrics.py`` shows both
-  facts.
+  NHWC order. Comparing NCHW sample statistics with NHWC reference statistics gives an sFID of
+  hundreds (the port above reported sFID ≈ 299 for a model whose published sFID is single-digit, in
+  guided-diffusion issue #159, before the layout fix). ``tests/test_metrics.py`` shows both facts.
 
 :func:`spatial_features` implements steps 2–3 for any ``[N, C, h, w]`` map, so the embedded proxy
 network (8×8 maps) goes through the same code path as Inception (17×17).
