@@ -2,7 +2,7 @@
 
 :func:`run` is what every table of the book calls. A run is keyed by everything that can change its
 numbers — the model's weights checksum, the recipe (all fields), the profile's sizes, the seed, the
-sampler settings and this package's version — so chapters share runs (the FP32 run is computed once for
+sampler settings, this package's version and a fingerprint of its source code — so chapters share runs (the FP32 run is computed once for
 the whole book) and a rebuild with no change reads results from disk in milliseconds. A cached entry
 whose key material or sample file does not match is recomputed, never silently reused.
 
@@ -76,6 +76,16 @@ def model_checksum(bundle) -> str:
         h.update(k.encode())
         h.update(v.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+def code_fingerprint() -> str:
+    """sha256 of the package's own source files: any change to the code invalidates cached runs."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _run_key(material: dict) -> str:
@@ -160,6 +170,7 @@ def run(bundle, recipe: "QuantRecipe | str", *, profile: "str | Profile | None" 
     mkey = model_checksum(bundle)
     material = {"model": mkey, "recipe": recipe.to_dict(), "profile": prof.as_dict(), "seed": seed,
                 "cfg_scale": cfg_scale, "sampler": sampler, "num_samples": n, "version": __version__,
+                "code": code_fingerprint(),
                 "extractor": [extractor.name, extractor.weights_checksum],
                 "reference": "embedded-heldout" if reference is None else "custom"}
     key = _run_key(material)

@@ -10,7 +10,9 @@ For a linear layer ``y = x Wᵀ + b`` (``x`` [..., in], ``W`` [out, in]) and any
 So the weight is rotated once, offline (:func:`rotate_weight`: ``W → W Q``), and the activation is
 rotated online at the layer input (:func:`rotate_input`: ``x → x Q``); in full precision the output is
 unchanged, while the quantizers see tensors whose outlier channels have been spread over all channels.
-HQ-DiT uses a *random* Hadamard matrix ``Q = H · diag(±1) / √n`` (:func:`random_hadamard`).
+HQ-DiT uses a *random* Hadamard matrix; here ``Q = diag(±1) · H / √n`` (:func:`random_hadamard`): for row
+vectors ``x Q`` flips the signs of the input channels first and then mixes them. (With the signs on the
+other side, ``|x H D| = |x H|`` element for element and a sign-symmetric grid ignores them.)
 
 Which orders exist here
 -----------------------
@@ -347,13 +349,14 @@ def _random_hadamard_cached(n: int, seed: int | None, block: int | None, dtype: 
     hk = hadamard_matrix(k, normalized=False, dtype=dtype)
     h = hk if block is None else torch.block_diag(*([hk] * (n // k)))
     d = (hadamard_signs(n, seed).to(torch.float64) / math.sqrt(k)).to(dtype)  # ±fl(1/√k), exact sign
-    return h.mul_(d[None, :])
+    return h.mul_(d[:, None])  # diag(s) · H: the signs act on the input channels, before the mixing
 
 
 def random_hadamard(n: int, seed: int | None = 0, *, block: int | None = None,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Random orthogonal Hadamard rotation ``Q = H · diag(s) / √n`` of order ``n`` (``s`` = ±1 signs from
-    ``seed``; ``seed=None``: no sign flips). With ``block=k``: ``Q = blockdiag(H_k, …, H_k) · diag(s) / √k``.
+    """Random orthogonal Hadamard rotation ``Q = diag(s) · H / √n`` of order ``n`` (``s`` = ±1 signs from
+    ``seed``; ``seed=None``: no sign flips). With ``block=k``: ``Q = diag(s) · blockdiag(H_k, …, H_k) / √k``.
+    ``x Q`` flips input-channel signs, then mixes (the randomised Hadamard transform of QuIP#/QuaRot).
 
     Cached on ``(n, seed, block, dtype)`` (an LRU of 8 matrices): the returned tensor is shared, so
     do not modify it in place (``.clone()`` first).
@@ -365,7 +368,7 @@ def random_hadamard(n: int, seed: int | None = 0, *, block: int | None = None,
 
 def block_diagonal_hadamard(n: int, block: int, seed: int | None = None,
                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Orthogonal block-diagonal Hadamard ``blockdiag(H_block, …) · diag(s) / √block`` of order ``n``
+    """Orthogonal block-diagonal Hadamard ``diag(s) · blockdiag(H_block, …) / √block`` of order ``n``
     (``block`` must divide ``n`` and be supported). The option of digest §9.2 for sizes without a
     full-order construction, or to rotate only within groups of channels."""
     if block is None:
@@ -389,7 +392,7 @@ def _check_block(n: int, block: int | None) -> None:
 class HadamardSpec:
     """A rotation ``Q`` described by its recipe instead of its n×n entries.
 
-    ``Q = H_n · diag(s) / √n`` (``block=None``) or ``blockdiag(H_block, …) · diag(s) / √block``,
+    ``Q = diag(s) · H_n / √n`` (``block=None``) or ``diag(s) · blockdiag(H_block, …) / √block``,
     ``s = hadamard_signs(n, seed)`` (``seed=None``: no sign flips). ``normalized=False`` drops the
     ``1/√·`` factor (then ``Q`` is not orthogonal). Hashable, so it can key caches and be stored on a module.
     """
@@ -413,7 +416,7 @@ class HadamardSpec:
             return random_hadamard(self.n, self.seed, block=self.block, dtype=dtype).clone()
         hk = hadamard_matrix(self.order, normalized=False, dtype=torch.float64)
         h = hk if self.block is None else torch.block_diag(*([hk] * (self.n // self.order)))
-        return (h * hadamard_signs(self.n, self.seed).to(torch.float64)[None, :]).to(dtype)
+        return (h * hadamard_signs(self.n, self.seed).to(torch.float64)[:, None]).to(dtype)
 
 
 _DENSE_CACHE: dict = {}
@@ -501,11 +504,11 @@ def fast_hadamard_transform(
     if spec.seed is not None:
         signs = _signs_cached(n, int(spec.seed)).to(device=x.device, dtype=work)
     scale = 1.0 / math.sqrt(k) if spec.normalized else 1.0
-    if transpose and signs is not None:  # x Qᵀ = ((x · s) Hᵀ) / √k
+    if not transpose and signs is not None:  # x Q = ((x · s) H) / √k
         x2 = (x2.reshape(-1, n) * signs).reshape(-1, k)
     y = _integer_transform(x2.contiguous(), k, transpose)
     y = y.reshape(-1, n)
-    if not transpose and signs is not None:  # x Q = (x H) · s / √k
+    if transpose and signs is not None:  # x Qᵀ = (x Hᵀ) · s / √k
         y = y * (signs * scale) if scale != 1.0 else y * signs
     elif scale != 1.0:
         y = y.mul_(scale)

@@ -135,7 +135,7 @@ def test_seeds_deterministic_distinct_and_cached():
     s = hadamard_signs(144, 5)
     assert set(s.unique().tolist()) == {-1, 1}
     h = hadamard_matrix(144, normalized=True)
-    torch.testing.assert_close(a, h * s.float(), rtol=0, atol=1e-7)  # Q = H diag(s) / √n
+    torch.testing.assert_close(a, s.float()[:, None] * h, rtol=0, atol=1e-7)  # Q = diag(s) H / √n
     assert torch.equal(random_hadamard(144, seed=None), hadamard_matrix(144))
 
 
@@ -243,3 +243,16 @@ def test_unsupported_size_lists_suggestions():
         block_diagonal_hadamard(1152, 100)
     with pytest.raises(ValueError):
         rotate_weight(torch.zeros(4, 12), random_hadamard(36, seed=0))
+
+
+def test_random_signs_act_before_the_mixing():
+    """x Q must flip input signs *then* mix: with the signs after the mixing, |x Q| = |x H| and a
+    sign-symmetric quantizer would ignore them. A constant offset shows the difference: H alone maps it
+    onto a few output channels (one for a Sylvester order), D·H spreads it over all of them."""
+    n = 144
+    x = torch.ones(1, n)
+    plain = (x @ hadamard_matrix(n, normalized=True)).abs()
+    rotated = (x @ random_hadamard(n, seed=0)).abs()
+    assert plain.max() > 0.75 * n ** 0.5 and int((plain > 1e-3).sum()) <= n // 4
+    assert rotated.max() < plain.max() / 3 and int((rotated > 1e-3).sum()) > n // 2
+    torch.testing.assert_close(fast_hadamard_transform(x, HadamardSpec(n, seed=0)), x @ random_hadamard(n, seed=0))
