@@ -2,13 +2,14 @@
 
 :func:`run` is what every table of the book calls. A run is keyed by everything that can change its
 numbers — the model's weights checksum, the recipe (all fields), the profile's sizes, the seed, the
-sampler settings, this package's version and a fingerprint of its source code — so chapters share runs (the FP32 run is computed once for
-the whole book) and a rebuild with no change reads results from disk in milliseconds. A cached entry
+sampler settings, this package's version and a fingerprint of its source code — so chapters share runs
+(the FP32 run is computed once for the whole book) and a rebuild with no change reads results from disk
+in milliseconds. A cached entry
 whose key material or sample file does not match is recomputed, never silently reused.
 
 Protocol of one run (our choices; the paper's sampling protocol for ImageNet is in ``data/paper/``):
 
-* labels ``i mod num_classes`` for ``i = 0 … N-1`` and per-sample seeds ``1_000_003 · seed + i``: every
+* labels ``i mod num_classes`` for ``i = 0 … N-1`` and per-sample seeds ``1_000_003 · (seed + 1) + i``: every
   recipe of a table sees *the same* noise and labels for a given seed, so differences between rows are
   differences between quantizers, not between noise draws;
 * the same ``seed`` also seeds the calibration trajectories (disjoint from the evaluation seeds);
