@@ -32,7 +32,7 @@ from .hadamard import HadamardSpec, fast_hadamard_transform, hadamard_factors, h
 from .quantizer import fake_quantize, round_to_grid, sqnr_db
 
 __all__ = [
-    "BLOCK_LINEARS", "BlockLinear", "block_linears", "crest_factor", "Rotation", "rotation_spec", "rotate_pair",
+    "BLOCK_LINEARS", "BlockLinear", "block_linears", "calibration_key", "cached_calibrate", "crest_factor", "outlier_profile", "Rotation", "rotation_spec", "rotate_pair",
     "w4a4_errors", "rotation_table", "time_call", "rotation_cost", "split_rows", "output_error",
     "gptq_rtn_table", "energy_rank", "damping_sweep", "error_feedback_2d",
 ]
@@ -102,6 +102,62 @@ def block_linears(model, calibration, kinds: Sequence[str] = tuple(BLOCK_LINEARS
     return out
 
 
+def _file_digest(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def calibration_key(bundle, *, profile: str | None = None, seed: int = 0, **kwargs) -> str:
+    """A hex key naming one calibration run: the model's weights (sha256 of every tensor of the
+    transformer's state dict), the profile's sizes, ``seed``, extra ``calibrate`` arguments and the
+    source code of ``capture.py`` and ``sampling.py`` (so a change of the recording code invalidates it)."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from .config import profile as get_profile
+
+    h = hashlib.sha256()
+    for name, t in sorted(bundle.transformer.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    prof = get_profile(profile).as_dict()
+    here = Path(__file__).resolve().parent
+    meta = {"profile": prof, "seed": seed, "kwargs": {k: repr(v) for k, v in sorted(kwargs.items())},
+            "capture": _file_digest(here / "capture.py"), "sampling": _file_digest(here / "sampling.py")}
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    return h.hexdigest()[:24]
+
+
+def cached_calibrate(bundle, *, profile: str | None = None, seed: int = 0, cache_dir=None, **kwargs):
+    """:func:`~hqdit_utils.capture.calibrate` once per (weights, profile, seed, arguments, recording code),
+    kept in ``<cache_dir or CACHE_DIR>/calibration/<key>.pt`` so that several chapters share one run.
+
+    The calibration is deterministic (the reservoir keeps rows by a content hash), so a cached result is
+    the one a fresh run would give. The file is written atomically; a damaged file is recomputed.
+    """
+    import os
+    from pathlib import Path
+
+    from .capture import Calibration, calibrate
+    from .config import CACHE_DIR
+
+    folder = Path(cache_dir or CACHE_DIR) / "calibration"
+    path = folder / f"{calibration_key(bundle, profile=profile, seed=seed, **kwargs)}.pt"
+    if path.is_file():
+        try:
+            return Calibration.load(path)
+        except Exception:  # a truncated or unreadable file: recompute it
+            pass
+    calib = calibrate(bundle, profile=profile, seed=seed, **kwargs)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    calib.save(tmp)
+    os.replace(tmp, path)
+    return calib
+
+
 # --------------------------------------------------------------------------------------------------
 # Rotation and W4A4 errors
 # --------------------------------------------------------------------------------------------------
@@ -163,6 +219,18 @@ class Rotation:
         s = self.sign_vector(torch.float64)
         q = s[:, None] * h if self.signs == "before" else h * s[None, :]
         return q.to(dtype)
+
+
+def outlier_profile(x: torch.Tensor) -> dict:
+    """Where the large values of ``x`` [n, d] (rows = tokens) sit: ``tensor_crest`` (max/RMS of the whole
+    tensor), ``row_crest`` (mean over rows of each row's own max/RMS: outliers *within* a token, which a
+    rotation of the channels can spread) and ``token_ratio`` (largest row RMS / RMS of the tensor: whole
+    tokens that are larger than the rest, which no rotation of the channels can change, since it keeps
+    every row's norm)."""
+    xd = x.detach().to(torch.float64)
+    row_rms = xd.pow(2).mean(dim=1).sqrt()
+    return {"tensor_crest": crest_factor(xd), "row_crest": float(crest_factor(xd, dim=1).mean()),
+            "token_ratio": float(row_rms.max() / xd.pow(2).mean().sqrt())}
 
 
 def rotation_spec(n: int, seed: int | None = 0, block: int | None = None, signs: str = "before") -> Rotation:
@@ -335,17 +403,23 @@ def gptq_rtn_table(layers: Sequence[BlockLinear], formats: Sequence[str] = ("fp4
     return pd.DataFrame(rows)
 
 
-def energy_rank(x: torch.Tensor, energy: float = 0.99) -> int:
+def energy_rank(x: torch.Tensor, energy: "float | Sequence[float]" = 0.99) -> "int | list[int]":
     """How many principal directions of the rows of ``x`` [n, d] (uncentred, i.e. of ``XᵀX``) hold the
-    fraction ``energy`` of ``Σ x²``. Small values mean the inputs live near a low-dimensional subspace —
-    the situation in which GPTQ's error feedback can hide almost all rounding error."""
-    if not 0.0 < energy <= 1.0:
+    fraction ``energy`` of ``Σ x²`` (one int, or a list for a sequence of fractions). Small values mean
+    the inputs live near a low-dimensional subspace — the situation in which GPTQ's error feedback can
+    hide rounding error in the directions the inputs do not use."""
+    energies = [energy] if isinstance(energy, (int, float)) else list(energy)
+    if not all(0.0 < e <= 1.0 for e in energies):
         raise ValueError("energy must be in (0, 1]")
-    s2 = torch.linalg.svdvals(x.detach().to(torch.float64)).pow(2)
+    xd = x.detach().to(torch.float64)
+    s2 = torch.linalg.eigvalsh(xd.t() @ xd).clamp_min(0.0).flip(0)  # squared singular values, descending
     if s2.sum() == 0:
-        return 0
-    frac = torch.cumsum(s2, 0) / s2.sum()
-    return int(torch.searchsorted(frac, torch.tensor([energy - 1e-12], dtype=torch.float64))[0]) + 1
+        out = [0] * len(energies)
+    else:
+        frac = torch.cumsum(s2, 0) / s2.sum()
+        q = torch.tensor([e - 1e-12 for e in energies], dtype=torch.float64)
+        out = [min(int(k) + 1, len(s2)) for k in torch.searchsorted(frac, q)]
+    return out[0] if isinstance(energy, (int, float)) else out
 
 
 def damping_sweep(layer: BlockLinear, fmt: str, percdamps: Sequence[float], *, fit_rows: int | None = None,
