@@ -157,7 +157,7 @@ def sample(bundle, class_labels, *, num_steps: int, cfg_scale: float, seeds: Seq
     Returns:
         ``uint8`` tensor ``[N, H, W, C_img]`` (CPU), ``H = W = bundle.image_size``.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     labels = _as_long(class_labels)
     seeds = [int(s) for s in seeds]
@@ -314,7 +314,7 @@ def _write_samples(bundle, out_npz: Path, n: int, rank: int, world: int, *, num_
     _barrier()
     mine = [k for k in range(nshards) if k % world == rank]
     todo = [k for k in mine if not (shard_dir / f"shard_{k:05d}.npz").is_file()]
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"shards (rank {rank}/{world})",
                disable=not progress, mininterval=1.0)

@@ -268,7 +268,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 # --------------------------------------------------------------------------------------------------
 def train_proxy(data: DigitsData, cfg: TrainConfig, progress: bool = True):
     """Train :class:`ProxyNet` on the train split; returns ``(net, info)`` with held-out accuracy."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from .metrics.proxy_net import ProxyNet
 
@@ -397,7 +397,7 @@ def train_dit(
     interruption. ``adaptive_threads`` lets :class:`ThreadTuner` choose between the current torch
     thread count and 1 thread while training. ``state["loss_curve"]`` is a list of ``[step, mean ε-MSE since last entry, wall s]``.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     ckpt_path = Path(checkpoint_dir) / "train_state.pt"
     dit_cfg = cfg.dit_config()

@@ -114,15 +114,17 @@ def _env():
     return env
 
 
-def _reference(tmp_path, tiny) -> dict:
-    ref = tmp_path / "ref.npz"
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny) -> dict:
+    """The uninterrupted single-process run (in this process)."""
+    ref = tmp_path_factory.mktemp("ref") / "ref.npz"
     write_samples(tiny, ref, 20, num_steps=6, cfg_scale=1.5, batch_size=4, shard_size=2, progress=False)
     with np.load(ref) as z:
         return {k: z[k] for k in z.files}
 
 
-def test_write_samples_killed_and_resumed(tmp_path, tiny):
-    ref = _reference(tmp_path, tiny)
+def test_write_samples_killed_and_resumed(tmp_path, reference):
+    ref = reference
     assert ref["arr_0"].shape == (20, 8, 8, 1) and ref["arr_0"].dtype == np.uint8
     assert ref["arr_1"].tolist() == [i % 4 for i in range(20)]
     script = tmp_path / "run.py"
@@ -148,8 +150,8 @@ def test_write_samples_killed_and_resumed(tmp_path, tiny):
         np.testing.assert_array_equal(z["arr_1"], ref["arr_1"])
 
 
-def test_torchrun_two_ranks_equal_one_process(tmp_path, tiny):
-    ref = _reference(tmp_path, tiny)
+def test_torchrun_two_ranks_equal_one_process(tmp_path, reference):
+    ref = reference
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     out = tmp_path / "dist.npz"
