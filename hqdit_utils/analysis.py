@@ -246,38 +246,40 @@ def rotate_pair(weight: torch.Tensor, x: torch.Tensor, rot: "Rotation | None"):
     return rot.apply(weight), rot.apply(x)
 
 
-def w4a4_errors(weight: torch.Tensor, x: torch.Tensor, fmt: str, rot: "Rotation | None" = None) -> dict:
+def w4a4_errors(weight: torch.Tensor, x: torch.Tensor, fmt: "str | Sequence[str]", rot: "Rotation | None" = None
+                ) -> "dict | list[dict]":
     """Quantize a layer's weight (per-row max-abs) and input (per-tensor max-abs) onto ``fmt``, optionally
     after rotating both by ``rot``, and return SQNRs (dB) of the activation, the weight and the
     matmul output ``X Wᵀ`` (weight and activation quantized together), plus the crest factors the
-    quantizers saw (activation: whole tensor; weight: mean over rows)."""
+    quantizers saw (activation: whole tensor; weight: mean over rows). With a sequence of formats, a
+    list of dicts (the rotation and the reference output are computed once)."""
     w, xr = rotate_pair(weight.to(torch.float32), x.to(torch.float32), rot)
-    wq = fake_quantize(w, fmt, axis=0)
-    xq = fake_quantize(xr, fmt)
     y = x.to(torch.float64) @ weight.to(torch.float64).t()
-    yq = xq.to(torch.float64) @ wq.to(torch.float64).t()
-    return {
-        "act_crest": crest_factor(xr),
-        "weight_crest": float(crest_factor(w, dim=1).mean()),
-        "act_sqnr_db": sqnr_db(xr, xq),
-        "weight_sqnr_db": sqnr_db(w, wq),
-        "out_sqnr_db": sqnr_db(y, yq),
-    }
+    crests = {"act_crest": crest_factor(xr), "weight_crest": float(crest_factor(w, dim=1).mean())}
+    out = []
+    for f in ([fmt] if isinstance(fmt, str) else list(fmt)):
+        wq = fake_quantize(w, f, axis=0)
+        xq = fake_quantize(xr, f)
+        yq = xq.to(torch.float64) @ wq.to(torch.float64).t()
+        out.append({**crests, "act_sqnr_db": sqnr_db(xr, xq), "weight_sqnr_db": sqnr_db(w, wq),
+                    "out_sqnr_db": sqnr_db(y, yq)})
+    return out[0] if isinstance(fmt, str) else out
 
 
 def rotation_table(layers: Sequence[BlockLinear], formats: Sequence[str] = ("fp4_e2m1", "int4"), *,
-                   seed: int | None = 0, block: int | None = None, signs: str = "before"):
+                   seed: int | None = 0, block: int | None = None, signs: str = "before",
+                   rotations: Sequence[bool] = (False, True)):
     """One row per (layer, format, rotated): crest factors and W4A4 SQNRs (:func:`w4a4_errors`) without
-    and with the random Hadamard rotation (:func:`rotation_spec` with ``seed``, ``block``, ``signs``).
-    Returns a pandas DataFrame."""
+    and/or with (``rotations``) the random Hadamard rotation (:func:`rotation_spec` with ``seed``,
+    ``block``, ``signs``). Returns a pandas DataFrame."""
     import pandas as pd
 
     rows = []
     for lay in layers:
         rot = rotation_spec(lay.in_features, seed, block, signs)
-        for fmt in formats:
-            for rotated in (False, True):
-                r = w4a4_errors(lay.weight, lay.inputs, fmt, rot if rotated else None)
+        for rotated in rotations:
+            results = w4a4_errors(lay.weight, lay.inputs, list(formats), rot if rotated else None)
+            for fmt, r in zip(formats, results):
                 rows.append({"layer": lay.name, "block": lay.block, "kind": lay.kind, "format": str(parse_format(fmt)),
                              "rotated": rotated, **r})
     return pd.DataFrame(rows)

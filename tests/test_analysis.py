@@ -110,6 +110,12 @@ def test_rotation_table_layout():
     assert set(t["rotated"]) == {False, True}
     assert {"act_crest", "weight_crest", "act_sqnr_db", "weight_sqnr_db", "out_sqnr_db"} <= set(t.columns)
     assert t["act_sqnr_db"].notna().all()
+    # the batched computation equals one call per format
+    one = A.w4a4_errors(layers[1].weight, layers[1].inputs, "int4", A.rotation_spec(576))
+    row = t[(t.layer == "b0.fc2") & (t.format == "int4") & t.rotated].iloc[0]
+    assert row["out_sqnr_db"] == pytest.approx(one["out_sqnr_db"]) and row["act_crest"] == pytest.approx(one["act_crest"])
+    only = A.rotation_table(layers[:1], formats=("fp4_e2m1",), rotations=(True,))
+    assert len(only) == 1 and bool(only.rotated.iloc[0])
 
 
 # --- model plumbing -------------------------------------------------------------------------------
