@@ -181,11 +181,12 @@ def claim_verdict(table: pd.DataFrame, better: str, worse: str, metrics: Sequenc
     ``better`` (``worse``) by more than two standard errors. With a single common seed the standard
     error is taken as ``√2 ×`` the seed-to-seed ``noise`` of that metric (conservative: paired runs
     share their noise). Verdict: ``"reproduced"`` if every metric is a win, ``"not reproduced"`` if any
-    is a loss or if none is a win, otherwise ``"inconclusive (within noise)"``.
+    is a loss or if none is a win, otherwise ``"inconclusive (within noise)"``; ``"cannot be judged (no
+    noise estimate)"`` when no metric has a standard error (one seed and no ``noise``).
 
     Returns ``{"verdict", "evidence"}``; the evidence lists each metric's difference ± standard error.
     """
-    wins = losses = 0
+    wins = losses = judged = 0
     parts = []
     for m in metrics:
         d = paired_difference(table, better, worse, m)
@@ -195,10 +196,13 @@ def claim_verdict(table: pd.DataFrame, better: str, worse: str, metrics: Sequenc
         sign = -1.0 if m in LOWER_IS_BETTER else 1.0
         gain = sign * d["difference"]
         if np.isfinite(se):
+            judged += 1
             wins += gain > 2 * se
             losses += gain < -2 * se
         parts.append(f"{m}: {d['difference']:+.3g} ± {se:.2g}" if np.isfinite(se) else f"{m}: {d['difference']:+.3g}")
-    if wins == len(metrics):
+    if not judged:
+        verdict = "cannot be judged (no noise estimate)"
+    elif wins == len(metrics):
         verdict = "reproduced"
     elif losses or not wins:
         verdict = "not reproduced"

@@ -89,3 +89,4 @@ def test_claim_verdict_rule():
     assert claim_verdict(t, "fp32", "one-seed", ["FID*"], noise)["verdict"] == "reproduced"  # 10 vs 20
     assert claim_verdict(t, "fp32", "one-seed", ["FID*"], noise * 10)["verdict"] == "not reproduced"  # no win
     assert claim_verdict(t, "fp32", "one-seed", ["FID*", "IS*"], noise)["verdict"] == "reproduced"
+    assert claim_verdict(t, "fp32", "one-seed", ["FID*"])["verdict"].startswith("cannot be judged")
