@@ -4,7 +4,7 @@ import torch
 
 from hqdit_utils.export import load_packed, save_packed, unpack_weight
 from hqdit_utils.qmodel import QuantLinear, quantize_
-from hqdit_utils.quantizer import fake_quantize
+from hqdit_utils.quantizer import fake_quantize, round_to_grid
 from hqdit_utils.storage import (block_format_bits, dit_parameter_groups, memory_scenarios, pack_quantized,
                                  recover_row_scales)
 from hqdit_utils.models import tiny_dit
@@ -13,11 +13,14 @@ from hqdit_utils.recipes import get_recipe
 
 @pytest.mark.parametrize("fmt", ["fp4_e2m1", "fp4_e3m0", "fp4_e1m2", "int4"])
 def test_recover_row_scales(fmt):
-    w = torch.randn(6, 32)
-    s = torch.rand(6, 1) + 0.1
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 32, generator=gen)
+    s = torch.rand(6, 1, generator=gen) + 0.1
     wq = fake_quantize(w, fmt, s)
     rec = recover_row_scales(wq, fmt)
-    assert torch.equal(fake_quantize(wq, fmt, rec), wq)
+    # any valid scale puts every row on the grid (it need not be s: a row may fit several scales), and the
+    # recovered one may be off in the last float32 bit, so compare values to float rounding
+    torch.testing.assert_close(round_to_grid(wq / rec, fmt) * rec, wq, rtol=1e-6, atol=0)
     with pytest.raises(ValueError):
         recover_row_scales(torch.tensor([[1.0, 0.123456, 0.777]]), fmt)
 
