@@ -348,6 +348,23 @@ def rotation_cost(widths: Sequence[int], rows: int = 256, *, out_features: Seque
 # --------------------------------------------------------------------------------------------------
 # GPTQ vs round-to-nearest
 # --------------------------------------------------------------------------------------------------
+class _threads:
+    """Context manager: run with ``n`` torch threads (``None``: leave the setting alone), then restore."""
+
+    def __init__(self, n: int | None):
+        self.n, self.old = n, None
+
+    def __enter__(self):
+        if self.n is not None:
+            self.old = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            torch.set_num_threads(self.old)
+
+
 def split_rows(x: torch.Tensor, eval_fraction: float = 0.5, seed: int = 0):
     """A seeded random split of the rows of ``x`` into ``(fit, eval)`` (disjoint, deterministic)."""
     if not 0.0 < eval_fraction < 1.0:
@@ -368,12 +385,19 @@ def output_error(x: torch.Tensor, weight: torch.Tensor, weight_q: torch.Tensor) 
 
 def gptq_rtn_table(layers: Sequence[BlockLinear], formats: Sequence[str] = ("fp4_e2m1", "int4"), *,
                    rotations: Sequence[bool] = (False, True), percdamp: float = 0.01, blocksize: int = 128,
-                   eval_fraction: float = 0.5, seed: int = 0):
+                   eval_fraction: float = 0.5, seed: int = 0, threads: int | None = None):
     """Weight-only quantization of each layer with round-to-nearest and with GPTQ, same per-row max-abs
     scale, optionally after the random Hadamard rotation. GPTQ's Hessian comes from a seeded
     ``1 - eval_fraction`` share of the calibration rows; errors (:func:`output_error`) are measured on
     the held-out rest (and on the fit rows, to expose over-fitting). Returns a DataFrame, one row per
-    (layer, format, rotated), with both errors, the reduction in %, and the run time of each method."""
+    (layer, format, rotated), with both errors, the reduction in %, and the run time of each method.
+    ``threads``: torch threads while it runs (restored afterwards; ``None`` keeps the current setting).
+    GPTQ's column sweep is a sequence of small operations, which one thread runs fastest."""
+    with _threads(threads):
+        return _gptq_rtn_table(layers, formats, rotations, percdamp, blocksize, eval_fraction, seed)
+
+
+def _gptq_rtn_table(layers, formats, rotations, percdamp, blocksize, eval_fraction, seed):
     import pandas as pd
 
     rows = []
@@ -425,10 +449,17 @@ def energy_rank(x: torch.Tensor, energy: "float | Sequence[float]" = 0.99) -> "i
 
 
 def damping_sweep(layer: BlockLinear, fmt: str, percdamps: Sequence[float], *, fit_rows: int | None = None,
-                  rotated: bool = True, blocksize: int = 128, eval_fraction: float = 0.5, seed: int = 0):
+                  rotated: bool = True, blocksize: int = 128, eval_fraction: float = 0.5, seed: int = 0,
+                  threads: int | None = None):
     """GPTQ on one layer for each damping ``percdamp`` (λ = percdamp · mean diag H), Hessian from the
     first ``fit_rows`` of the seeded fit split (all of it by default). Returns a DataFrame indexed by
-    ``percdamp`` with the output error on the fit rows and on the held-out rows, and RTN's for reference."""
+    ``percdamp`` with the output error on the fit rows and on the held-out rows, and RTN's for reference.
+    ``threads`` as in :func:`gptq_rtn_table`."""
+    with _threads(threads):
+        return _damping_sweep(layer, fmt, percdamps, fit_rows, rotated, blocksize, eval_fraction, seed)
+
+
+def _damping_sweep(layer, fmt, percdamps, fit_rows, rotated, blocksize, eval_fraction, seed):
     import pandas as pd
 
     x_fit, x_eval = split_rows(layer.inputs, eval_fraction, seed)

@@ -181,7 +181,9 @@ def test_gptq_rtn_table_gptq_wins_on_correlated_inputs():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(800, 8, generator=g) @ torch.randn(8, 144, generator=g) + 0.1 * torch.randn(800, 144, generator=g)
     lay = A.BlockLinear("b0.qkv", 0, "qkv", torch.randn(48, 144, generator=g), None, x, torch.zeros(800))
-    t = A.gptq_rtn_table([lay], formats=("fp4_e2m1", "int4"))
+    before = torch.get_num_threads()
+    t = A.gptq_rtn_table([lay], formats=("fp4_e2m1", "int4"), threads=1)
+    assert torch.get_num_threads() == before
     assert len(t) == 4 and set(t["format"]) == {"fp4_e2m1", "int4"}
     assert (t["gptq_err"] < t["rtn_err"]).all()
     assert (t["gptq_fit_err"] < t["rtn_fit_err"]).all()
