@@ -10,17 +10,6 @@ from hqdit_utils.capture import (ALL_FC_LAYERS, DEFAULT_LAYERS, ActivationRecord
 from hqdit_utils.models import tiny_dit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine, OpenMP threads competing with another process
-    made these tests 3-5x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 def _coeffs(seed=0):
     return torch.randint(1, 2 ** 62, (64,), generator=torch.Generator().manual_seed(seed), dtype=torch.int64) | 1
 

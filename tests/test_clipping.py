@@ -9,17 +9,6 @@ from hqdit_utils.formats import FloatFormat, parse_format
 from hqdit_utils.quantizer import fake_quantize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine, OpenMP threads competing with another process
-    made these tests 3-5x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 FORMATS = ["fp4_e1m2", "fp4_e2m1", "fp4_e3m0", "int4"]
 
 

@@ -19,17 +19,6 @@ DATA = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine, OpenMP threads competing with another process
-    made these tests 3-5x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 @pytest.mark.parametrize("kind", ["weight", "activation"])
 @pytest.mark.parametrize("name", list(DATA))
 def test_selected_format_never_worse_than_any_fixed_candidate(kind, name):

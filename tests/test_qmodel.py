@@ -15,17 +15,6 @@ from hqdit_utils.quantizer import fake_quantize
 from hqdit_utils.recipes import get_recipe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine, OpenMP threads competing with another process
-    made these tests 3-5x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 @pytest.fixture(scope="module")
 def bundle():
     return tiny_dit(0, width=72, heads=1, num_layers=2)

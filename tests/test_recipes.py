@@ -10,17 +10,6 @@ from hqdit_utils.formats import parse_format
 from hqdit_utils.recipes import AUTO, RECIPES, QuantRecipe, get_recipe, list_recipes, register_recipe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine, OpenMP threads competing with another process
-    made these tests 3-5x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 PART1 = ["fp32", "int8", "int4-rtn", "int4w-a8", "fp4-minmax", "fp4-clip", "fp4-hybrid"]
 PART2 = ["hqdit-w4a4", "hqdit-w4a8", "hqdit-w8a8", "hqdit-no-rotation", "hqdit-no-select", "hqdit-no-clip",
          "hqdit-no-gptq", "smoothquant-int", "fpq", "gptq-int", "mxfp4", "nvfp4", "hqdit-w4a4-all-fc"]
