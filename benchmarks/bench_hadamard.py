@@ -23,23 +23,21 @@ waits for a descheduled worker thread (the dense matmul is one kernel). GPTQ, 51
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import median_seconds  # noqa: E402
 
 from hqdit_utils.gptq import GPTQ
 from hqdit_utils.hadamard import HadamardSpec, fast_hadamard_transform
 
 
 def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up (caches, allocator)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(fn, repeats=repeats, warmup=1)
 
 
 def bench_rotation(widths, tokens: int, repeats: int, seed: int = 0) -> list[dict]:

@@ -7,21 +7,12 @@ import pytest
 import torch
 
 from hqdit_utils.config import Profile
-from hqdit_utils.metrics.features import CallableExtractor
 from hqdit_utils.models import load_dit, tiny_dit
 from hqdit_utils.reproduce import TABLES, add_parser, execute, make_plan, measure_cost
 from hqdit_utils.tables import full_scale_results
 
 PROF = Profile("test", calib_trajectories=2, calib_timesteps=2, eval_samples=8, sampling_steps=2, seeds=1, batch_size=4)
 
-
-def _features(images):
-    x = torch.from_numpy(images).float().flatten(1)
-    pool = torch.stack([x.mean(1), x.std(1), x[:, :16].mean(1), x[:, 16:].mean(1)], dim=1)
-    return {"pool": pool.numpy(), "logits": pool[:, :4].numpy()}
-
-
-EXTRACTOR = CallableExtractor(_features, name="toy-features", weights_checksum="toy")
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +51,12 @@ def test_dry_run_measures_cost_and_disk(folder, tmp_path, capsys):
     assert plan.step_seconds > 0 and plan.bytes_per_run() == 1000 * 8 * 8 * 1
 
 
-def test_execute_resume_and_guard(folder, tmp_path):
+def test_execute_resume_and_guard(folder, tmp_path, toy_extractor):
     bundle = load_dit(str(folder))
     ref = np.random.default_rng(0).integers(0, 256, size=(16, 8, 8, 1), dtype=np.uint8)
     plan = make_plan("sfid", str(folder), samples=8, steps=2, cfg=1.5, out=tmp_path, batch_size=4,
                      recipes=["fp32", "int4-rtn"])
-    paths = execute(plan, bundle, extractor=EXTRACTOR, reference=ref, reference_name="toy", progress=False,
+    paths = execute(plan, bundle, extractor=toy_extractor, reference=ref, reference_name="toy", progress=False,
                     calib_profile=PROF, log=lambda *a: None)
     assert len(paths) == 2
     res = json.loads(paths[1].read_text())
@@ -78,7 +69,7 @@ def test_execute_resume_and_guard(folder, tmp_path):
     plan2 = make_plan("sfid", str(folder), samples=8, steps=2, cfg=1.5, out=tmp_path, batch_size=4,
                       recipes=["fp32", "int4-rtn"])
     assert [r.status for r in plan2.runs] == ["done", "done"]
-    execute(plan2, bundle, extractor=EXTRACTOR, reference=ref, progress=False, calib_profile=PROF, log=lambda *a: None)
+    execute(plan2, bundle, extractor=toy_extractor, reference=ref, progress=False, calib_profile=PROF, log=lambda *a: None)
     assert [p.stat().st_mtime_ns for p in paths] == mtimes
     # an interrupted run resumes from its quantized state; a different protocol in the same folder is refused
     paths[1].unlink()
@@ -90,10 +81,10 @@ def test_execute_resume_and_guard(folder, tmp_path):
     pf.write_text(json.dumps(spec | {"seed_offset": 99}))
     with pytest.raises(RuntimeError, match="another protocol"):
         execute(make_plan("sfid", str(folder), samples=8, steps=2, cfg=1.5, out=tmp_path, batch_size=4,
-                          recipes=["int4-rtn"]), bundle, extractor=EXTRACTOR, reference=ref, progress=False,
+                          recipes=["int4-rtn"]), bundle, extractor=toy_extractor, reference=ref, progress=False,
                 calib_profile=PROF, log=lambda *a: None)
     pf.write_text(json.dumps(spec))
     again = execute(make_plan("sfid", str(folder), samples=8, steps=2, cfg=1.5, out=tmp_path, batch_size=4,
-                              recipes=["int4-rtn"]), bundle, extractor=EXTRACTOR, reference=ref, progress=False,
+                              recipes=["int4-rtn"]), bundle, extractor=toy_extractor, reference=ref, progress=False,
                     calib_profile=PROF, log=lambda *a: None)
     assert json.loads(again[0].read_text())["metrics"] == res["metrics"]
