@@ -115,8 +115,12 @@ class Plan:
                          f"for the runs to do (+ quantization and evaluation; fake-quantized runs are slower)")
         else:
             lines.append("  estimated time: unknown (per-image cost not measured)")
+        assumed = ""
+        if b is None:  # model not loaded: assume the resolution named in the weights (256 unless 512)
+            side = 512 if "512" in Path(self.weights).name else 256
+            b, assumed = self.samples * side * side * 3, f" (assuming {side}x{side} RGB images)"
         if b is not None:
-            lines.append(f"  disk: {b / 1e9:.2f} GB of samples per run ({b * len(self.runs) / 1e9:.2f} GB in all; "
+            lines.append(f"  disk{assumed}: {b / 1e9:.2f} GB of samples per run ({b * len(self.runs) / 1e9:.2f} GB in all; "
                          f"twice that transiently while shards are assembled) + one quantized state per run "
                          f"(about the FP32 model's size)")
         return "\n".join(lines)
