@@ -198,15 +198,19 @@ def plot_step_errors(frames: "dict[str, object]", column: str, *, ax=None, log: 
 
 def plot_metric_bars(mean, std=None, *, metric: str, reference: str | None = None, noise: float | None = None,
                      ax=None, color: str = "#1f77b4", highlight: "Sequence[str]" = ()):
-    """Horizontal bars of ``mean[metric]`` per recipe with ±std error bars; a dashed line at the
-    ``reference`` recipe (FP32) and a shaded band of ± ``noise`` around it (the seed-to-seed noise)."""
+    """``mean[metric]`` per recipe as a dot with ±std error bars (a dot plot, so that small differences
+    between rows stay visible: the axis does not start at 0); a dashed line at the ``reference`` recipe
+    (FP32) and a shaded band of ± ``noise`` around it (the seed-to-seed noise)."""
     ax = ax or plt.gca()
     names = list(mean.index)
     y = np.arange(len(names))[::-1]
+    vals = mean[metric].to_numpy(dtype=float)
     err = None if std is None else np.nan_to_num(std[metric].to_numpy(dtype=float))
-    colors = ["#d62728" if n in highlight else color for n in names]
-    ax.barh(y, mean[metric].to_numpy(dtype=float), xerr=err, color=colors, alpha=0.85, capsize=3)
+    for i, n in enumerate(names):
+        ax.errorbar(vals[i], y[i], xerr=None if err is None else err[i], fmt="o", ms=6, capsize=3,
+                    color="#d62728" if n in highlight else color)
     ax.set_yticks(y, names)
+    ax.set_ylim(-0.6, len(names) - 0.4)
     if reference is not None and reference in mean.index:
         ref = float(mean.loc[reference, metric])
         ax.axvline(ref, color="k", ls="--", lw=1)
