@@ -203,7 +203,7 @@ def _missing_weights_message(path: Path) -> str:
 def _build_inception(state_dict: dict | None) -> torch.nn.Module:
     """torch-fidelity's ``FeatureExtractorInceptionV3`` with ``state_dict`` (``None``: PyTorch's random init).
 
-    torch-fidelity reads weights itself, with ``torch.load(weights_only=False)`` or from the internet;
+    torch-fidelity reads weights itself, by unpickling them without restriction (or from the internet);
     we hand it an empty dict instead and load the (safely read) state dict ourselves, strictly.
     """
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
