@@ -182,6 +182,12 @@ def test_proxy_extractor_loads_shipped_format(tmp_path):
     assert ext.weights_checksum == file_sha256(path)
     out = ext(digits(3))
     assert out["pool"].shape == (3, proxy_net.POOL_DIM) and out["logits"].shape == (3, proxy_net.NUM_CLASSES)
+    # sFID* sees the network's 8×8 map pooled to 4×4: 7 × 4 × 4 = 112 features, fewer than the 360
+    # held-out reference images and the book's 256 samples per run (full-rank covariances).
+    with torch.no_grad():
+        raw = ext.net(torch.from_numpy(digits(3)))["spatial"]
+    np.testing.assert_allclose(out["spatial"], nn.functional.avg_pool2d(raw, 2).numpy(), rtol=1e-6, atol=1e-7)
+    assert spatial_features(out["spatial"]).shape == (3, 112)
 
 
 # ------------------------------------------------------------------------------------------ .npz files

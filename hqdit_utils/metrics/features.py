@@ -299,8 +299,13 @@ class ProxyExtractor(FeatureExtractor):
     """The embedded model's proxy classifier as a feature extractor (starred metrics).
 
     The network (``proxy_net.ProxyNet``) takes uint8 ``[N, 16, 16, 1]`` digits and returns ``pool``
-    ``[N, 128]`` (FID*, P*/R*), ``spatial`` ``[N, 64, 8, 8]`` (sFID*: first 7 channels, NHWC → 448-d)
+    ``[N, 128]`` (FID*, P*/R*), ``spatial`` ``[N, 64, 4, 4]`` (sFID*: first 7 channels, NHWC → 112-d)
     and ``logits`` ``[N, 10]`` (IS*).
+
+    The network's 8×8 map is average-pooled to 4×4 (:data:`SPATIAL_SIDE`) before sFID* sees it (our
+    choice): 7 × 8 × 8 = 448 features would exceed both the 360 held-out reference images and the few
+    hundred samples of a book run, so both covariance matrices would be singular; 112 features keep them
+    full-rank.
 
     Args:
         net: a module with that interface; default: :func:`proxy_net.load_proxy_net` (``path``).
@@ -328,9 +333,14 @@ class ProxyExtractor(FeatureExtractor):
         self.net = net.to(self.device).eval()
         self.name = name
 
+    #: Side of the spatial map handed to sFID* (pooled from the network's 8×8).
+    SPATIAL_SIDE = 4
+
     @torch.inference_mode()
     def _extract(self, images: np.ndarray) -> Mapping[str, torch.Tensor]:
-        return self.net(torch.from_numpy(np.ascontiguousarray(images)).to(self.device))
+        out = dict(self.net(torch.from_numpy(np.ascontiguousarray(images)).to(self.device)))
+        out["spatial"] = torch.nn.functional.adaptive_avg_pool2d(out["spatial"], self.SPATIAL_SIDE)
+        return out
 
 
 class CallableExtractor(FeatureExtractor):

@@ -10,6 +10,7 @@ output          shape                       Inception-v3 analogue
 ==============  ==========================  =====================================================
 ``pool``        ``[N, 128]`` float32        ``pool_3`` (2048-d) -> FID*, precision*/recall*
 ``spatial``     ``[N, 64, 8, 8]`` float32   ``mixed_6/conv`` (first 7 channels, 17×17) -> sFID*
+                                            (pooled to 4×4 by ``ProxyExtractor``)
 ``logits``      ``[N, 10]`` float32         the 1008-way logits -> IS*
 ==============  ==========================  =====================================================
 
