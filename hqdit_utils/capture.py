@@ -480,12 +480,14 @@ class Calibration:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no calibration file {path}; make one with calibrate(bundle, …).save(path)")
+        from .models import load_error_reason
+
         try:
             blob = torch.load(path, weights_only=True)
         except Exception as err:  # truncated zip, bad pickle, forbidden global: all mean "unusable file"
             raise CalibrationError(
-                f"cannot read calibration file {path} ({type(err).__name__}: {str(err).splitlines()[0][:200]}): it is "
-                "damaged, truncated or not written by Calibration.save. Delete it and calibrate again") from err
+                f"cannot read calibration file {path} ({load_error_reason(err)}): it is damaged, truncated or not "
+                "written by Calibration.save. Delete it and calibrate again") from err
         if not isinstance(blob, dict) or not {"layers", "alias", "timesteps", "meta"} <= set(blob):
             raise CalibrationError(f"{path} is not a calibration written by Calibration.save (keys "
                                    f"{sorted(blob) if isinstance(blob, dict) else type(blob).__name__}); calibrate again")

@@ -190,6 +190,16 @@ def verify_manifest(folder: str | Path, prefixes: tuple[str, ...] = ("transforme
     return checked
 
 
+def load_error_reason(err: BaseException) -> str:
+    """One line saying why ``torch.load(weights_only=True)`` refused a file: pickled objects other than
+    tensors are named as such (never loaded: unpickling them could run code), other errors by type and
+    first line (truncated zip, …)."""
+    if type(err).__name__ == "UnpicklingError":
+        return ("it holds pickled Python objects other than tensors and plain values, which are refused unread "
+                "(unpickling them could run code)")
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+
+
 def _null_class_of(transformer) -> tuple[int, int | None]:
     num_classes = int(transformer.config.num_embeds_ada_norm)
     rows = transformer.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.num_embeddings
@@ -425,8 +435,9 @@ def load_original_checkpoint(path: str | Path, num_attention_heads: int | None =
     try:
         raw = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:
-        raise WeightsError(f"cannot read {path} with torch.load(weights_only=True): {type(err).__name__}: {err} "
-                           "(corrupted/truncated download, or not a DiT checkpoint)") from err
+        raise WeightsError(f"cannot read {path} with torch.load(weights_only=True): {load_error_reason(err)} "
+                           f"(corrupted/truncated download, or not a DiT checkpoint); download it again.\n{DOWNLOAD_HELP}"
+                           ) from err
     if isinstance(raw, dict) and "ema" in raw and isinstance(raw["ema"], dict):
         raw = raw["ema"]
     elif isinstance(raw, dict) and "model" in raw and isinstance(raw["model"], dict):

@@ -411,12 +411,14 @@ def train_dit(
     state = {"step": 0, "wall_time_s": 0.0, "loss_curve": [], "config": asdict(cfg)}
 
     if ckpt_path.is_file():
+        from .models import load_error_reason
+
         try:
             ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         except Exception as err:  # truncated zip, forbidden pickle global …: the file cannot be trusted
             raise RuntimeError(
-                f"checkpoint {ckpt_path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                "it is damaged or not written by train-embedded. Delete it to train from scratch") from err
+                f"checkpoint {ckpt_path} cannot be read ({load_error_reason(err)}); it is damaged or not written "
+                "by train-embedded. Delete it to train from scratch") from err
         missing = {"model", "ema", "optimizer", "rng", "step", "wall_time_s", "loss_curve", "config"} - set(ck)
         if missing:
             raise RuntimeError(f"checkpoint {ckpt_path} lacks {sorted(missing)}; it is not a train-embedded "

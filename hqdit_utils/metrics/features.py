@@ -255,12 +255,13 @@ class InceptionExtractor(FeatureExtractor):
                 f"({INCEPTION_WEIGHTS_SIZE:,} bytes; this file has {path.stat().st_size:,}). Re-download it from "
                 f"{INCEPTION_WEIGHTS_URL}, or pass verify=False to use these weights with starred (non-ADM) metrics."
             )
+        from ..models import load_error_reason
+
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # truncated file, or pickled objects other than tensors: refused unread
             raise ValueError(f"cannot read Inception weights {path} with torch.load(weights_only=True) "
-                             f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); re-download them from "
-                             f"{INCEPTION_WEIGHTS_URL}") from err
+                             f"({load_error_reason(err)}); re-download them from {INCEPTION_WEIGHTS_URL}") from err
         self._init(_build_inception(state), device, checksum, proxy=checksum != INCEPTION_WEIGHTS_SHA256)
         self.name = "inception-v3-tf-2015-12-05" + ("" if checksum == INCEPTION_WEIGHTS_SHA256 else "-unverified")
 
