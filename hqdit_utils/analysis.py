@@ -135,26 +135,35 @@ def cached_calibrate(bundle, *, profile: str | None = None, seed: int = 0, cache
     kept in ``<cache_dir or CACHE_DIR>/calibration/<key>.pt`` so that several chapters share one run.
 
     The calibration is deterministic (the reservoir keeps rows by a content hash), so a cached result is
-    the one a fresh run would give. The file is written atomically; a damaged file is recomputed.
+    the one a fresh run would give. The file is written atomically, then its sha256 to ``<key>.sha256``;
+    a file without a matching checksum (killed before the checksum was written, damaged later) or that
+    cannot be read is recomputed, never used.
     """
     import os
+    import sys
     from pathlib import Path
 
-    from .capture import Calibration, calibrate
+    from .capture import Calibration, CalibrationError, calibrate
     from .config import CACHE_DIR
 
     folder = Path(cache_dir or CACHE_DIR) / "calibration"
     path = folder / f"{calibration_key(bundle, profile=profile, seed=seed, **kwargs)}.pt"
+    digest_file = path.with_suffix(".sha256")
     if path.is_file():
-        try:
-            return Calibration.load(path)
-        except Exception:  # a truncated or unreadable file: recompute it
-            pass
+        if digest_file.is_file() and digest_file.read_text().strip() == _file_digest(path):
+            try:
+                return Calibration.load(path)
+            except CalibrationError as err:
+                print(f"[cached_calibrate] {err}; recomputing", file=sys.stderr)
+        else:
+            print(f"[cached_calibrate] {path} has no matching checksum in {digest_file.name}; recomputing",
+                  file=sys.stderr)
     calib = calibrate(bundle, profile=profile, seed=seed, **kwargs)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    calib.save(tmp)
-    os.replace(tmp, path)
+    calib.save(path)
+    tmp = digest_file.with_name(f"{digest_file.name}.tmp{os.getpid()}")
+    tmp.write_text(_file_digest(path) + "\n")
+    os.replace(tmp, digest_file)
     return calib
 
 

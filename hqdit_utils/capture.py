@@ -46,9 +46,11 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -445,7 +447,8 @@ class Calibration:
         return pd.DataFrame(rows)
 
     def save(self, path) -> None:
-        """Save with ``torch.save`` (tensors + plain Python values)."""
+        """Save with ``torch.save`` (tensors + plain Python values), atomically: a temporary file beside
+        ``path`` renamed onto it, so ``path`` is either absent or complete."""
         blob = {"timesteps": self.timesteps, "meta": self.meta, "layers": {}, "alias": {}}
         owner: dict[int, str] = {}
         for name, rec in self.layers.items():
@@ -460,11 +463,34 @@ class Calibration:
                     "moments", "hist", "rows", "priority", "top_k", "top_rows", "top_absmax", "top_priority")
                     for v in (getattr(s, k),)} for t, s in rec.per_timestep.items()},
             }
-        torch.save(blob, path)
+        path = Path(path)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path) -> "Calibration":
-        blob = torch.load(path, weights_only=True)
+        """Read a file written by :meth:`save` (``torch.load(weights_only=True)``: no code is unpickled).
+
+        Raises:
+            FileNotFoundError: no such file.
+            CalibrationError: the file is damaged, truncated, not a calibration, or holds pickled objects
+                other than tensors and plain values.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no calibration file {path}; make one with calibrate(bundle, …).save(path)")
+        from .models import load_error_reason
+
+        try:
+            blob = torch.load(path, weights_only=True)
+        except Exception as err:  # truncated zip, bad pickle, forbidden global: all mean "unusable file"
+            raise CalibrationError(
+                f"cannot read calibration file {path} ({load_error_reason(err)}): it is damaged, truncated or not "
+                "written by Calibration.save. Delete it and calibrate again") from err
+        if not isinstance(blob, dict) or not {"layers", "alias", "timesteps", "meta"} <= set(blob):
+            raise CalibrationError(f"{path} is not a calibration written by Calibration.save (keys "
+                                   f"{sorted(blob) if isinstance(blob, dict) else type(blob).__name__}); calibrate again")
         layers: dict[str, LayerCalibration] = {}
         for name, rec in blob["layers"].items():
             layers[name] = LayerCalibration(name, rec["in_features"],
@@ -585,7 +611,9 @@ class ActivationRecorder:
             bad = int((~torch.isfinite(x2)).sum())
             raise CalibrationError(
                 f"non-finite activation at the input of layer {name!r}, timestep {self._t}: {bad} of "
-                f"{x2.numel()} elements are NaN/Inf")
+                f"{x2.numel()} elements are NaN/Inf. Check the model's weights and the layers before it for "
+                "NaN/Inf (all(torch.isfinite(p).all() for p in model.parameters())); a float16/bfloat16 model "
+                "may overflow — calibrate it in float32")
         rec = self._records.get(name)
         if rec is None:
             rec = self._records[name] = LayerCalibration(name, d)
@@ -687,10 +715,18 @@ def calibrate(bundle, *, layers: Sequence[str] = DEFAULT_LAYERS, exclude: Sequen
     from .config import profile as get_profile
 
     prof = get_profile(profile)
-    n = num_trajectories or prof.calib_trajectories
-    steps = num_steps or prof.sampling_steps
-    nts = num_timesteps or prof.calib_timesteps
-    batch_size = batch_size or n
+    n = prof.calib_trajectories if num_trajectories is None else num_trajectories
+    steps = prof.sampling_steps if num_steps is None else num_steps
+    nts = prof.calib_timesteps if num_timesteps is None else num_timesteps
+    batch_size = n if batch_size is None else batch_size
+    for what, v in (("num_trajectories", n), ("num_timesteps", nts), ("num_steps", steps), ("batch_size", batch_size)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise CalibrationError(
+                f"empty calibration set: {what}={v!r}; calibration needs at least one trajectory, one recorded "
+                f"timestep and one sampling step (pass {what} >= 1, or None for the profile's "
+                f"{prof.name!r} default)")
+    if rows_per_timestep < 0:
+        raise CalibrationError(f"rows_per_timestep must be >= 0, got {rows_per_timestep}")
     ts = calibration_timesteps(bundle, steps, nts, sampler)
     labels = torch.arange(n) % bundle.num_classes
     seeds = [seed + i for i in range(n)]

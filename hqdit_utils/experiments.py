@@ -5,7 +5,10 @@ numbers — the model's weights checksum, the recipe (all fields), the profile's
 sampler settings, this package's version and a fingerprint of its source code — so chapters share runs
 (the FP32 run is computed once for the whole book) and a rebuild with no change reads results from disk
 in milliseconds. A cached entry
-whose key material or sample file does not match is recomputed, never silently reused.
+whose key material or sample file does not match (or that cannot be read) is recomputed, never silently
+reused. Files are written atomically under names private to the writer, and one entry is computed under
+an exclusive file lock, so concurrent runs of the same entry (several processes, or threads) compute it
+once and never leave a mixed or half-written entry.
 
 Protocol of one run (our choices; the paper's sampling protocol for ImageNet is in ``data/paper/``):
 
@@ -24,7 +27,9 @@ import copy
 import hashlib
 import json
 import os
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -93,10 +98,46 @@ def _run_key(material: dict) -> str:
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
+def _tmp_name(path: Path) -> Path:
+    """A temporary name beside ``path`` that no other process or thread uses."""
+    return path.with_name(f"{path.stem}.tmp{os.getpid()}-{threading.get_ident()}{path.suffix}")
+
+
 def _atomic_write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp_name(path)
     tmp.write_text(json.dumps(obj, indent=1, default=str))
     os.replace(tmp, path)
+
+
+@contextmanager
+def _entry_lock(folder: Path):
+    """Exclusive lock on one cache entry (``folder/.lock``, ``fcntl.flock``): concurrent runs of the same entry
+    wait for each other instead of writing it twice; the kernel releases it if the holder is killed."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _cached_entry(result_file: Path, samples_file: Path, material: dict) -> dict | None:
+    """The cached entry if it was made from exactly ``material`` and its samples file is intact, else ``None``
+    (missing, unreadable, stale: other code, model, recipe, sizes … — recomputed, never served)."""
+    if not (result_file.is_file() and samples_file.is_file()):
+        return None
+    try:
+        cached = json.loads(result_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if cached.get("material") != json.loads(json.dumps(material, default=str)):
+        return None
+    if cached.get("samples_sha256") != _file_sha256(samples_file):
+        return None
+    return cached
 
 
 def _file_sha256(path: Path) -> str:
@@ -159,10 +200,7 @@ def run(bundle, recipe: "QuantRecipe | str", *, profile: "str | Profile | None" 
     Returns:
         :class:`RunResult`.
     """
-    from .metrics.adm import embedded_reference, evaluate
     from .metrics.features import ProxyExtractor
-    from .qmodel import quantize_
-    from .sampling import sample
 
     recipe = get_recipe(recipe)
     prof = profile if isinstance(profile, Profile) else get_profile(profile)
@@ -177,13 +215,26 @@ def run(bundle, recipe: "QuantRecipe | str", *, profile: "str | Profile | None" 
     key = _run_key(material)
     folder = Path(cache_dir or CACHE_DIR / "runs") / f"{recipe.name}-s{seed}-{key}"
     result_file, samples_file = folder / "result.json", folder / "samples.npz"
-    if result_file.is_file() and samples_file.is_file():
-        cached = json.loads(result_file.read_text())
-        if cached.get("material") == json.loads(json.dumps(material, default=str)) and \
-                cached.get("samples_sha256") == _file_sha256(samples_file):
+    cached = _cached_entry(result_file, samples_file, material)
+    if cached is not None:
+        return RunResult(**cached["result"], cached=True)
+    with _entry_lock(folder):
+        cached = _cached_entry(result_file, samples_file, material)  # another process may have just made it
+        if cached is not None:
             return RunResult(**cached["result"], cached=True)
+        return _compute(bundle, recipe, prof, seed=seed, cfg_scale=cfg_scale, sampler=sampler, n=n, mkey=mkey,
+                        material=material, extractor=extractor, reference=reference, progress=progress,
+                        result_file=result_file, samples_file=samples_file)
 
-    folder.mkdir(parents=True, exist_ok=True)
+
+def _compute(bundle, recipe: QuantRecipe, prof: Profile, *, seed: int, cfg_scale: float, sampler: str, n: int,
+             mkey: str, material: dict, extractor, reference, progress: bool, result_file: Path,
+             samples_file: Path) -> RunResult:
+    """The uncached part of :func:`run`; writes ``samples_file`` then ``result_file`` (each atomically)."""
+    from .metrics.adm import embedded_reference, evaluate
+    from .qmodel import quantize_
+    from .sampling import sample
+
     t0 = time.perf_counter()
     qbundle = replace(bundle, transformer=copy.deepcopy(bundle.transformer))
     quant: dict = {}
@@ -215,7 +266,7 @@ def run(bundle, recipe: "QuantRecipe | str", *, profile: "str | Profile | None" 
                 "device": str(next(bundle.transformer.parameters()).device), "threads": torch.get_num_threads(),
                 "seconds": {"quantize": round(t_quant, 2), "sample": round(t_sample, 2),
                             "total": round(time.perf_counter() - t0, 2)}}
-    tmp = folder / "samples.tmp.npz"
+    tmp = _tmp_name(samples_file)
     np.savez(tmp, arr_0=images_np, labels=labels.numpy())
     os.replace(tmp, samples_file)
     result = RunResult(recipe.name, seed, metrics, quant, protocol, str(samples_file))

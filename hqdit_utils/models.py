@@ -190,6 +190,16 @@ def verify_manifest(folder: str | Path, prefixes: tuple[str, ...] = ("transforme
     return checked
 
 
+def load_error_reason(err: BaseException) -> str:
+    """One line saying why ``torch.load(weights_only=True)`` refused a file: pickled objects other than
+    tensors are named as such (never loaded: unpickling them could run code), other errors by type and
+    first line (truncated zip, …)."""
+    if type(err).__name__ == "UnpicklingError":
+        return ("it holds pickled Python objects other than tensors and plain values, which are refused unread "
+                "(unpickling them could run code)")
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+
+
 def _null_class_of(transformer) -> tuple[int, int | None]:
     num_classes = int(transformer.config.num_embeds_ada_norm)
     rows = transformer.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.num_embeddings
@@ -205,11 +215,36 @@ def _load_transformer_folder(folder: Path, torch_dtype):
     if not weights:
         raise MissingWeightsError(f"no weights (*.safetensors) in {folder}\n{DOWNLOAD_HELP}")
     try:
-        model = DiTTransformer2DModel.from_pretrained(str(folder), torch_dtype=torch_dtype, low_cpu_mem_usage=False)
+        model, info = DiTTransformer2DModel.from_pretrained(str(folder), torch_dtype=torch_dtype,
+                                                            low_cpu_mem_usage=False, output_loading_info=True)
     except Exception as err:  # safetensors / json / shape errors all mean: these weights are unusable
         raise WeightsError(f"cannot load the DiT transformer from {folder}: {type(err).__name__}: {err} "
-                           "(corrupted or truncated file, or weights that do not fit config.json?)") from err
+                           "(corrupted or truncated file, or weights that do not fit config.json?); download it "
+                           f"again.\n{DOWNLOAD_HELP}") from err
+    # diffusers only logs missing keys and initialises them at random: refuse such a model
+    bad = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(bad.values()):
+        raise WeightsError(
+            f"the weights in {folder} do not fit its config.json: missing keys {bad['missing_keys'][:8]}, unexpected "
+            f"keys {bad['unexpected_keys'][:8]}, mismatched shapes {bad['mismatched_keys'][:8]}. The download is "
+            f"incomplete or of another model; download it again.\n{DOWNLOAD_HELP}")
     return model.eval()
+
+
+def check_device(device: "str | torch.device") -> torch.device:
+    """``device`` as a ``torch.device`` if this machine has it, else :class:`RuntimeError` saying what to use."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {str(device)!r} was asked for, but this machine has no usable CUDA GPU "
+                               "(torch.cuda.is_available() is False). Pass device='cpu' / --device cpu, or run "
+                               "on a machine with an NVIDIA GPU and a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {str(device)!r} does not exist: this machine has "
+                               f"{torch.cuda.device_count()} CUDA device(s) (cuda:0 …)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(f"device {str(device)!r} was asked for, but MPS is not available here; use device='cpu'")
+    return dev
 
 
 def _ddpm_scheduler(num_train_timesteps: int = 1000):
@@ -400,8 +435,9 @@ def load_original_checkpoint(path: str | Path, num_attention_heads: int | None =
     try:
         raw = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:
-        raise WeightsError(f"cannot read {path} with torch.load(weights_only=True): {type(err).__name__}: {err} "
-                           "(corrupted/truncated download, or not a DiT checkpoint)") from err
+        raise WeightsError(f"cannot read {path} with torch.load(weights_only=True): {load_error_reason(err)} "
+                           f"(corrupted/truncated download, or not a DiT checkpoint); download it again.\n{DOWNLOAD_HELP}"
+                           ) from err
     if isinstance(raw, dict) and "ema" in raw and isinstance(raw["ema"], dict):
         raw = raw["ema"]
     elif isinstance(raw, dict) and "model" in raw and isinstance(raw["model"], dict):
@@ -457,7 +493,9 @@ def load_dit(source: str | os.PathLike | None = "embedded", *, vae=None, verify:
     Raises:
         MissingWeightsError: with the path looked at, the env var, and the download command.
         WeightsError: damaged files (sha256/size mismatch, unreadable) or key/shape mismatches.
+        RuntimeError: ``device`` is not available on this machine (e.g. CUDA without a GPU).
     """
+    check_device(device)
     if source is None:
         source = os.environ.get(ENV_WEIGHTS) or "embedded"
     src = str(source)

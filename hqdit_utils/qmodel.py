@@ -105,6 +105,16 @@ class QuantLinear(nn.Module):
             raise ValueError(f"act_mode must be none/static/token/block, got {act_mode!r}")
         if weight.shape != (out_features, in_features):
             raise ValueError(f"weight shape {tuple(weight.shape)} != ({out_features}, {in_features})")
+        if not torch.is_floating_point(weight):
+            raise ValueError(f"weight must be a floating-point tensor, got {weight.dtype}")
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias shape {tuple(bias.shape)} != ({out_features},)")
+        if smooth_inv is not None and tuple(smooth_inv.shape) != (in_features,):
+            raise ValueError(f"smooth_inv shape {tuple(smooth_inv.shape)} != ({in_features},)")
+        if rotation is not None and rotation.n != in_features:
+            raise ValueError(f"rotation of order {rotation.n} does not fit in_features={in_features}")
+        if act_mode == "block" and not (isinstance(block_size, int) and block_size > 0):
+            raise ValueError(f"act_mode='block' needs a positive integer block_size, got {block_size!r}")
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", weight.detach())
         if bias is not None:
@@ -182,6 +192,12 @@ class QuantLinear(nn.Module):
         return block_fake_quantize(x, self._act_fmt, self.block_size, self.scale_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.name or 'QuantLinear'}: input of shape {tuple(x.shape)} does not fit "
+                             f"in_features={self.in_features} (the last dimension must be {self.in_features})")
+        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"{self.name or 'QuantLinear'}: input dtype {x.dtype} differs from the weight's "
+                             f"{self.weight.dtype}; cast the input (x.to({self.weight.dtype})) or the model (.to(dtype))")
         return F.linear(self.quantize_input(x), self.weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -642,14 +658,48 @@ def save_quantized(model: nn.Module, out_dir, report: QuantReport | None = None)
 def load_quantized(model: nn.Module, out_dir) -> nn.Module:
     """Rebuild the QuantLinears saved by :func:`save_quantized` into a fresh FP32 ``model`` (in place).
 
-    Attention processors and timestep-group hooks are not restored (re-run quantize_ for those)."""
+    Attention processors and timestep-group hooks are not restored (re-run quantize_ for those).
+
+    Raises:
+        FileNotFoundError: ``quant_config.json`` or ``quant_state.safetensors`` is missing.
+        QuantizationError: a damaged file, missing or unexpected tensors, or layers that ``model`` lacks;
+            the model is left unchanged.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     out = Path(out_dir)
-    meta = json.loads((out / "quant_config.json").read_text())
-    tensors = load_file(str(out / "quant_state.safetensors"))
+    redo = f"re-create it with `hqdit quantize --recipe NAME --out {out}` (or save_quantized)"
+    cfg_file, state_file = out / "quant_config.json", out / "quant_state.safetensors"
+    for f in (cfg_file, state_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found: {out} is not a complete quantized-model folder; {redo}")
     if is_quantized(model):
         raise QuantizationError("load_quantized needs an unquantized model")
+    try:
+        meta = json.loads(cfg_file.read_text())
+        tensors = load_file(str(state_file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise QuantizationError(f"cannot read {out} ({type(err).__name__}: {err}): a file is corrupted or "
+                                f"truncated; {redo}") from err
+    expected = set()
+    for name, cfg in meta["layers"].items():
+        expected |= {f"{name}.{k}" for k, on in (("weight", True), ("bias", cfg["has_bias"]),
+                     ("act_scale", cfg["act_groups"]), ("smooth_inv", cfg["has_smooth"]), ("ts_edges", cfg["ts_groups"]))
+                     if on}
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            lin = None
+        if not isinstance(lin, nn.Linear) or (lin.in_features, lin.out_features) != (cfg["in_features"], cfg["out_features"]):
+            raise QuantizationError(f"{state_file} holds layer {name!r} [{cfg['out_features']}x{cfg['in_features']}], "
+                                    f"which the model has not (found {type(lin).__name__}); load it into the model "
+                                    "it was quantized from (load_dit(SOURCE).transformer)")
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise QuantizationError(f"{state_file} does not match {cfg_file.name}: missing tensors {missing[:8]}, "
+                                f"unexpected tensors {unexpected[:8]}; {redo}")
+    new_modules = {}
     for name, cfg in meta["layers"].items():
         rot = None
         if cfg["rotation"] is not None:
@@ -662,6 +712,8 @@ def load_quantized(model: nn.Module, out_dir) -> nn.Module:
                          act_scale=get("act_scale"), act_gamma=cfg["act_gamma"], block_size=cfg["block_size"],
                          scale_format=cfg["scale_format"], rotation=rot, smooth_inv=get("smooth_inv"),
                          ts_edges=get("ts_edges"), name=name)
+        new_modules[name] = ql
+    for name, ql in new_modules.items():  # swap only after every layer was rebuilt
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, ql)

@@ -155,8 +155,9 @@ def fake_quantize(
         check_finite: raise if ``x`` holds NaN/Inf (costs one pass over ``x``).
 
     Raises:
-        ValueError: non-finite input, a block size that does not divide the last dimension, a scale that
-            does not broadcast, or both ``axis`` and ``block_size`` given.
+        ValueError: non-finite input, a non-float input, an ``axis`` that is not a dimension of ``x``, a
+            block size that does not divide the last dimension, a scale that does not broadcast, or both
+            ``axis`` and ``block_size`` given.
     """
     fmt = parse_format(fmt)
     if isinstance(fmt, NoFormat):
@@ -169,12 +170,15 @@ def fake_quantize(
         lo, hi = torch.aminmax(xf)  # NaN propagates and ±inf shows at an end: one pass, no buffer
         if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
             _check_finite(xf)
+    if axis is not None and not (isinstance(axis, int) and -x.dim() <= axis < x.dim()):
+        raise ValueError(f"fake_quantize: axis={axis!r} is not a dimension of x of shape {tuple(x.shape)}; "
+                         f"use an integer in [{-x.dim()}, {x.dim() - 1}]")
     if block_size is not None:
         if scale is not None or axis is not None:
             raise ValueError("fake_quantize: block_size computes its own scales; do not pass scale or axis with it")
-        if block_size <= 0 or x.dim() == 0 or x.shape[-1] % block_size:
+        if not isinstance(block_size, int) or block_size <= 0 or x.dim() == 0 or x.shape[-1] % block_size:
             raise ValueError(
-                f"fake_quantize: block_size={block_size} must divide the last dimension "
+                f"fake_quantize: block_size={block_size!r} must be a positive integer and must divide the last dimension "
                 f"(shape {tuple(x.shape)}); pad the tensor or choose a divisor of {x.shape[-1] if x.dim() else 0}"
             )
         xb = xf.reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
@@ -185,6 +189,10 @@ def fake_quantize(
     else:
         if axis is not None:
             raise ValueError("fake_quantize: pass either scale or axis (axis only chooses max-abs granularity)")
+        if isinstance(scale, (str, bytes, bool, complex)) or (torch.is_tensor(scale) and (
+                scale.is_complex() or scale.dtype == torch.bool)):
+            raise ValueError(f"fake_quantize: scale must be a real number or a real tensor, got "
+                             f"{scale.dtype if torch.is_tensor(scale) else type(scale).__name__}")
         s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
         try:
             if torch.broadcast_shapes(s.shape, x.shape) != x.shape:

@@ -159,6 +159,8 @@ def sample(bundle, class_labels, *, num_steps: int, cfg_scale: float, seeds: Seq
     """
     from tqdm import tqdm
 
+    if int(num_steps) < 1 or int(batch_size) < 1:
+        raise ValueError(f"num_steps and batch_size must be >= 1; got num_steps={num_steps}, batch_size={batch_size}")
     labels = _as_long(class_labels)
     seeds = [int(s) for s in seeds]
     if len(seeds) != len(labels):
@@ -247,6 +249,49 @@ def _atomic_savez(path: Path, **arrays) -> None:
     os.replace(tmp, path)
 
 
+def _shard_digest(images: np.ndarray, labels: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """sha256 (uint8 ``[32]``) over a shard's images (uint8 NHWC), labels and sample indices (int64)."""
+    h = hashlib.sha256()
+    for a in (images, labels.astype(np.int64), index.astype(np.int64)):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return np.frombuffer(h.digest(), dtype=np.uint8)
+
+
+def _load_shard(path: Path, lo: int, hi: int, labels: torch.Tensor, image_shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``[hi-lo, H, W, C]`` uint8 and labels ``[hi-lo]`` of one shard, after checking that it is the
+    complete shard of samples ``lo … hi-1`` with the expected labels and an intact checksum.
+
+    Raises:
+        ValueError: the file is unreadable, incomplete, of another shape/dtype, or its checksum differs.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in ("arr_0", "arr_1", "index", "sha256")}
+    except Exception as err:  # zipfile / npy header / missing key: all mean "not a complete shard"
+        raise ValueError(f"{path} is unreadable ({type(err).__name__}: {err})") from err
+    imgs, labs, index = arrays["arr_0"], arrays["arr_1"], arrays["index"]
+    if imgs.dtype != np.uint8 or imgs.shape != (hi - lo, *image_shape):
+        raise ValueError(f"{path} holds {imgs.dtype} {imgs.shape}, expected uint8 {(hi - lo, *image_shape)}")
+    if not np.array_equal(index, np.arange(lo, hi)) or not np.array_equal(labs, labels[lo:hi].numpy()):
+        raise ValueError(f"{path} holds other samples than {lo}..{hi - 1} or other labels")
+    if not np.array_equal(arrays["sha256"], _shard_digest(imgs, labs, index)):
+        raise ValueError(f"{path} fails its sha256 check (damaged after it was written)")
+    return imgs, labs
+
+
+def _output_intact(out_npz: Path, meta: dict) -> bool:
+    """Whether ``out_npz`` holds exactly the images whose sha256 ``meta`` records (streamed, no full copy)."""
+    from .metrics.adm import NpzImages
+
+    try:
+        h = hashlib.sha256()
+        for batch in NpzImages(out_npz).iter_batches(1024):
+            h.update(batch.tobytes())
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+    return h.hexdigest() == meta.get("sha256")
+
+
 def write_samples(bundle, out_npz: str | Path, n: int, *, num_steps: int = 50, cfg_scale: float = 1.5,
                   sampler: str = "ddpm", class_labels: Sequence[int] | None = None, seed_offset: int = 0,
                   batch_size: int = 64, shard_size: int | None = None, progress: bool = True,
@@ -255,10 +300,13 @@ def write_samples(bundle, out_npz: str | Path, n: int, *, num_steps: int = 50, c
 
     Sample ``i`` has label ``class_labels[i]`` (default ``i mod num_classes``) and seed ``seed_offset + i``.
     Work is cut into shards of ``shard_size`` samples (default ``batch_size``) written to
-    ``<out>.shards/shard_XXXXX.npz`` atomically; shard ``k`` belongs to rank ``k mod world_size``.
-    Existing shards are skipped, so rerunning after a crash resumes. A ``spec.json`` in the shard folder
-    records the protocol; resuming with a different protocol is refused. When all shards exist, rank 0
-    assembles ``out_npz`` (atomically) and, unless ``keep_shards``, deletes the shards.
+    ``<out>.shards/shard_XXXXX.npz`` atomically, each with a sha256 of its content (``sha256``, uint8
+    ``[32]``); shard ``k`` belongs to rank ``k mod world_size``. Existing shards that pass their checks
+    (readable, right samples, labels, shape and checksum) are skipped, so rerunning after a crash resumes;
+    a damaged shard is sampled again. A ``spec.json`` in the shard folder records the protocol; resuming
+    with a different protocol is refused. When all shards exist, rank 0 assembles ``out_npz`` (atomically)
+    and writes ``<out>.json`` (protocol + sha256 of ``arr_0``) and, unless ``keep_shards``, deletes the
+    shards. A finished output is returned as it is only if it still matches that sha256.
 
     ``tag`` names what was sampled beyond ``bundle.name`` (e.g. the quantization recipe of a transformer
     modified in place); it is part of the protocol, so shards of different models never mix.
@@ -271,6 +319,9 @@ def write_samples(bundle, out_npz: str | Path, n: int, *, num_steps: int = 50, c
     out_npz = Path(out_npz)
     if out_npz.suffix != ".npz":
         raise ValueError(f"output must end in .npz: {out_npz}")
+    for what, v in (("n", n), ("num_steps", num_steps), ("batch_size", batch_size), ("shard_size", shard_size or 1)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"write_samples: {what} must be a positive integer, got {v!r}")
     rank, world, init_here = _dist_setup()
     try:
         return _write_samples(bundle, out_npz, n, rank, world, num_steps=num_steps, cfg_scale=cfg_scale,
@@ -296,10 +347,21 @@ def _write_samples(bundle, out_npz: Path, n: int, rank: int, world: int, *, num_
         "image_size": bundle.image_size, "image_channels": bundle.image_channels,
     }
     shard_dir = out_npz.with_name(out_npz.name + ".shards")
-    if out_npz.is_file() and not shard_dir.exists():
-        meta = out_npz.with_name(out_npz.name[:-4] + ".json")
-        if meta.is_file() and json.loads(meta.read_text()).get("spec") == spec:
-            return out_npz if rank == 0 else None  # finished earlier with the same protocol
+    meta_file = out_npz.with_name(out_npz.name[:-4] + ".json")
+    if out_npz.is_file() and meta_file.is_file():
+        try:
+            meta = json.loads(meta_file.read_text())
+        except ValueError:  # not written by this function (it writes atomically): make the output again
+            meta = {}
+        if meta.get("spec") == spec:
+            if _output_intact(out_npz, meta):  # finished earlier with the same protocol
+                if rank == 0 and shard_dir.is_dir() and not keep_shards:  # killed while deleting the shards
+                    for p in shard_dir.iterdir():
+                        p.unlink()
+                    shard_dir.rmdir()
+                return out_npz if rank == 0 else None
+            print(f"[write_samples] {out_npz} does not match the sha256 in {meta_file.name} (damaged); "
+                  "making it again", file=sys.stderr, flush=True)
     if rank == 0:
         shard_dir.mkdir(parents=True, exist_ok=True)
         spec_file = shard_dir / "spec.json"
@@ -313,7 +375,17 @@ def _write_samples(bundle, out_npz: Path, n: int, rank: int, world: int, *, num_
             os.replace(tmp, spec_file)
     _barrier()
     mine = [k for k in range(nshards) if k % world == rank]
-    todo = [k for k in mine if not (shard_dir / f"shard_{k:05d}.npz").is_file()]
+    image_shape = (bundle.image_size, bundle.image_size, bundle.image_channels)
+    todo = []
+    for k in mine:
+        path = shard_dir / f"shard_{k:05d}.npz"
+        if path.is_file():
+            try:
+                _load_shard(path, k * shard_size, min(n, (k + 1) * shard_size), labels, image_shape)
+                continue
+            except ValueError as err:
+                print(f"[write_samples] {err}; sampling shard {k} again", file=sys.stderr, flush=True)
+        todo.append(k)
     from tqdm import tqdm
 
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"shards (rank {rank}/{world})",
@@ -324,8 +396,9 @@ def _write_samples(bundle, out_npz: Path, n: int, rank: int, world: int, *, num_
         imgs = sample(bundle, labels[lo:hi], num_steps=num_steps, cfg_scale=cfg_scale,
                       seeds=range(seed_offset + lo, seed_offset + hi), sampler=sampler, batch_size=batch_size,
                       progress=False, eta=eta)
-        _atomic_savez(shard_dir / f"shard_{k:05d}.npz", arr_0=imgs.numpy(), arr_1=labels[lo:hi].numpy(),
-                      index=np.arange(lo, hi))
+        index = np.arange(lo, hi)
+        _atomic_savez(shard_dir / f"shard_{k:05d}.npz", arr_0=imgs.numpy(), arr_1=labels[lo:hi].numpy(), index=index,
+                      sha256=_shard_digest(imgs.numpy(), labels[lo:hi].numpy(), index))
         bar.update(1)
     bar.close()
     elapsed = time.time() - t0
@@ -334,20 +407,24 @@ def _write_samples(bundle, out_npz: Path, n: int, rank: int, world: int, *, num_
         return None
     arrs, labs = [], []
     for k in range(nshards):
-        with np.load(shard_dir / f"shard_{k:05d}.npz") as z:
-            arrs.append(z["arr_0"])
-            labs.append(z["arr_1"])
+        try:
+            a, lb = _load_shard(shard_dir / f"shard_{k:05d}.npz", k * shard_size, min(n, (k + 1) * shard_size),
+                                labels, image_shape)
+        except ValueError as err:
+            raise RuntimeError(f"cannot assemble {out_npz}: {err}. Rerun the same command: damaged shards are "
+                               "sampled again") from err
+        arrs.append(a)
+        labs.append(lb)
     arr = np.concatenate(arrs)
     lab = np.concatenate(labs)
     if arr.shape[0] != n:
         raise RuntimeError(f"assembled {arr.shape[0]} samples, expected {n}")
     out_npz.parent.mkdir(parents=True, exist_ok=True)
     _atomic_savez(out_npz, arr_0=arr, arr_1=lab)
-    meta = out_npz.with_name(out_npz.name[:-4] + ".json")
-    tmp = meta.with_name(meta.name + f".tmp{os.getpid()}")
+    tmp = meta_file.with_name(meta_file.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps({"spec": spec, "world_size": world, "sha256": hashlib.sha256(arr.tobytes()).hexdigest(),
                                "last_invocation_sampling_s": round(elapsed, 2)}, indent=1))
-    os.replace(tmp, meta)
+    os.replace(tmp, meta_file)
     if not keep_shards:
         for p in shard_dir.iterdir():
             p.unlink()

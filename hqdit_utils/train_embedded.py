@@ -411,19 +411,35 @@ def train_dit(
     state = {"step": 0, "wall_time_s": 0.0, "loss_curve": [], "config": asdict(cfg)}
 
     if ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        from .models import load_error_reason
+
+        try:
+            ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated zip, forbidden pickle global …: the file cannot be trusted
+            raise RuntimeError(
+                f"checkpoint {ckpt_path} cannot be read ({load_error_reason(err)}); it is damaged or not written "
+                "by train-embedded. Delete it to train from scratch") from err
+        missing = {"model", "ema", "optimizer", "rng", "step", "wall_time_s", "loss_curve", "config"} - set(ck)
+        if missing:
+            raise RuntimeError(f"checkpoint {ckpt_path} lacks {sorted(missing)}; it is not a train-embedded "
+                               "checkpoint. Delete it or use another --checkpoint-dir")
         if ck["config"] != asdict(cfg):
             diff = {k: (ck["config"].get(k), v) for k, v in asdict(cfg).items() if ck["config"].get(k) != v}
             raise RuntimeError(
                 f"checkpoint {ckpt_path} was written with a different configuration {diff} (checkpoint, now); "
                 "delete it or use another --checkpoint-dir"
             )
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
+        try:
+            model.load_state_dict(ck["model"])
+            ema.load_state_dict(ck["ema"])
+        except RuntimeError as err:  # missing / unexpected keys, shape mismatches
+            raise RuntimeError(f"checkpoint {ckpt_path} does not fit the model: {err}. Delete it or use another "
+                               "--checkpoint-dir") from err
         opt.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["rng"]["torch"])
         gen.set_state(ck["rng"]["data"])
         state = {"step": int(ck["step"]), "wall_time_s": float(ck["wall_time_s"]), "loss_curve": [list(r) for r in ck["loss_curve"]], "config": ck["config"]}
+        state["loss_acc"] = list(ck.get("loss_acc", [0.0, 0]))  # losses since the last curve entry
 
     def save_checkpoint():
         _atomic_torch_save(
@@ -435,6 +451,7 @@ def train_dit(
                 "step": state["step"],
                 "wall_time_s": state["wall_time_s"],
                 "loss_curve": state["loss_curve"],
+                "loss_acc": state.get("loss_acc", [0.0, 0]),
                 "config": asdict(cfg),
             },
             ckpt_path,
@@ -454,7 +471,7 @@ def train_dit(
     bar = tqdm(total=cfg.steps, initial=state["step"], desc="embedded DiT", disable=not progress, mininterval=2.0)
     t_last_ckpt = time.time()
     t_seg = time.time()
-    acc_loss, acc_n = 0.0, 0
+    acc_loss, acc_n = state.get("loss_acc", [0.0, 0])
     max_threads = torch.get_num_threads()
     tuner = ThreadTuner(max_threads) if adaptive_threads else None
     t_step = time.time()
@@ -492,7 +509,7 @@ def train_dit(
             state["wall_time_s"] += now - t_seg
             t_seg = now
             state["loss_curve"].append([state["step"], acc_loss / acc_n, round(state["wall_time_s"], 2)])
-            acc_loss, acc_n = 0.0, 0
+            acc_loss, acc_n = state.get("loss_acc", [0.0, 0])
         if tuner is not None:
             tuner.update(now - t_step)
         t_step = now
@@ -501,6 +518,7 @@ def train_dit(
         if now - t_last_ckpt >= cfg.checkpoint_every_s or state["step"] == end_step:
             state["wall_time_s"] += time.time() - t_seg
             t_seg = time.time()
+            state["loss_acc"] = [acc_loss, acc_n]
             save_checkpoint()
             t_last_ckpt = time.time()
     bar.close()

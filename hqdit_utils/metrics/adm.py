@@ -33,6 +33,9 @@ from .sfid import spatial_features
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 #: Images fed to the feature network at once (the ADM evaluator uses 64).
 DEFAULT_BATCH_SIZE = 64
+#: Where the ADM evaluator's ImageNet 256×256 reference batch is published (guided-diffusion, evaluations/).
+ADM_REFERENCE_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
+                     "VIRTUAL_imagenet256_labeled.npz")
 
 
 class NpzImages:
@@ -51,7 +54,9 @@ class NpzImages:
             self.shape, fortran, dtype = self._read_header(f)
         where = f"{self.path}:{key}"
         if dtype != np.uint8:
-            raise TypeError(f"{where} must hold uint8 images (0..255); it holds {dtype}")
+            raise TypeError(f"{where} must hold uint8 images (0..255); it holds {dtype}. Convert float images in "
+                            "[-1, 1] with ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8) and save them with "
+                            "metrics.adm.save_samples")
         if fortran:
             raise ValueError(f"{where} is stored in Fortran order; save it C-contiguous (np.ascontiguousarray)")
         # Shape, emptiness and channel checks, on a zero-copy stand-in with the same shape.
@@ -164,9 +169,16 @@ def load_reference(path: str | Path) -> ReferenceBatch:
     """Read an ADM reference batch (``arr_0`` images and/or ``mu, sigma, mu_s, sigma_s``).
 
     Raises:
+        FileNotFoundError: no such file (the message says where to download the ImageNet reference batch).
         ValueError: neither images nor a complete set of statistics, or statistics of inconsistent shapes.
     """
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"reference batch not found: {path}. For ImageNet 256x256 (the paper's FID/sFID protocol) download the "
+            f"ADM reference batch on a machine with internet:\n    curl -L -o VIRTUAL_imagenet256_labeled.npz "
+            f"{ADM_REFERENCE_URL}\nand pass its path (--reference PATH or $HQDIT_ADM_REFERENCE). For the embedded "
+            "model use metrics.adm.embedded_reference('heldout') (or `hqdit reproduce --proxy` without --reference).")
     _check_npz(path)
     with np.load(path, allow_pickle=False) as npz:
         keys = set(npz.files)

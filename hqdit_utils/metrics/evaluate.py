@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             extractor = InceptionExtractor(args.inception_weights, device=args.device)
         report = evaluate(args.samples, args.reference, extractor, batch_size=args.batch_size, progress=True)
-    except (FileNotFoundError, ValueError, TypeError, KeyError) as err:
+    except (FileNotFoundError, ValueError, TypeError, KeyError, RuntimeError) as err:
         print(f"hqdit evaluate: {err}", file=sys.stderr)
         return 1
     # 4 decimals; a rounding-level negative distance (-1e-12) prints as 0.0000, not -0.0000.

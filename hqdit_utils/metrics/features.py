@@ -238,7 +238,8 @@ class InceptionExtractor(FeatureExtractor):
 
     Raises:
         FileNotFoundError: the weights file is missing (the message says what to download and where to put it).
-        ValueError: the file's sha256 differs and ``verify`` is on.
+        ValueError: the file's sha256 differs and ``verify`` is on, or it cannot be read safely (truncated, or
+            pickled objects other than tensors).
     """
 
     image_channels = 3
@@ -254,7 +255,13 @@ class InceptionExtractor(FeatureExtractor):
                 f"({INCEPTION_WEIGHTS_SIZE:,} bytes; this file has {path.stat().st_size:,}). Re-download it from "
                 f"{INCEPTION_WEIGHTS_URL}, or pass verify=False to use these weights with starred (non-ADM) metrics."
             )
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        from ..models import load_error_reason
+
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated file, or pickled objects other than tensors: refused unread
+            raise ValueError(f"cannot read Inception weights {path} with torch.load(weights_only=True) "
+                             f"({load_error_reason(err)}); re-download them from {INCEPTION_WEIGHTS_URL}") from err
         self._init(_build_inception(state), device, checksum, proxy=checksum != INCEPTION_WEIGHTS_SHA256)
         self.name = "inception-v3-tf-2015-12-05" + ("" if checksum == INCEPTION_WEIGHTS_SHA256 else "-unverified")
 
@@ -269,7 +276,9 @@ class InceptionExtractor(FeatureExtractor):
         return self
 
     def _init(self, net: torch.nn.Module, device, checksum: str, proxy: bool) -> None:
-        self.device = torch.device(device)
+        from ..models import check_device
+
+        self.device = check_device(device)
         self.net = net.to(self.device).eval()
         self.weights_checksum = checksum
         self.proxy = proxy
@@ -322,7 +331,9 @@ class ProxyExtractor(FeatureExtractor):
                  device: str | torch.device = "cpu", name: str = "proxy-digits-cnn"):
         if net is not None and path is not None:
             raise ValueError("give either `net` or `path`, not both")
-        self.device = torch.device(device)
+        from ..models import check_device
+
+        self.device = check_device(device)
         if net is None:
             from .proxy_net import load_proxy_net
 
