@@ -269,9 +269,11 @@ register_recipe(QuantRecipe(
 register_recipe(RECIPES["smoothquant-int"].replace(name="smoothquant-int-w8a8", weight_format="int8", act_format="int8",
                                                    description="SmoothQuant (α = 0.5) at W8A8 INT."))
 register_recipe(QuantRecipe(
-    "fpq", "FPQ-style baseline (W4A4): per layer, exhaustive search over the FP4 formats and the bias "
-           "(= α grid) minimising the layer-output error ‖XWᵀ − Q(X)Q(W)ᵀ‖² (our form of the baseline).",
-    weight_format=AUTO, act_format=AUTO, format_rule="output", weight_clip="output", act_clip="output"))
+    "fpq", "FPQ-style baseline (W4A4): per layer, search over every FP4 format and the bias (= α grid, "
+           "coarse-to-fine: every 5th of the 100 γ points, then the points around the best) minimising the "
+           "layer-output error ‖XWᵀ − Q(X)Q(W)ᵀ‖² (our form of the baseline).",
+    weight_format=AUTO, act_format=AUTO, format_rule="output", weight_clip="output", act_clip="output",
+    clip_search="coarse-fine"))
 register_recipe(QuantRecipe(
     "gptq-int", "GPTQ baseline (W4A4): int4 GPTQ weights (per-row max-abs), int4 per-tensor MinMax "
                 "activations (our form; the paper's GPTQ row may be weight-only).",
