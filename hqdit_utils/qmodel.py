@@ -301,10 +301,16 @@ class QuantReport:
         return df.set_index("layer") if len(df) else df
 
     def summary(self) -> dict:
-        """Means of the SQNRs (finite values only) and the format histograms."""
+        """Means of the SQNRs (finite values only) and the format histograms.
+
+        A mean is ``inf`` when every layer is exact (identity recipe) and ``nan`` when no layer was measured
+        (e.g. dynamic block formats quantized without calibration rows)."""
         def mean(key):
-            vals = [getattr(r, key) for r in self.layers if math.isfinite(getattr(r, key))]
-            return float(np.mean(vals)) if vals else float("inf")
+            vals = [getattr(r, key) for r in self.layers]
+            finite = [v for v in vals if math.isfinite(v)]
+            if finite:
+                return float(np.mean(finite))
+            return float("inf") if any(math.isinf(v) for v in vals) else float("nan")
         return {"recipe": self.recipe.name, "layers": len(self.layers), "weight_sqnr": mean("weight_sqnr"),
                 "act_sqnr": mean("act_sqnr"), "output_sqnr": mean("output_sqnr"),
                 "weight_formats": self.plan.histogram("weight"), "act_formats": self.plan.histogram("act"),

@@ -164,6 +164,17 @@ def test_other_recipes_run(bundle, calib, name):
     assert torch.isfinite(_run(m)).all()
 
 
+def test_summary_tells_exact_from_unmeasured(bundle, calib):
+    """Identity: every layer exact -> inf; block formats without calibration rows: not measured -> nan;
+    with calibration rows the block formats' activation and output SQNRs are measured (finite)."""
+    assert math.isinf(quantize_(_fresh(bundle), _r("fp32"), calib).summary()["output_sqnr"])
+    unmeasured = quantize_(_fresh(bundle), _r("mxfp4")).summary()
+    assert math.isnan(unmeasured["act_sqnr"]) and math.isnan(unmeasured["output_sqnr"])
+    assert math.isfinite(unmeasured["weight_sqnr"])
+    measured = quantize_(_fresh(bundle), _r("nvfp4"), calib).summary()
+    assert math.isfinite(measured["act_sqnr"]) and math.isfinite(measured["output_sqnr"])
+
+
 def test_timestep_groups_use_the_current_timestep(bundle, calib):
     m = _fresh(bundle)
     quantize_(m, _r("fp4-clip", name="tg", timestep_groups=3), calib)
