@@ -2,7 +2,7 @@
 
 Baselines: an inline INT4 round-and-clamp (the cheapest honest 4-bit quantizer) and ``x.clone()``
 (the memory-bound floor). Tensor: 4096 × 4096 float32 (``--quick``: 2048 × 2048, 3 repeats). Prints
-medians of 7 repeats and the ratios. Target (issue 9): FP4 per-tensor ≤ 2× INT4 and ≤ 6× clone; the
+medians of 7 repeats, the cases timed round-robin, and the ratios. Target (issue 9): FP4 per-tensor ≤ 2× INT4 and ≤ 6× clone; the
 per-channel, MXFP4 and NVFP4 ratios are reported against the same baselines.
 
     python benchmarks/bench_quantizer.py [--quick] [--json out.json]
@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import check, finish, parser, setup  # noqa: E402
-from _timing import median_seconds  # noqa: E402
+from _timing import interleaved_medians  # noqa: E402
 
 from hqdit_utils.quantizer import fake_quantize  # noqa: E402
 
@@ -43,9 +43,10 @@ def main(argv=None) -> list[dict]:
         "NVFP4 (block 16, e4m3 + fp32)": lambda: fake_quantize(x, "fp4_e2m1", block_size=16,
                                                                scale_format="fp8_e4m3fn", check_finite=False),
     }
-    t = {name: median_seconds(fn, repeats=repeats) for name, fn in cases.items()}
+    t = interleaved_medians(cases, repeats=repeats)
     base, floor = t["int4 round+clamp (baseline)"], t["clone (floor)"]
-    print(f"fake_quantize on a {n}x{n} float32 tensor, {torch.get_num_threads()} thread(s), median of {repeats}")
+    print(f"fake_quantize on a {n}x{n} float32 tensor, {torch.get_num_threads()} thread(s), median of {repeats} "
+          "(cases timed round-robin)")
     print(f"{'case':38s} {'ms':>8s} {'x INT4':>8s} {'x clone':>8s}")
     for name, sec in t.items():
         print(f"{name:38s} {sec * 1e3:8.1f} {sec / base:8.2f} {sec / floor:8.2f}")
