@@ -22,9 +22,9 @@ def denoiser_inputs(bundle, batch: int, seed: int = 0):
     return x, torch.full((batch,), 500, dtype=torch.long), torch.arange(batch) % bundle.num_classes
 
 
-def forward_medians(models: dict, inputs, repeats: int) -> dict[str, float]:
+def forward_medians(models: dict, inputs, repeats: int, warmup: int = 1) -> dict[str, float]:
     """Median seconds of one no-grad forward ``model(x, timestep=t, class_labels=y)`` of each model, timed
-    round-robin after one warm-up call each."""
+    round-robin after ``warmup`` untimed calls each."""
     x, t, y = inputs
 
     def call(model):
@@ -32,11 +32,12 @@ def forward_medians(models: dict, inputs, repeats: int) -> dict[str, float]:
         def run():
             return model(x, timestep=t, class_labels=y).sample
         return run
-    return interleaved_medians({name: call(m) for name, m in models.items()}, repeats=repeats, warmup=1)
+    return interleaved_medians({name: call(m) for name, m in models.items()}, repeats=repeats, warmup=warmup)
 
 
-def quantized_copy(model, recipe: str, calib):
-    """A deep copy of ``model`` quantized with ``recipe``; returns (copy, quantize_ seconds)."""
+def quantized_copy(model, recipe, calib):
+    """A deep copy of ``model`` quantized with ``recipe`` (a name or a QuantRecipe); returns (copy, quantize_
+    seconds)."""
     q = copy.deepcopy(model)
     t0 = time.perf_counter()
     quantize_(q, recipe, calib)

@@ -427,6 +427,7 @@ def _quantize_act(X, Wq, recipe, grid, tags, ts_groups, ext=None, ext_tags=None)
     method = recipe.act_clip
     ckw = {"weight": Wq} if method == "output" else {}
     mse: dict = {}
+    clips: dict = {}  # candidate format -> its search on all rows X (reused for the chosen format)
 
     def clip(name, rows, group=None):
         kw = dict(ckw)
@@ -448,13 +449,13 @@ def _quantize_act(X, Wq, recipe, grid, tags, ts_groups, ext=None, ext_tags=None)
             af = min(cands, key=lambda c: score[c])
     fmt = parse_format(af)
     if gran == "token":
-        cr = clip(af, X)
+        cr = clips.get(af) or clip(af, X)
         g = float(cr.gamma)
         return ({"act_mode": "token", "act_format": af, "act_gamma": g}, _dynamic_token_quant(X, fmt, g),
                 af, g, float(cr.alpha), mse, stats)
     # static per tensor, optionally per timestep group
     if ts_groups is None:
-        cr = clip(af, X)
+        cr = clips.get(af) or clip(af, X)
         s = alpha_to_scale(cr.alpha, fmt).reshape(1)
         return ({"act_mode": "static", "act_format": af, "act_scale": s}, fake_quantize(X, fmt, s[0]),
                 af, float(cr.gamma), float(cr.alpha), mse, stats)

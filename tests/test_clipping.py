@@ -176,3 +176,23 @@ def test_rounding_thresholds_reproduce_round_to_grid_exactly(fmt):
     got = round_to_grid(torch.from_numpy(r).to(torch.float32), fmt).double()
     assert torch.equal(got, expect)
     assert _rounding_thresholds(parse_format("uint4")) is None
+
+
+def test_sorted_values_are_shared_between_formats_and_follow_changes():
+    """The candidate formats' searches on one tensor share a sort; changing the tensor in place, or
+    dropping it, invalidates the shared entry."""
+    import gc
+
+    from hqdit_utils.clipping import _PREFIX_CACHE
+
+    x = _heavy(64, 40, seed=4)
+    a1 = clip_activation(x, "fp4_e2m1")
+    assert id(x) in _PREFIX_CACHE
+    clip_activation(x, "fp4_e1m2")
+    x.mul_(3)
+    a2 = clip_activation(x, "fp4_e2m1")
+    assert float(a2.alpha) == pytest.approx(3 * float(a1.alpha)) and float(a2.gamma) == float(a1.gamma)
+    key = id(x)
+    del x
+    gc.collect()
+    assert key not in _PREFIX_CACHE
