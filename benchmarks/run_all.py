@@ -136,7 +136,8 @@ def main(argv=None) -> int:
     head = (f"# Benchmark results ({stamp}{', QUICK run: not for the record' if args.quick else ''})\n\n"
             f"Machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, Python {info['python']}; one "
             f"torch thread per benchmark; glibc malloc settings "
-            f"{' '.join(f'{k}={v}' for k, v in info['malloc_env'].items()) or 'default'}. Load average (1/5/15 min) before: {info['load_before']}, after: "
+            f"{' '.join(f'{k}={v}' for k, v in info['malloc_env'].items()) or 'default'}. "
+            f"Load average (1/5/15 min) before: {info['load_before']}, after: "
             f"{info['load_after']}. Whole run: {info['total_s'] / 60:.1f} min. {n_pass} PASS, {n_fail} FAIL"
             f"{', failed scripts: ' + ', '.join(failed) if failed else ''}.\n\n")
     md = head + table(checks) + "\n\n## Reports of the scripts\n\n" + "\n".join(sections)
