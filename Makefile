@@ -10,7 +10,7 @@ export IPYTHONDIR := $(CURDIR)/book/ipython_profile
 help:
 	@echo "make test   - create .venv (pinned torch==2.14.1/torchvision==0.29.1 first) and run pytest"
 	@echo "make book   - same environment, then build the book into _build/html/index.html"
-	@echo "make bench  - run the benchmarks, write benchmarks/results.md"
+	@echo "make bench  - run the benchmarks (~12 min), write benchmarks/results.md and results.json"
 
 # torch and torchvision first, as a pair; every later install is constrained to that pair and to the
 # versions this project was tested with (requirements/constraints.txt).

@@ -10,6 +10,7 @@ Run::
 
     .venv/bin/python benchmarks/bench_hadamard.py                 # 1 thread (see below)
     .venv/bin/python benchmarks/bench_hadamard.py --threads 2 --calib-rows 2048
+    .venv/bin/python benchmarks/bench_hadamard.py --quick          # 3 repeats, 256 GPTQ rows
 
 Threads: the default is 1 thread. On a shared machine, multi-threaded small element-wise ops can wait a
 whole scheduler slice for a busy core, which makes timings of short kernels meaningless; one thread
@@ -22,7 +23,6 @@ waits for a descheduled worker thread (the dense matmul is one kernel). GPTQ, 51
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import check, finish, parser, setup  # noqa: E402
 from _timing import median_seconds  # noqa: E402
 
 from hqdit_utils.gptq import GPTQ
@@ -74,29 +75,38 @@ def bench_gptq(shapes, calib_rows: int, fmt: str = "fp4_e2m1") -> list[dict]:
     return rows
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=1)
+def main(argv=None) -> list[dict]:
+    ap = parser(__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--calib-rows", type=int, default=512)
     ap.add_argument("--skip-gptq", action="store_true")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    setup(args)
+    if args.quick:
+        args.repeats, args.calib_rows = 3, 256
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, tokens {args.tokens}, "
           f"median of {args.repeats}")
     print("\nOnline Hadamard rotation (fast transform vs dense x @ Q, same Q):")
     print(f"{'n':>6} {'dense ms':>10} {'fast ms':>10} {'ratio':>7} {'max|diff|':>10}")
-    for r in bench_rotation([1152, 4608], args.tokens, args.repeats):
-        print(f"{r['n']:>6} {r['dense_ms']:>10.2f} {r['fast_ms']:>10.2f} {r['ratio']:>7.3f} {r['max_abs_diff']:>10.2e}"
-              f"  {'OK' if r['ratio'] <= 0.5 else 'ABOVE TARGET 0.5'}")
-    if args.skip_gptq:
-        return
-    print(f"\nGPTQ (fp4_e2m1, blocksize 128) vs one dense X·Wᵀ over {args.calib_rows} calibration rows:")
-    print(f"{'out x in':>10} {'X·Wᵀ ms':>9} {'Hessian s':>10} {'GPTQ s':>8} {'ratio':>8} {'retries':>7}")
-    for r in bench_gptq([(1152, 4608), (4608, 1152)], args.calib_rows):
-        print(f"{r['shape']:>10} {r['dense_ms']:>9.1f} {r['hessian_s']:>10.2f} {r['quantize_s']:>8.2f} "
-              f"{r['ratio']:>8.0f} {r['retries']:>7}")
+    checks, details = [], {}
+    details["rotation"] = bench_rotation([1152, 4608], args.tokens, args.repeats)
+    for r in details["rotation"]:
+        print(f"{r['n']:>6} {r['dense_ms']:>10.2f} {r['fast_ms']:>10.2f} {r['ratio']:>7.3f} {r['max_abs_diff']:>10.2e}")
+        checks.append(check("hadamard", f"online Hadamard {r['n']} wide, {args.tokens} tokens",
+                            "dense x @ Q, same Q", r["ratio"], 0.5, r["fast_ms"] / 1e3))
+    if not args.skip_gptq:
+        print(f"\nGPTQ (fp4_e2m1, blocksize 128) vs one dense X·Wᵀ over {args.calib_rows} calibration rows:")
+        print(f"{'out x in':>10} {'X·Wᵀ ms':>9} {'Hessian s':>10} {'GPTQ s':>8} {'ratio':>8} {'retries':>7}")
+        details["gptq"] = bench_gptq([(1152, 4608), (4608, 1152)], args.calib_rows)
+        for r in details["gptq"]:
+            print(f"{r['shape']:>10} {r['dense_ms']:>9.1f} {r['hessian_s']:>10.2f} {r['quantize_s']:>8.2f} "
+                  f"{r['ratio']:>8.0f} {r['retries']:>7}")
+            checks.append(check("hadamard", f"GPTQ {r['shape']} ({args.calib_rows} rows)",
+                                "one dense X·Wᵀ over the rows", r["ratio"], None,
+                                r["hessian_s"] + r["quantize_s"], note="single run"))
+    finish(args, "hadamard", checks, details)
+    return checks
 
 
 if __name__ == "__main__":

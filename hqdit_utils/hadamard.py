@@ -434,36 +434,46 @@ def _dense_factor(b: int, dtype: torch.dtype, device: torch.device, transpose: b
     return t
 
 
-def _sylvester_butterfly_(y: torch.Tensor, p: int, inner: int) -> torch.Tensor:
-    """``y`` [M, p·inner] contiguous: multiply the ``p`` axis (viewing ``y`` as [M, p, inner]) by the Sylvester
-    matrix of order ``p``, with ``log2 p`` add/subtract passes ping-ponging between two buffers. May reuse
-    ``y``'s storage; returns the result."""
-    m = y.shape[0]
-    buf = torch.empty_like(y)
+def _sylvester_butterfly_(y: torch.Tensor, p: int, buf: torch.Tensor | None = None) -> torch.Tensor:
+    """``y`` [p, L] contiguous: multiply the leading ``p`` axis by the Sylvester matrix of order ``p``, with
+    ``log2 p`` add/subtract passes ping-ponging between two buffers. The ``p`` axis is the *outer* one, so
+    every add/subtract runs over contiguous stretches of at least ``L`` elements (with ``p`` inner, the
+    stretches were as short as the dense factor, 36 floats, and the passes several times slower). May reuse
+    ``y``'s storage and that of ``buf`` (a scratch tensor of ``y``'s shape); returns the result."""
+    L = y.shape[1]
+    buf = torch.empty_like(y) if buf is None else buf.view(y.shape)
     h = 1
     while h < p:
-        src = y.view(m, p // (2 * h), 2, h * inner)
-        dst = buf.view(m, p // (2 * h), 2, h * inner)
-        a, c = src[:, :, 0], src[:, :, 1]
-        torch.add(a, c, out=dst[:, :, 0])
-        torch.sub(a, c, out=dst[:, :, 1])
+        src = y.view(p // (2 * h), 2, h * L)
+        dst = buf.view(p // (2 * h), 2, h * L)
+        a, c = src[:, 0], src[:, 1]
+        torch.add(a, c, out=dst[:, 0])
+        torch.sub(a, c, out=dst[:, 1])
         y, buf = buf, y
         h *= 2
     return y
 
 
-def _integer_transform(x2: torch.Tensor, k: int, transpose: bool) -> torch.Tensor:
-    """``x2`` [M, k] → ``x2 @ H_k`` (or ``@ H_kᵀ``) without normalisation, Kronecker-structured."""
-    p, b, _ = hadamard_factors(k)
-    m = x2.shape[0]
-    if b > 1:
-        bmat = _dense_factor(b, x2.dtype, x2.device, transpose)
-        y = torch.matmul(x2.view(m, p, b), bmat).reshape(m, k)  # dense factor on the contiguous last axis
+def _integer_transform(x4: torch.Tensor, signs: torch.Tensor | None, k: int, transpose: bool) -> torch.Tensor:
+    """``x4`` [R, nb, p, b] (``k = p·b``; ``nb`` blocks of order ``k`` per row) → ``(x4 · signs) @ H_k`` (or
+    ``@ H_kᵀ``) per block, unnormalised, laid out as [p, R, nb, b]; ``signs`` [nb, p, b] or ``None``.
+
+    The first pass (sign flips, or a copy) also moves the ``p`` axis to the front; the dense factor then
+    multiplies the contiguous last axis and the butterfly runs over the leading axis."""
+    R, nb, p, b = x4.shape
+    xt = torch.empty((p, R, nb, b), dtype=x4.dtype, device=x4.device)
+    src = x4.permute(2, 0, 1, 3)
+    if signs is not None:
+        torch.mul(src, signs.permute(1, 0, 2).unsqueeze(1), out=xt)
     else:
-        y = x2.clone()
+        xt.copy_(src)
+    y, spare = xt.view(-1, b), None
+    if b > 1:
+        y = torch.matmul(y, _dense_factor(b, x4.dtype, x4.device, transpose))  # dense factor on the last axis
+        spare = xt  # no longer needed: the butterfly's second buffer
     if p > 1:
-        y = _sylvester_butterfly_(y, p, b)
-    return y
+        y = _sylvester_butterfly_(y.view(p, -1), p, spare)
+    return y.view(p, R, nb, b)
 
 
 def fast_hadamard_transform(
@@ -499,19 +509,23 @@ def fast_hadamard_transform(
     dtype = x.dtype
     work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     k = spec.order
-    x2 = x.reshape(-1, k).to(work)
+    p, b, _ = hadamard_factors(k)
+    x4 = x.reshape(-1, n // k, p, b).to(work)
     signs = None
     if spec.seed is not None:
         signs = _signs_cached(n, int(spec.seed)).to(device=x.device, dtype=work)
     scale = 1.0 / math.sqrt(k) if spec.normalized else 1.0
-    if not transpose and signs is not None:  # x Q = ((x · s) H) / √k
-        x2 = (x2.reshape(-1, n) * signs).reshape(-1, k)
-    y = _integer_transform(x2.contiguous(), k, transpose)
-    y = y.reshape(-1, n)
+    # x Q = ((x · s) H) / √k: the signs act in the first pass of the transform
+    yt = _integer_transform(x4, None if transpose else signs.view(-1, p, b) if signs is not None else None,
+                            k, transpose)
+    y = torch.empty_like(x4)
+    yp = yt.permute(1, 2, 0, 3)  # back to [R, nb, p, b]: the last pass writes the caller's layout
     if transpose and signs is not None:  # x Qᵀ = (x Hᵀ) · s / √k
-        y = y * (signs * scale) if scale != 1.0 else y * signs
+        torch.mul(yp, (signs * scale if scale != 1.0 else signs).view(-1, p, b), out=y)
     elif scale != 1.0:
-        y = y.mul_(scale)
+        torch.mul(yp, scale, out=y)
+    else:
+        y.copy_(yp)
     return y.reshape(x.shape).to(dtype)
 
 

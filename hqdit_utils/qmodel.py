@@ -36,10 +36,10 @@ from .clipping import alpha_to_scale, clip_activation, clip_weight, gamma_grid
 from .format_select import (DEFAULT_THRESHOLDS, FormatPlan, LayerFormat, ratio_rule, ratio_statistics,
                             select_format)
 from .formats import NoFormat, parse_format
-from .quantizer import fake_quantize, round_to_grid, sqnr_db
+from .quantizer import _round_to_grid_, fake_quantize, round_to_grid, sqnr_db
 from .recipes import AUTO, QuantRecipe, get_recipe
 
-__all__ = ["QuantLinear", "QuantAttnProcessor", "QuantizationError", "LayerReport", "QuantReport", "quantize_",
+__all__ = ["QuantLinear", "SharedInput", "QuantAttnProcessor", "QuantizationError", "LayerReport", "QuantReport", "quantize_",
            "is_quantized", "save_quantized", "load_quantized"]
 
 
@@ -63,7 +63,7 @@ def _dynamic_token_quant(x: torch.Tensor, fmt, gamma: float) -> torch.Tensor:
     """Per-token (last-dim rows) dynamic quantization with α_t = γ·max|x_t|."""
     amax = x.detach().abs().amax(dim=-1, keepdim=True).to(torch.float32)
     s = torch.where(amax > 0, amax * (gamma / fmt.max_value), torch.ones_like(amax))
-    return (round_to_grid(x.to(torch.float32) / s, fmt) * s).to(x.dtype)
+    return _round_to_grid_(x.to(torch.float32) / s, fmt).mul_(s).to(x.dtype)
 
 
 def block_fake_quantize(x: torch.Tensor, fmt, block_size: int, scale_format) -> torch.Tensor:
@@ -76,6 +76,34 @@ def block_fake_quantize(x: torch.Tensor, fmt, block_size: int, scale_format) -> 
         return fake_quantize(x, fmt, block_size=block_size, scale_format=scale_format, check_finite=False)
     xp = F.pad(x, (0, pad))
     return fake_quantize(xp, fmt, block_size=block_size, scale_format=scale_format, check_finite=False)[..., :d]
+
+
+class SharedInput:
+    """The quantized input of a group of QuantLinears that read the *same* tensor with the same input
+    transformation (``to_q``/``to_k``/``to_v``: same rotation, same activation quantizer): the first member
+    called computes it, the others reuse it, the last one releases it. A different input tensor (or one
+    modified in place, or another timestep) is recomputed, so results never change — only repeated work
+    is skipped."""
+
+    def __init__(self, members: int) -> None:
+        self.members = members
+        self._clear()
+
+    def _clear(self) -> None:
+        self.x, self.version, self.t, self.value, self.uses = None, -1, None, None, 0
+
+    def get(self, layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
+        if x.is_inference():  # no version counter, so an in-place change could not be seen: no reuse
+            return layer.quantize_input(x)
+        t = None if layer._ts_ctx is None else layer._ts_ctx.t
+        if self.x is not x or self.version != x._version or self.t != t:
+            self.x, self.version, self.t = x, x._version, t
+            self.value, self.uses = layer.quantize_input(x), 0
+        value = self.value
+        self.uses += 1
+        if self.uses >= self.members:  # every member has read it: do not keep tensors alive between calls
+            self._clear()
+        return value
 
 
 class QuantLinear(nn.Module):
@@ -146,6 +174,7 @@ class QuantLinear(nn.Module):
         else:
             self.ts_edges = None
         self._ts_ctx: _TimestepContext | None = None
+        self._shared: SharedInput | None = None  # set by quantize_ for layers that read the same tensor
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, name: str = "") -> "QuantLinear":
@@ -198,7 +227,8 @@ class QuantLinear(nn.Module):
         if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
             raise ValueError(f"{self.name or 'QuantLinear'}: input dtype {x.dtype} differs from the weight's "
                              f"{self.weight.dtype}; cast the input (x.to({self.weight.dtype})) or the model (.to(dtype))")
-        return F.linear(self.quantize_input(x), self.weight, self.bias)
+        xq = self.quantize_input(x) if self._shared is None else self._shared.get(self, x)
+        return F.linear(xq, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         rot = "" if self.rotation is None else f", rotation=H{self.rotation.n}"
@@ -419,6 +449,7 @@ def _quantize_act(X, Wq, recipe, grid, tags, ts_groups, ext=None, ext_tags=None)
     method = recipe.act_clip
     ckw = {"weight": Wq} if method == "output" else {}
     mse: dict = {}
+    clips: dict = {}  # candidate format -> its search on all rows X (reused for the chosen format)
 
     def clip(name, rows, group=None):
         kw = dict(ckw)
@@ -440,13 +471,13 @@ def _quantize_act(X, Wq, recipe, grid, tags, ts_groups, ext=None, ext_tags=None)
             af = min(cands, key=lambda c: score[c])
     fmt = parse_format(af)
     if gran == "token":
-        cr = clip(af, X)
+        cr = clips.get(af) or clip(af, X)
         g = float(cr.gamma)
         return ({"act_mode": "token", "act_format": af, "act_gamma": g}, _dynamic_token_quant(X, fmt, g),
                 af, g, float(cr.alpha), mse, stats)
     # static per tensor, optionally per timestep group
     if ts_groups is None:
-        cr = clip(af, X)
+        cr = clips.get(af) or clip(af, X)
         s = alpha_to_scale(cr.alpha, fmt).reshape(1)
         return ({"act_mode": "static", "act_format": af, "act_scale": s}, fake_quantize(X, fmt, s[0]),
                 af, float(cr.gamma), float(cr.alpha), mse, stats)
@@ -518,6 +549,7 @@ def quantize_(model: nn.Module, recipe: "QuantRecipe | str", calibration: Calibr
             raise QuantizationError("timestep_groups needs calibration")
         ts_groups = _timestep_groups(calibration.timesteps, recipe.timestep_groups)
     new_modules: dict[str, QuantLinear] = {}
+    groups: dict = {}  # layers reading the same tensor with the same input quantizer (to_q/to_k/to_v)
     act_cache: dict = {}
     hessians: dict = {}
     last_key = None
@@ -600,6 +632,8 @@ def quantize_(model: nn.Module, recipe: "QuantRecipe | str", calibration: Calibr
                          bias=None if lin.bias is None else lin.bias.data, weight_format=wf,
                          rotation=rot, smooth_inv=smooth_inv, name=name, **akw)
         ql._ts_ctx = ts_ctx
+        if cache_key is not None:
+            groups.setdefault(cache_key, []).append(ql)
         new_modules[name] = ql
         plan.layers[name] = LayerFormat(wf, akw["act_format"], wmse, amse, wstats, astats, wgamma, agamma)
         if len(Xw):
@@ -614,6 +648,11 @@ def quantize_(model: nn.Module, recipe: "QuantRecipe | str", calibration: Calibr
         if verbose:
             r = reports[-1]
             print(f"{name}: W {wf} A {r.act_format} SQNR out {r.output_sqnr:.2f} dB ({r.seconds:.2f} s)")
+    for members in groups.values():
+        if len(members) > 1:
+            shared = SharedInput(len(members))
+            for ql in members:
+                ql._shared = shared
     # swap only after everything succeeded: a failure above leaves the model untouched
     for name, ql in new_modules.items():
         parent_name, _, child = name.rpartition(".")

@@ -93,6 +93,23 @@ def round_to_grid(x: torch.Tensor, fmt: "str | Format") -> torch.Tensor:
     return out.to(dtype)
 
 
+def _round_to_grid_(t: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """:func:`round_to_grid` of a float32 tensor ``t`` that the caller owns and no longer needs: the common
+    cases (saturating float formats with subnormals and M ≥ 1 whose steps are normal floats, and signed
+    integers) are computed in place, with the same operations as :func:`round_to_grid`, so the result is
+    bit-identical with two full-size temporaries fewer; other formats go through :func:`round_to_grid`."""
+    if isinstance(fmt, IntFormat) and fmt.signed:
+        return t.round_().clamp_(fmt.min_value, fmt.max_value)
+    if (isinstance(fmt, FloatFormat) and fmt.man_bits > 0 and fmt.subnormals and fmt.saturate
+            and fmt.min_exponent - fmt.man_bits >= -126):
+        step_bits = t.view(torch.int32) & _EXP_MASK
+        step_bits.clamp_(min=(fmt.min_exponent + 127) << 23).sub_(fmt.man_bits << 23)
+        step = step_bits.view(torch.float32)
+        vmax = fmt.max_value
+        return t.div_(step).round_().mul_(step).clamp_(-vmax, vmax)
+    return round_to_grid(t, fmt)
+
+
 def max_abs_scale(x: torch.Tensor, fmt: "str | Format", axis: int | None = None) -> torch.Tensor:
     """The max-abs scale ``amax / fmt.max_value``: a 0-d tensor (``axis=None``) or one value per index
     along ``axis``, shaped to broadcast against ``x``. All-zero slices get scale 1."""
@@ -183,7 +200,7 @@ def fake_quantize(
             )
         xb = xf.reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
         s = _block_scales(xb, fmt, scale_format)
-        return round_to_grid(xb / s, fmt).mul_(s).reshape(x.shape).to(dtype)
+        return _round_to_grid_(xb / s, fmt).mul_(s).reshape(x.shape).to(dtype)
     if scale is None:
         s = max_abs_scale(xf, fmt, axis)
     else:
@@ -204,7 +221,7 @@ def fake_quantize(
         if check_finite:
             if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
                 raise ValueError("fake_quantize: scales must be finite and positive")
-    return round_to_grid(xf / s, fmt).mul_(s).to(dtype)
+    return _round_to_grid_(xf / s, fmt).mul_(s).to(dtype)
 
 
 def sqnr_db(x: torch.Tensor, x_q: torch.Tensor) -> float:

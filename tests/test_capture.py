@@ -205,3 +205,15 @@ def test_calibration_timesteps_spread_over_schedule(bundle):
     ts = capture.calibration_timesteps(bundle, 10, 4)
     assert len(ts) == 4 and ts[0] > ts[-1]
     assert ts[0] == max(capture.calibration_timesteps(bundle, 10, 10))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_activation_is_reported_with_layer_and_count(bad):
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(4, 4))
+    x = torch.randn(3, 4)
+    x[1, 2] = bad
+    with pytest.raises(CalibrationError, match=r"input of layer '0'.*1 of 12 elements"):
+        with ActivationRecorder(model, ["0"]) as _:
+            model(x)

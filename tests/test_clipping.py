@@ -139,3 +139,60 @@ def test_coarse_fine_search_matches_grid_search_mostly_and_is_never_worse_than_m
     assert float(a.loss) <= float(a.loss_at_max) and float(a.loss) >= float(b.loss) * (1 - 1e-9)
     with pytest.raises(ValueError, match="clip search"):
         clip_weight(w, "fp4_e2m1", search="random")
+
+
+@pytest.mark.parametrize("fmt", ["fp4_e2m1", "fp4_e1m2", "fp4_e3m0", "int4", "int8", "fp6_e2m3", "fp8_e4m3",
+                                 "fp8_e4m3fn", "fp8_e5m2"])
+def test_sorted_mse_search_matches_elementwise_search(fmt, monkeypatch):
+    """The sorted/prefix-sum MSE evaluation picks the same γ as quantizing every element for every γ, and
+    its losses agree to float rounding (documented tolerance: relative ~1e-7 for 4-bit grids)."""
+    import hqdit_utils.clipping as clipping
+
+    w, x = _heavy(24, 72, seed=11), _heavy(300, 40, seed=12)
+    fast_w, fast_a = clip_weight(w, fmt), clip_activation(x, fmt, amax=float(x.abs().max()) * 1.3)
+    monkeypatch.setattr(clipping, "_sorted_mse_evaluator", lambda *a, **k: None)
+    slow_w, slow_a = clip_weight(w, fmt), clip_activation(x, fmt, amax=float(x.abs().max()) * 1.3)
+    assert torch.equal(fast_w.gamma, slow_w.gamma)
+    torch.testing.assert_close(fast_w.loss, slow_w.loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(fast_w.loss_at_max, slow_w.loss_at_max, rtol=1e-5, atol=0)
+    assert float(fast_a.gamma) == float(slow_a.gamma)
+    assert float(fast_a.loss) == pytest.approx(float(slow_a.loss), rel=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["fp4_e2m1", "fp4_e3m0", "int4", "fp8_e4m3fn"])
+def test_rounding_thresholds_reproduce_round_to_grid_exactly(fmt):
+    """round_to_grid(fl32(r)) is g[k] exactly for u[k-1] <= r < u[k], ties included: checked at every
+    threshold, one float64 ulp either side, and on random values."""
+    import numpy as np
+
+    from hqdit_utils.clipping import _rounding_thresholds
+    from hqdit_utils.quantizer import round_to_grid
+
+    g, u = _rounding_thresholds(parse_format(fmt))
+    un = u.numpy()
+    r = np.concatenate([un, np.nextafter(un, np.inf), np.nextafter(un, -np.inf),
+                        np.random.default_rng(0).uniform(0, float(g[-1]) * 1.2, 2000)])
+    expect = g[torch.from_numpy(np.searchsorted(un, r, side="right"))]
+    got = round_to_grid(torch.from_numpy(r).to(torch.float32), fmt).double()
+    assert torch.equal(got, expect)
+    assert _rounding_thresholds(parse_format("uint4")) is None
+
+
+def test_sorted_values_are_shared_between_formats_and_follow_changes():
+    """The candidate formats' searches on one tensor share a sort; changing the tensor in place, or
+    dropping it, invalidates the shared entry."""
+    import gc
+
+    from hqdit_utils.clipping import _PREFIX_CACHE
+
+    x = _heavy(64, 40, seed=4)
+    a1 = clip_activation(x, "fp4_e2m1")
+    assert id(x) in _PREFIX_CACHE
+    clip_activation(x, "fp4_e1m2")
+    x.mul_(3)
+    a2 = clip_activation(x, "fp4_e2m1")
+    assert float(a2.alpha) == pytest.approx(3 * float(a1.alpha)) and float(a2.gamma) == float(a1.gamma)
+    key = id(x)
+    del x
+    gc.collect()
+    assert key not in _PREFIX_CACHE

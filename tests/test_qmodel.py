@@ -222,3 +222,28 @@ def _run_on(m, b):
     x = torch.randn(2, b.latent_channels, b.latent_size, b.latent_size, generator=g)
     with torch.no_grad():
         return m(x, timestep=torch.tensor([500, 500]), class_labels=torch.tensor([1, 2])).sample
+
+
+def test_layers_reading_one_tensor_share_its_quantized_input(bundle, calib):
+    """to_q/to_k/to_v quantize their common input once (SharedInput); outputs are bit-identical to
+    quantizing it in every layer, and an in-place change of the input is seen."""
+    from hqdit_utils.qmodel import SharedInput
+
+    m = _fresh(bundle)
+    quantize_(m, _r("hqdit-w4a4"), calib)
+    attn = m.transformer_blocks[0].attn1
+    shared = attn.to_q._shared
+    assert isinstance(shared, SharedInput) and shared.members == 3
+    assert attn.to_k._shared is shared and attn.to_v._shared is shared and attn.to_out[0]._shared is None
+    unshared = copy.deepcopy(m)
+    for mod in unshared.modules():
+        if isinstance(mod, QuantLinear):
+            mod._shared = None
+    assert torch.equal(_run(m), _run(unshared))
+    x = torch.randn(5, 72)
+    with torch.no_grad():
+        a = attn.to_q(x)
+        x.mul_(2)  # same tensor object, new content: must be requantized
+        k = attn.to_k(x)
+    assert torch.equal(k, unshared.transformer_blocks[0].attn1.to_k(x))
+    assert torch.equal(a, unshared.transformer_blocks[0].attn1.to_q(x / 2))

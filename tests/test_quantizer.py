@@ -132,3 +132,23 @@ def test_zero_tensor_stays_zero():
 def test_cuda_matches_cpu():
     x = torch.randn(64, 64)
     assert torch.equal(fake_quantize(x.cuda(), "fp4_e2m1", axis=0).cpu(), fake_quantize(x, "fp4_e2m1", axis=0))
+
+
+@pytest.mark.parametrize("fmt", ["fp4_e2m1", "fp4_e1m2", "fp4_e3m0", "fp6_e3m2", "fp8_e4m3fn", "fp8_e5m2",
+                                 "fp9_e8m0", "fp16_e8m7", "int4", "int8", "uint4"])
+def test_in_place_rounding_is_bit_identical(fmt):
+    """_round_to_grid_ (in place, used by fake_quantize) gives exactly round_to_grid's result, special
+    values included."""
+    from hqdit_utils.quantizer import _round_to_grid_
+
+    f = parse_format(fmt)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4000, generator=g) * torch.logspace(-45, 38, 4000, base=2.0)
+    special = torch.tensor([0.0, -0.0, 0.25, 0.75, 1.25, 2.5, -2.5, 1e-45, -1e-40, 3e38, -3e38,
+                            float("inf"), float("-inf"), float("nan")])
+    x = torch.cat([x, special, f.grid(), (f.grid()[1:] + f.grid()[:-1]) / 2])
+    expect = round_to_grid(x, f)
+    got = _round_to_grid_(x.clone(), f)
+    assert torch.equal(torch.isnan(got), torch.isnan(expect))
+    assert torch.equal(torch.signbit(got), torch.signbit(expect))
+    assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(expect))

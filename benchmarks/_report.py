@@ -1,0 +1,70 @@
+"""Shared plumbing of the benchmarks: command-line options, checks against targets, the JSON each script writes.
+
+Every benchmark script accepts ``--quick`` (small sizes, few repeats: for development, not for the
+record), ``--threads`` (default 1, see below) and ``--json PATH`` (where ``run_all.py`` collects the
+results). A *check* is one ratio against a baseline measured in the same process, with its target:
+
+    {"benchmark": "forward", "case": "embedded fp4-hybrid", "baseline": "FP32 forward",
+     "value": 0.31, "unit": "s", "ratio": 1.21, "target": 1.3, "status": "PASS"}
+
+``status`` is PASS/FAIL when there is a target, "report" when there is none.
+
+Threads: one intra-op thread by default. On the shared 2-core build machine a second thread waits for a
+core that another process holds, which makes short kernels' timings meaningless; one thread measures the
+arithmetic. Both sides of every ratio run with the same setting.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+from pathlib import Path
+
+import torch
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--quick", action="store_true", help="small sizes and few repeats (development runs)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    ap.add_argument("--json", type=Path, default=None, help="write the checks and details to this file")
+    return ap
+
+
+def setup(args) -> None:
+    torch.set_num_threads(args.threads)
+
+
+def check(benchmark: str, case: str, baseline: str, ratio: float | None, target: float | None = None,
+          value: float | None = None, unit: str = "s", note: str = "") -> dict:
+    """One result line; ``ratio <= target`` passes."""
+    if ratio is None:
+        status = "not measured"
+    elif target is None:
+        status = "report"
+    else:
+        status = "PASS" if ratio <= target else "FAIL"
+    return {"benchmark": benchmark, "case": case, "baseline": baseline, "value": value, "unit": unit,
+            "ratio": ratio, "target": target, "status": status, "note": note}
+
+
+def print_checks(checks: list[dict]) -> None:
+    print(f"{'case':46s} {'ratio':>8s} {'target':>8s}  status   (baseline)")
+    for c in checks:
+        r = "-" if c["ratio"] is None else f"{c['ratio']:.3f}"
+        t = "-" if c["target"] is None else f"<= {c['target']:g}"
+        print(f"{c['case']:46s} {r:>8s} {t:>8s}  {c['status']:7s}  ({c['baseline']})")
+
+
+def peak_rss_gb() -> float:
+    """Peak resident set size of this process so far (GB = 1e9 bytes; Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def finish(args, name: str, checks: list[dict], details: dict | None = None) -> None:
+    print()
+    print_checks(checks)
+    if args.json is not None:
+        payload = {"benchmark": name, "quick": bool(args.quick), "threads": torch.get_num_threads(),
+                   "checks": checks, "details": details or {}}
+        args.json.write_text(json.dumps(payload, indent=1, default=float))
