@@ -143,6 +143,7 @@ def cached_calibrate(bundle, *, profile: str | None = None, seed: int = 0, cache
     import sys
     from pathlib import Path
 
+    from .atomic import write_text_atomic
     from .capture import Calibration, CalibrationError, calibrate
     from .config import CACHE_DIR
 
@@ -161,9 +162,7 @@ def cached_calibrate(bundle, *, profile: str | None = None, seed: int = 0, cache
     calib = calibrate(bundle, profile=profile, seed=seed, **kwargs)
     folder.mkdir(parents=True, exist_ok=True)
     calib.save(path)
-    tmp = digest_file.with_name(f"{digest_file.name}.tmp{os.getpid()}")
-    tmp.write_text(_file_digest(path) + "\n")
-    os.replace(tmp, digest_file)
+    write_text_atomic(digest_file, _file_digest(path) + "\n")
     return calib
 
 

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -56,6 +55,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 from torch import nn
+
+from .atomic import atomic_path
 
 __all__ = [
     "DEFAULT_LAYERS", "ADALN_LAYERS", "ALL_FC_LAYERS", "CalibrationError", "TensorStats",
@@ -463,10 +464,8 @@ class Calibration:
                     "moments", "hist", "rows", "priority", "top_k", "top_rows", "top_absmax", "top_priority")
                     for v in (getattr(s, k),)} for t, s in rec.per_timestep.items()},
             }
-        path = Path(path)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(blob, tmp)
 
     @classmethod
     def load(cls, path) -> "Calibration":

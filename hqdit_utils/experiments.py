@@ -27,7 +27,6 @@ import copy
 import hashlib
 import json
 import os
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -38,6 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .atomic import atomic_path, write_text_atomic
 from . import __version__
 from .config import CACHE_DIR, Profile, profile as get_profile
 from .recipes import QuantRecipe, get_recipe
@@ -98,15 +98,8 @@ def _run_key(material: dict) -> str:
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _tmp_name(path: Path) -> Path:
-    """A temporary name beside ``path`` that no other process or thread uses."""
-    return path.with_name(f"{path.stem}.tmp{os.getpid()}-{threading.get_ident()}{path.suffix}")
-
-
 def _atomic_write_json(path: Path, obj: dict) -> None:
-    tmp = _tmp_name(path)
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1, default=str))
 
 
 @contextmanager
@@ -266,9 +259,8 @@ def _compute(bundle, recipe: QuantRecipe, prof: Profile, *, seed: int, cfg_scale
                 "device": str(next(bundle.transformer.parameters()).device), "threads": torch.get_num_threads(),
                 "seconds": {"quantize": round(t_quant, 2), "sample": round(t_sample, 2),
                             "total": round(time.perf_counter() - t0, 2)}}
-    tmp = _tmp_name(samples_file)
-    np.savez(tmp, arr_0=images_np, labels=labels.numpy())
-    os.replace(tmp, samples_file)
+    with atomic_path(samples_file) as tmp:
+        np.savez(tmp, arr_0=images_np, labels=labels.numpy())
     result = RunResult(recipe.name, seed, metrics, quant, protocol, str(samples_file))
     entry = {"material": material, "samples_sha256": _file_sha256(samples_file),
              "result": {k: v for k, v in asdict(result).items() if k != "cached"}}

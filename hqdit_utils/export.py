@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .atomic import atomic_path
 from .formats import FloatFormat, Format, IntFormat, parse_format
 
 
@@ -146,9 +147,8 @@ def save_packed(layers: "dict[str, PackedWeight]", path: "str | os.PathLike") ->
         tensors[f"{name}.codes"] = p.codes
         tensors[f"{name}.scale"] = p.scale
         meta[name] = {"fmt": p.fmt, "shape": list(p.shape)}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"hqdit_packed": json.dumps(meta)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"hqdit_packed": json.dumps(meta)})
     return path
 
 

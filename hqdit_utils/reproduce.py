@@ -39,6 +39,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .atomic import write_text_atomic
+
 #: The tables ``hqdit reproduce`` knows: name → recipes (FP32 first).
 TABLES = {
     "sfid": ["fp32", "hqdit-w4a4", "fp4-minmax", "smoothquant-int", "fpq", "gptq-int", "int4-rtn"],
@@ -185,9 +187,7 @@ def measure_cost(bundle, plan: Plan, probe_steps: int = 2) -> None:
 
 
 def _atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1, default=str))
 
 
 def _file_sha256(path: Path) -> str:

@@ -54,6 +54,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .atomic import atomic_path, write_text_atomic
+
 SAMPLERS = ("ddpm", "ddim")
 
 
@@ -244,9 +246,8 @@ def _barrier():
 
 
 def _atomic_savez(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **arrays)
 
 
 def _shard_digest(images: np.ndarray, labels: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -370,9 +371,7 @@ def _write_samples(bundle, out_npz: Path, n: int, rank: int, world: int, *, num_
             if old != spec:
                 raise RuntimeError(f"{shard_dir} holds shards of another protocol {old}; delete it or choose another output")
         else:
-            tmp = spec_file.with_name(f"spec.json.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(spec, indent=1))
-            os.replace(tmp, spec_file)
+            write_text_atomic(spec_file, json.dumps(spec, indent=1))
     _barrier()
     mine = [k for k in range(nshards) if k % world == rank]
     image_shape = (bundle.image_size, bundle.image_size, bundle.image_channels)
@@ -421,10 +420,9 @@ def _write_samples(bundle, out_npz: Path, n: int, rank: int, world: int, *, num_
         raise RuntimeError(f"assembled {arr.shape[0]} samples, expected {n}")
     out_npz.parent.mkdir(parents=True, exist_ok=True)
     _atomic_savez(out_npz, arr_0=arr, arr_1=lab)
-    tmp = meta_file.with_name(meta_file.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"spec": spec, "world_size": world, "sha256": hashlib.sha256(arr.tobytes()).hexdigest(),
-                               "last_invocation_sampling_s": round(elapsed, 2)}, indent=1))
-    os.replace(tmp, meta_file)
+    write_text_atomic(meta_file, json.dumps({"spec": spec, "world_size": world,
+                                             "sha256": hashlib.sha256(arr.tobytes()).hexdigest(),
+                                             "last_invocation_sampling_s": round(elapsed, 2)}, indent=1))
     if not keep_shards:
         for p in shard_dir.iterdir():
             p.unlink()

@@ -50,6 +50,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .atomic import atomic_path, write_text_atomic
+
 #: Number of digit classes; the null (unconditional) class id is ``NUM_CLASSES``.
 NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES
@@ -251,16 +253,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def _atomic_torch_save(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -423,7 +423,8 @@ def test_malicious_pickles_are_refused_without_running_them(tmp_path, tiny):
     path.with_suffix(".sha256").write_text(_sha(path))
     analysis.cached_calibrate(tiny, seed=0, cache_dir=tmp_path / "cache", **kw)
     assert not marker.exists()
-    # the payload is live: an unrestricted load would have run it
+    # the payload is live: an unrestricted load would have run it. This is the suite's one deliberate
+    # unrestricted load, of a file this test wrote itself (its payload only creates `marker` in tmp_path).
     torch.load(evil, weights_only=False)
     assert marker.exists()
 

@@ -15,7 +15,6 @@ feature network's name and weights checksum. With any network but the ADM Incept
 from __future__ import annotations
 
 import math
-import os
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ..atomic import atomic_path
 from .features import FeatureExtractor, check_images
 from .frechet import FeatureStats, frechet_distance
 from .inception_score import inception_score
@@ -214,9 +214,8 @@ def save_samples(path: str | Path, images, labels=None) -> Path:
         arrays["arr_1"] = labels.astype(np.int64)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **arrays)
     return path
 
 

@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..atomic import atomic_path, write_text_atomic
+
 #: Image side (pixels) the network expects.
 IMAGE_SIZE = 16
 #: Number of classes (the ten digits).
@@ -135,14 +137,11 @@ def save_proxy_net(net: ProxyNet, directory: str | Path, extra: dict | None = No
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (WEIGHTS_FILE + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    os.replace(tmp, directory / WEIGHTS_FILE)
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
     cfg = {"class": "ProxyNet", "num_classes": net.num_classes, "width": net.width, "image_size": IMAGE_SIZE}
     cfg.update(extra or {})
-    tmp = directory / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
-    os.replace(tmp, directory / CONFIG_FILE)
+    write_text_atomic(directory / CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")
     return directory / WEIGHTS_FILE
 
 
