@@ -1,0 +1,143 @@
+"""Every exercise of the book can fail: its check passes with the solution and fails with a wrong answer.
+
+Each chapter is executed once as a plain Python script (profile ``ci``, working directory
+``notebooks/``, matplotlib's Agg backend) with every answer cell replaced by its solution; every check
+must then pass. Afterwards, for each exercise, the answer cell is run with the wrong answer listed in
+``WRONG`` below and the check cell must raise ``AssertionError``. The convention the chapters follow is
+documented in :mod:`hqdit_utils.exercises`.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+#: A wrong answer for every exercise label (code that replaces the answer cell). A new exercise without
+#: an entry here fails ``test_every_exercise_has_a_wrong_answer``.
+WRONG: dict[str, str] = {
+    "ex-act-1": 'answer = "q"',
+}
+
+CELL = re.compile(r"^```\{code-cell\}[^\n]*\n(?P<body>.*?)^```[ \t]*$", re.S | re.M)
+SOLUTION = re.compile(
+    r"^```\{solution-start\}\s+(?P<label>[\w-]+)[^\n]*\n(?P<body>.*?)^```\{solution-end\}", re.S | re.M)
+FENCED_PY = re.compile(r"^```python[ \t]*\n(?P<code>.*?)^```[ \t]*$", re.S | re.M)
+EXERCISE_LABEL = re.compile(r"^```\{exercise-start\}[^\n]*\n:label:\s*(?P<label>[\w-]+)", re.M)
+
+
+@dataclass
+class Cell:
+    source: str
+    tags: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str | None:
+        m = re.match(r"\s*#\s*exercise:\s*([\w-]+)", self.source)
+        return m.group(1) if m else None
+
+
+def parse_cells(text: str) -> list[Cell]:
+    """The code cells of a MyST notebook with their tags (front matter ``---`` or ``:tags:`` lines)."""
+    cells = []
+    for m in CELL.finditer(text):
+        body, tags = m.group("body"), []
+        if body.startswith("---\n"):
+            head, _, body = body[4:].partition("\n---\n")
+            t = re.search(r"tags:\s*\[([^\]]*)\]", head)
+            tags = [x.strip() for x in t.group(1).split(",")] if t else []
+        else:
+            lines = body.split("\n")
+            while lines and lines[0].startswith(":"):
+                t = re.match(r":tags:\s*\[([^\]]*)\]", lines.pop(0))
+                if t:
+                    tags = [x.strip() for x in t.group(1).split(",")]
+            body = "\n".join(lines)
+        cells.append(Cell(body, tags))
+    return cells
+
+
+def chapter_exercises(path: Path) -> tuple[list[Cell], dict[str, str], list[str]]:
+    text = path.read_text()
+    cells = parse_cells(text)
+    solutions = {}
+    for m in SOLUTION.finditer(text):
+        code = FENCED_PY.search(m.group("body"))
+        if code:
+            solutions[m.group("label")] = code.group("code")
+    labels = EXERCISE_LABEL.findall(text)
+    return cells, solutions, labels
+
+
+CHAPTERS = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.md"))
+
+
+def test_every_exercise_follows_the_convention():
+    problems = []
+    for path in CHAPTERS:
+        cells, solutions, labels = chapter_exercises(path)
+        answers = {c.label for c in cells if "exercise-answer" in c.tags}
+        checks = [c for c in cells if "exercise-check" in c.tags]
+        for label in labels:
+            if label not in answers:
+                problems.append(f"{path.name}: {label} has no answer cell tagged exercise-answer")
+            if label not in solutions:
+                problems.append(f"{path.name}: {label} has no solution block with a python code block")
+            if not any(label in c.source for c in checks):
+                problems.append(f"{path.name}: {label} has no exercise-check cell naming it")
+        for c in cells:
+            if "exercise-answer" in c.tags and not re.search(r"^answer\s*=\s*\.\.\.", c.source, re.M):
+                problems.append(f"{path.name}: answer cell {c.label} is not blank (`answer = ...`)")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_exercise_has_a_wrong_answer():
+    labels = {label for path in CHAPTERS for label in chapter_exercises(path)[2]}
+    assert labels, "the book has no exercises"
+    assert labels <= set(WRONG), f"no wrong answer listed in WRONG for {sorted(labels - set(WRONG))}"
+
+
+def _run(source: str, ns: dict) -> None:
+    code = "\n".join(line for line in source.split("\n") if not line.lstrip().startswith(("%", "!")))
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(compile(code, "<cell>", "exec"), ns)
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_checks_pass_on_solutions_and_fail_on_wrong_answers(path, monkeypatch, tmp_path):
+    cells, solutions, labels = chapter_exercises(path)
+    if not labels:
+        pytest.skip(f"{path.name} has no exercises")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setenv("HQDIT_PROFILE", "ci")
+    monkeypatch.chdir(NOTEBOOKS)
+    ns: dict = {"__name__": "__chapter__"}
+    answer_cells, check_cells = {}, {}
+    for i, cell in enumerate(cells):
+        if "exercise-answer" in cell.tags:
+            answer_cells[cell.label] = cell
+            _run(solutions[cell.label], ns)
+        else:
+            _run(cell.source, ns)
+            if "exercise-check" in cell.tags:
+                for label in labels:
+                    if label in cell.source:
+                        check_cells[label] = cell
+        plt.close("all")
+    for label in labels:
+        _run(solutions[label], ns)
+        _run(check_cells[label].source, ns)  # passes with the solution
+        _run(WRONG[label], ns)
+        with pytest.raises(AssertionError):
+            _run(check_cells[label].source, ns)
+        _run(solutions[label], ns)  # restore for the exercises after it
