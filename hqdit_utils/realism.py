@@ -92,3 +92,35 @@ def summarize_realism(stats: list[WeightStats]) -> dict:
 def as_rows(stats: list[WeightStats]) -> list[dict]:
     """``stats`` as plain dicts (one per layer), e.g. for ``pandas.DataFrame``."""
     return [asdict(s) for s in stats]
+
+
+@dataclass(frozen=True)
+class ActivationStats:
+    """Outliers and time-dependence of one recorded layer input ``[rows, in_features]``.
+
+    channel_spread: largest ÷ median per-channel max |x| over all recorded timesteps (a few outlier
+        channels make it large; max/min would be driven by near-dead channels instead).
+    timestep_range: largest ÷ smallest per-timestep max |x| (how far the range moves along sampling).
+    top_channels: indices of the 4 channels with the largest max |x|.
+    """
+
+    name: str
+    channel_spread: float
+    timestep_range: float
+    top_channels: tuple[int, ...]
+
+
+def activation_realism(calibration, names) -> list[ActivationStats]:
+    """:class:`ActivationStats` of the calibration records ``calibration[name]`` for ``names``."""
+    out = []
+    for name in names:
+        rec = calibration[name]
+        cmax = rec.pooled().channel_absmax.to(torch.float64)
+        per_t = torch.tensor([rec.per_timestep[t].absmax for t in sorted(rec.per_timestep)], dtype=torch.float64)
+        out.append(ActivationStats(
+            name=name,
+            channel_spread=float(cmax.max() / cmax.median()),
+            timestep_range=float(per_t.max() / per_t.min()),
+            top_channels=tuple(int(i) for i in torch.topk(cmax, min(4, len(cmax))).indices),
+        ))
+    return out
