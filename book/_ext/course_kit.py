@@ -12,6 +12,10 @@ Directives::
 
     ```{chapter-times-table}
     ```                      (every page of the file, with the total and how it was measured)
+
+Role::
+
+    {chapter-runtime-inline}`notebooks/01_activations`   → "about 2 min" (for tables such as the course page's)
 """
 
 from __future__ import annotations
@@ -77,6 +81,15 @@ class ChapterRuntime(_TimesDirective):
         return [para]
 
 
+def chapter_runtime_role(name, rawtext, text, lineno, inliner, options=None, content=None):
+    """Inline ``{chapter-runtime-inline}`notebooks/01_activations``` → "about 2 min" (or "not measured yet")."""
+    env = inliner.document.settings.env
+    path = Path(env.srcdir) / env.config.course_kit_times_file
+    env.note_dependency(str(path))
+    entry = load_times(path)["pages"].get(text.strip()) or {}
+    return [nodes.Text(minutes_text(entry.get("seconds")) or "not measured yet")], []
+
+
 class ChapterTimesTable(_TimesDirective):
     """The table of every page's execution time, with the total and the provenance of the figures."""
 
@@ -85,7 +98,7 @@ class ChapterTimesTable(_TimesDirective):
     def run(self):
         data = self.times()
         pages = data["pages"]
-        if not pages:
+        if not any((entry or {}).get("seconds") is not None for entry in pages.values()):
             return [nodes.paragraph(text="No execution times have been recorded yet.")]
         table = nodes.table(classes=["chapter-times"])
         group = nodes.tgroup(cols=3)
@@ -133,4 +146,5 @@ def setup(app: Sphinx):
     app.add_config_value("course_kit_times_file", "book/chapter_times.json", "env")
     app.add_directive("chapter-runtime", ChapterRuntime)
     app.add_directive("chapter-times-table", ChapterTimesTable)
+    app.add_role("chapter-runtime-inline", chapter_runtime_role)
     return {"version": __version__, "parallel_read_safe": True, "parallel_write_safe": True}
