@@ -5,12 +5,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export IPYTHONDIR := $(CURDIR)/book/ipython_profile
 
-.PHONY: env test book bench clean-book help
+.PHONY: env browser test book chapter-times bench clean-book help
 
 help:
 	@echo "make test   - create .venv (pinned torch==2.14.1/torchvision==0.29.1 first) and run pytest"
 	@echo "make book   - same environment, then build the book into _build/html/index.html"
 	@echo "make bench  - run the benchmarks (~12 min), write benchmarks/results.md and results.json"
+	@echo "make chapter-times - after a cold make book: write book/chapter_times.json (each chapter's run time)"
 
 # torch and torchvision first, as a pair; every later install is constrained to that pair and to the
 # versions this project was tested with (requirements/constraints.txt).
@@ -24,7 +25,17 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 
 env: $(STAMP)
 
-test: env
+# Headless Chromium (Debian package) for tests/test_book_offline.py, which opens a built page with the network
+# off and checks that its formulas render. Installed when missing if we are root (as in CI, ~20 s); otherwise
+# that one test is skipped with a message (.ci/run sets HQDIT_REQUIRE_CHROMIUM=1 so that it fails instead).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium (Debian package) for the offline-math test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	  else echo "chromium is not installed (apt-get install chromium): the offline-math browser test will be skipped"; fi; }
+
+test: env browser
 	$(BIN)/python -m pytest
 
 # glibc returns freed blocks above its mmap threshold to the OS, so every large temporary of a forward pass
@@ -34,6 +45,11 @@ book: export MALLOC_MMAP_THRESHOLD_ := 268435456
 book: export MALLOC_TRIM_THRESHOLD_ := 1073741824
 book: env
 	$(BIN)/jupyter-book build . -W -n --keep-going
+
+# Each chapter's "run time" line reads book/chapter_times.json; this writes it from the execution records of the
+# last build. Meaningful after a cold build only (fresh clone, no .hqdit_cache/): bash .ci/run, then this.
+chapter-times: env
+	$(BIN)/python book/_ext/chapter_times.py
 
 bench: env
 	$(BIN)/python benchmarks/run_all.py
