@@ -22,7 +22,9 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 #: A wrong answer for every exercise label (code that replaces the answer cell). A new exercise without
 #: an entry here fails ``test_every_exercise_has_a_wrong_answer``.
 WRONG: dict[str, str] = {
-    "ex-act-1": 'answer = "q"',
+    "ex-act-1": 'answer = "attn"',
+    "ex-act-2": 'answer = lambda chunks: float(torch.cat([c.reshape(-1) for c in chunks]).double().pow(4).mean())',
+    "ex-act-3": 'answer = -1',
     "ex-clip-1": 'answer = "fp4_e9m9"',
     "ex-clip-2": 'answer = lambda x, fmt, gammas: float(gammas[0])',
     "ex-clip-3": 'answer = 0.3',
