@@ -23,6 +23,14 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 #: an entry here fails ``test_every_exercise_has_a_wrong_answer``.
 WRONG: dict[str, str] = {
     "ex-act-1": 'answer = "q"',
+    # chapter 4
+    "ex-rotation-block": 'answer = "lower" if _ex_block_expected == "higher" else "higher"',
+    "ex-rotation-onehot": "answer = (12.0, 12.0)",
+    "ex-rotation-per-token": "answer = lambda x, fmt: fake_quantize(x, fmt)",  # per tensor, not per token
+    # chapter 5
+    "ex-gptq-uncorrelated": 'answer = "different" if _ex_uncorrelated_expected == "same" else "same"',
+    "ex-gptq-damping": "answer = 0.5",
+    "ex-gptq-act-order": "answer = gptq_columns",  # natural column order, not act-order
 }
 
 CELL = re.compile(r"^```\{code-cell\}[^\n]*\n(?P<body>.*?)^```[ \t]*$", re.S | re.M)
