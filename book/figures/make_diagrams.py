@@ -81,7 +81,7 @@ def dit_block() -> None:
 
     X = 6.2          # main column
     W = 4.6          # width of the main boxes
-    RX = 9.15        # residual line
+    RX = 9.3         # residual line
     CX = 1.55        # conditioning column
 
     ys = {}
@@ -168,13 +168,13 @@ def dit_block() -> None:
 
     # annotations on the right: why the rotation cannot be folded
     notes = {
-        "rot_qkv": "after the per-sample\nmodulation: online",
-        "rot_proj": "a full-order Q cannot be\nfolded into to_v: online",
-        "rot_fc1": "after the per-sample\nmodulation: online",
-        "rot_fc2": "after GELU:\nonline",
+        "rot_qkv": "online: follows\nthe per-sample\nmodulation",
+        "rot_proj": "online: a full-order Q\ncannot be folded\ninto to_v",
+        "rot_fc1": "online: follows\nthe per-sample\nmodulation",
+        "rot_fc2": "online: follows\nGELU",
     }
     for key, txt in notes.items():
-        ax.text(X + 1.62, ys[key], txt, fontsize=7.8, color=ROT, va="center", ha="left")
+        ax.text(X + 1.55, ys[key], txt, fontsize=7.4, color=ROT, va="center", ha="left", linespacing=1.0)
 
     # legend / key
     lx, ly = 9.75, 25.8
@@ -195,6 +195,7 @@ def dit_block() -> None:
             "(x Q)(W Q)ᵀ = x Q Qᵀ Wᵀ = x Wᵀ:\nthe Qᵀ sits in the weight.\n\n"
             "Outside the blocks, FP32:\npatch embedding, positional\nembedding, final adaLN layer\n"
             "and linear. Not shown: biases\n(FP32, added after the matmul).\n\n"
+            "Q_h, K_h, V_h: one head's queries,\nkeys and values (not the rotation Q).\n\n"
             "d = 144, N = 64 (embedded);\nd = 1152, N = 256 (DiT-XL/2, 256 px)",
             fontsize=8.2, va="top")
     ax.set_title("One DiT block (adaLN-Zero) and what HQ-DiT W4A4 quantizes, as this book implements it",
