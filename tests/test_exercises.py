@@ -31,6 +31,14 @@ WRONG: dict[str, str] = {
     "ex-format-1": 'answer = ("none", "weight")',
     "ex-format-2": 'answer = lambda x: fake_quantize(x, "fp4_e2m1")',
     "ex-format-3": 'answer = -1',
+    # chapter 4
+    "ex-rotation-block": 'answer = "lower" if _ex_block_expected == "higher" else "higher"',
+    "ex-rotation-onehot": "answer = (12.0, 12.0)",
+    "ex-rotation-per-token": "answer = lambda x, fmt: fake_quantize(x, fmt)",  # per tensor, not per token
+    # chapter 5
+    "ex-gptq-uncorrelated": 'answer = "different" if _ex_uncorrelated_expected == "same" else "same"',
+    "ex-gptq-damping": "answer = 0.5",
+    "ex-gptq-act-order": "answer = gptq_columns",  # natural column order, not act-order
 }
 
 CELL = re.compile(r"^```\{code-cell\}[^\n]*\n(?P<body>.*?)^```[ \t]*$", re.S | re.M)
