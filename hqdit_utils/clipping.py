@@ -149,8 +149,6 @@ def _rounding_thresholds(fmt: Format) -> "tuple[torch.Tensor, torch.Tensor] | No
     ``g[k+1]``: the midpoint between ``b`` and its float32 predecessor, nudged up by one float64 ulp when
     float32 rounding sends that midpoint down (ties to even). ``None`` for formats this does not cover
     (unsigned integers, non-saturating floats)."""
-    from .quantizer import round_to_grid
-
     if isinstance(fmt, IntFormat) and not fmt.signed or isinstance(fmt, FloatFormat) and not fmt.saturate:
         return None
     if not isinstance(fmt, (IntFormat, FloatFormat)):

@@ -18,7 +18,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 
-from .capture import ALL_FC_LAYERS, DEFAULT_LAYERS
+from .layers import ALL_FC_LAYERS, DEFAULT_LAYERS
 from .clipping import CLIP_METHODS, SEARCHES
 from .format_select import DEFAULT_CANDIDATES, STATISTICS
 
@@ -39,7 +39,7 @@ class QuantRecipe:
 
     Layer selection:
         layers / exclude: fully-qualified-name patterns (glob, or ``re:`` regex) of the ``nn.Linear``
-            modules to quantize (:func:`~hqdit_utils.capture.select_linears`).
+            modules to quantize (:func:`~hqdit_utils.layers.select_linears`).
         quantize_attention: also quantize the attention-matmul inputs Q, K, V and the softmax output P
             (custom attention processor) with ``attn_format`` (per-tensor static α for Q/K/V from the
             calibration max, α = 1 for P).

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from .config import DATA_DIR
+from .recipes import FP8_CANDIDATES, get_recipe
 
 __all__ = ["METHODS", "SETTINGS", "bit_recipe", "load_paper", "paper_sources", "mean_std", "noise_level",
            "paired_difference", "claim_verdict", "full_scale_results", "LOWER_IS_BETTER", "RESULTS_DIR"]
@@ -57,8 +58,6 @@ def bit_recipe(method: str, setting: str):
     activations instead of 4-bit (``int8``; FP methods: ``fp8_e4m3``, or the FP8 candidate set for
     per-layer format search), named ``<w4a4 name>-<setting>``. Nothing else changes.
     """
-    from .recipes import FP8_CANDIDATES, get_recipe
-
     if method not in METHODS:
         raise KeyError(f"unknown method {method!r}; choose one of {list(METHODS)}")
     if setting not in _BITS:

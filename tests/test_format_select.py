@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from hqdit_utils.capture import TensorStats
+from hqdit_utils.stats import TensorStats
 from hqdit_utils.format_select import (DEFAULT_CANDIDATES, FormatPlan, LayerFormat, fit_thresholds, order_by_range,
                                        ratio_rule, ratio_statistics, ratio_statistics_from_stats, select_format)
 from hqdit_utils.clipping import clip_activation, clip_weight
