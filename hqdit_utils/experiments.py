@@ -43,6 +43,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -120,10 +121,48 @@ def _module_file(module: str, package_dir: Path) -> "Path | None":
     return None
 
 
+_AST_LOCK = threading.Lock()  # CPython 3.11's ast.parse is not safe in concurrent threads
+_SOURCE_CACHE: dict = {}  # (path, mtime_ns, size) -> (imports, fingerprint)
+
+
+def _read_source(path: Path, module: str, is_pkg: bool) -> tuple[list[str], str]:
+    """(package modules ``path`` imports, sha256 of its syntax tree without docstrings), cached per file
+    version. Imports are absolute names; ``from . import x`` also lists ``<package>.x`` (it may be a module)."""
+    st = path.stat()
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key in _SOURCE_CACHE:
+        return _SOURCE_CACHE[key]
+    package = module.split(".")[0]
+    with _AST_LOCK:
+        tree = ast.parse(path.read_text(), str(path))
+        imports: list[str] = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imports += [a.name for a in node.names if a.name.split(".")[0] == package]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    parts = module.split(".")
+                    anchor = parts[: len(parts) - node.level + (1 if is_pkg else 0)]
+                    base = ".".join(anchor + ([node.module] if node.module else []))
+                elif node.module and node.module.split(".")[0] == package:
+                    base = node.module
+                else:
+                    continue
+                imports += [base] + [f"{base}.{a.name}" for a in node.names]
+        for node in ast.walk(tree):  # docstrings carry no behaviour; comments never reach the tree
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                body = node.body
+                if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                        and isinstance(body[0].value.value, str):
+                    node.body = body[1:] or [ast.Pass()]
+        fingerprint = hashlib.sha256(ast.dump(tree).encode()).hexdigest()
+    _SOURCE_CACHE[key] = (imports, fingerprint)
+    return imports, fingerprint
+
+
 def imported_modules(module: str, package_dir: Path = PACKAGE_DIR) -> list[str]:
     """The modules of the package in ``package_dir`` that ``module`` imports, directly or not, at the top
     level or inside functions (read with ``ast``, nothing is executed), ``module`` included; sorted."""
-    package = module.split(".")[0]
     seen: set[str] = set()
     todo = [module]
     while todo:
@@ -132,45 +171,17 @@ def imported_modules(module: str, package_dir: Path = PACKAGE_DIR) -> list[str]:
         if name in seen or path is None:
             continue
         seen.add(name)
-        is_pkg = path.name == "__init__.py"
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                todo += [a.name for a in node.names if a.name.split(".")[0] == package]
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    anchor = name.split(".")[: len(name.split(".")) - node.level + (1 if is_pkg else 0)]
-                    base = ".".join(anchor + ([node.module] if node.module else []))
-                elif node.module and node.module.split(".")[0] == package:
-                    base = node.module
-                else:
-                    continue
-                todo.append(base)
-                todo += [f"{base}.{a.name}" for a in node.names]  # `from . import x` may name a module
+        todo += _read_source(path, name, path.name == "__init__.py")[0]
     return sorted(seen)
 
 
-def _strip_docstrings(tree: ast.AST) -> ast.AST:
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                    and isinstance(body[0].value.value, str):
-                node.body = body[1:] or [ast.Pass()]
-    return tree
-
-
-def source_fingerprint(path: Path) -> str:
-    """sha256 of a Python file's syntax tree without docstrings (comments and layout never reach it)."""
-    tree = _strip_docstrings(ast.parse(Path(path).read_text(), str(path)))
-    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()
-
-
 def code_fingerprint(module: str = __name__, package_dir: Path = PACKAGE_DIR) -> str:
-    """Fingerprint of the code a computation runs: :func:`source_fingerprint` of every module
+    """Fingerprint of the code a computation runs: the syntax trees, without docstrings, of every module
     :func:`imported_modules` finds from ``module`` (default: this one, i.e. a whole :func:`run`)."""
     h = hashlib.sha256()
     for name in imported_modules(module, package_dir):
-        h.update(f"{name}={source_fingerprint(_module_file(name, package_dir))};".encode())
+        path = _module_file(name, package_dir)
+        h.update(f"{name}={_read_source(path, name, path.name == '__init__.py')[1]};".encode())
     return h.hexdigest()[:16]
 
 

@@ -1,18 +1,18 @@
 """Per-layer FP format selection — the "hybrid" of HQ-DiT.
 
-What the paper does, as far as known (digest §3.3): the FP4 format of each layer is chosen among
-E3M0 / E2M1 / E1M2 from a distribution statistic of the **weights**, a max/min ratio the notes call
-``s_w``; its exact definition and thresholds are UNKNOWN.
+What the paper does, as far as known (a third-party summary; book/choices.md#choices-format-selection):
+the FP4 format of each layer is chosen among E3M0 / E2M1 / E1M2 from a distribution statistic of the
+**weights**, a max/min ratio the summary calls ``s_w``; its exact definition and thresholds are UNKNOWN.
 
 What this module does:
 
-* **Default (ours, digest §9.5)** — :func:`select_format`: for each candidate format, run the clipping
+* **Default (ours)** — :func:`choose_format` with ``rule="mse"``: for each candidate format, run the clipping
   search (:mod:`.clipping`) and keep the format with the lowest calibration MSE *after* clipping; done
   separately for the weight (per-channel α) and for the activation (per-tensor or per-token α), so a
   layer's weight and activation may get different formats. By construction the choice is never worse in
   MSE than any fixed candidate.
 * **The paper-style statistics** — :func:`ratio_statistics` computes the three readings of ``s_w``
-  (digest §3.3): ``max_min_ratio`` (reading 1: max|t| / min non-zero |t|), ``channel_max_ratio``
+  (three plausible readings of the summary's words): ``max_min_ratio`` (reading 1: max|t| / min non-zero |t|), ``channel_max_ratio``
   (reading 2: largest / smallest per-channel max-abs), ``max_rms_ratio`` (reading 3 with the RMS as the
   "typical magnitude": the crest factor); plus ``max_mean_ratio`` and the kurtosis.
 * **A threshold rule** — :func:`ratio_rule`: statistic < t₁ → the format with the fewest exponent bits,
@@ -43,9 +43,9 @@ __all__ = ["DEFAULT_CANDIDATES", "STATISTICS", "DEFAULT_THRESHOLDS", "RULES", "F
            "choose_format", "select_format", "ratio_statistics", "ratio_statistics_from_stats", "ratio_rule", "fit_thresholds",
            "order_by_range"]
 
-#: The FP4 candidates of the paper (digest §3.3).
+#: The FP4 candidates of the paper (E1M2, E2M1, E3M0; book/choices.md#choices-formats).
 DEFAULT_CANDIDATES: tuple[str, ...] = ("fp4_e1m2", "fp4_e2m1", "fp4_e3m0")
-#: Names of the paper-style statistics (readings 1–3 of digest §3.3, plus two extras).
+#: Names of the paper-style statistics (three readings of the summary's ``s_w``, plus two extras).
 STATISTICS = ("max_min_ratio", "channel_max_ratio", "max_rms_ratio", "max_mean_ratio", "kurtosis")
 #: Our default thresholds (t₁, t₂) per statistic — guesses, NOT the paper's (unknown); see fit_thresholds.
 DEFAULT_THRESHOLDS: dict[str, tuple[float, float]] = {

@@ -34,7 +34,7 @@ PAPER_DIR = DATA_DIR / "paper"
 #: Bit settings, weakest quantization first.
 SETTINGS = ("w8a8", "w4a8", "w4a4")
 
-#: The methods of the paper's comparison (digest §4: MinMax-FP, SmoothQuant, FPQ, GPTQ) plus INT
+#: The methods of the paper's comparison (MinMax-FP, SmoothQuant, FPQ, GPTQ; book/choices.md#choices-baselines) plus INT
 #: round-to-nearest and HQ-DiT. Value: the registered recipe of each bit setting (None: derived).
 METHODS: dict[str, dict[str, str | None]] = {
     "INT-RTN": {"w8a8": "int8", "w4a8": "int4w-a8", "w4a4": "int4-rtn"},
