@@ -5,7 +5,8 @@ The data flow is one line, and every arrow is a function in one module::
     load_dit (models) -> calibrate (calibration) -> quantize_ (qmodel: format_select, clipping, hadamard,
     gptq -> qlinear) -> sample (sampling) -> evaluate (metrics) -> run (experiments) -> notebooks / CLI
 
-No module imports one further down this line. The public surface, as torchao exports ``quantize_``::
+(calibration samples trajectories with ``sampling``, so both sit below ``quantize_``.) The import graph
+has no cycle (``tests/test_package_layout.py``). The public surface, as torchao exports ``quantize_``::
 
     from hqdit_utils import load_dit, calibrate, get_recipe, quantize_, sample, evaluate
 """

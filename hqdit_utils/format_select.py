@@ -6,13 +6,15 @@ the FP4 format of each layer is chosen among E3M0 / E2M1 / E1M2 from a distribut
 
 What this module does:
 
-* **Default (ours)** — :func:`choose_format` with ``rule="mse"``: for each candidate format, run the clipping
-  search (:mod:`.clipping`) and keep the format with the lowest calibration MSE *after* clipping; done
-  separately for the weight (per-channel α) and for the activation (per-tensor or per-token α), so a
-  layer's weight and activation may get different formats. By construction the choice is never worse in
-  MSE than any fixed candidate.
-* **The paper-style statistics** — :func:`ratio_statistics` computes the three readings of ``s_w``
-  (three plausible readings of the summary's words): ``max_min_ratio`` (reading 1: max|t| / min non-zero |t|), ``channel_max_ratio``
+* **One format choice** — :func:`choose_format`, used by :func:`~hqdit_utils.qmodel.quantize_` for weights
+  and activations and (through :func:`select_format`) by chapter 2. Its default rule (ours, ``"mse"``):
+  for each candidate format, run the clipping search (:mod:`.clipping`) and keep the format with the
+  lowest calibration MSE *after* clipping; done separately for the weight (per-channel α) and for the
+  activation (per-tensor or per-token α), so a layer's weight and activation may get different formats.
+  By construction the choice is never worse in MSE than any fixed candidate. The other rules:
+  ``"output"`` (layer-output error, the FPQ baseline) and ``"ratio"`` (below).
+* **The paper-style statistics** — :func:`ratio_statistics` computes three plausible readings of the
+  summary's ``s_w``: ``max_min_ratio`` (reading 1: max|t| / min non-zero |t|), ``channel_max_ratio``
   (reading 2: largest / smallest per-channel max-abs), ``max_rms_ratio`` (reading 3 with the RMS as the
   "typical magnitude": the crest factor); plus ``max_mean_ratio`` and the kurtosis.
 * **A threshold rule** — :func:`ratio_rule`: statistic < t₁ → the format with the fewest exponent bits,
@@ -39,9 +41,9 @@ from .clipping import ClipResult, clip_activation, clip_weight
 from .formats import FloatFormat, parse_format
 from .stats import hist_bin_edges
 
-__all__ = ["DEFAULT_CANDIDATES", "STATISTICS", "DEFAULT_THRESHOLDS", "RULES", "FormatChoice", "LayerFormat", "FormatPlan",
-           "choose_format", "select_format", "ratio_statistics", "ratio_statistics_from_stats", "ratio_rule", "fit_thresholds",
-           "order_by_range"]
+__all__ = ["DEFAULT_CANDIDATES", "STATISTICS", "DEFAULT_THRESHOLDS", "RULES", "FormatChoice", "LayerFormat",
+           "FormatPlan", "choose_format", "select_format", "ratio_statistics", "ratio_statistics_from_stats",
+           "ratio_rule", "fit_thresholds", "order_by_range"]
 
 #: The FP4 candidates of the paper (E1M2, E2M1, E3M0; book/choices.md#choices-formats).
 DEFAULT_CANDIDATES: tuple[str, ...] = ("fp4_e1m2", "fp4_e2m1", "fp4_e3m0")

@@ -263,7 +263,8 @@ register_recipe(RECIPES["hqdit-w4a4"].replace(name="hqdit-no-gptq", gptq=False,
                                               description="hqdit-w4a4 with round-to-nearest weights (our ablation)."))
 register_recipe(RECIPES["hqdit-w4a4"].replace(name="hqdit-w4a4-all-fc", layers=ALL_FC_LAYERS,
                                               description="hqdit-w4a4 on every fully-connected layer of every "
-                                                          "block (adds adaLN norm1.linear; book/choices.md#choices-layers)."))
+                                                          "block (adds adaLN norm1.linear; "
+                                                          "book/choices.md#choices-layers)."))
 register_recipe(RECIPES["hqdit-w4a4"].replace(name="hqdit-w4a4-dyn", act_granularity="token",
                                               description="hqdit-w4a4 with per-token dynamic activations."))
 register_recipe(QuantRecipe(

@@ -34,8 +34,8 @@ PAPER_DIR = DATA_DIR / "paper"
 #: Bit settings, weakest quantization first.
 SETTINGS = ("w8a8", "w4a8", "w4a4")
 
-#: The methods of the paper's comparison (MinMax-FP, SmoothQuant, FPQ, GPTQ; book/choices.md#choices-baselines) plus INT
-#: round-to-nearest and HQ-DiT. Value: the registered recipe of each bit setting (None: derived).
+#: The methods of the paper's comparison (MinMax-FP, SmoothQuant, FPQ, GPTQ; their forms:
+#: book/choices.md#choices-baselines) plus INT round-to-nearest and HQ-DiT. Value: the registered recipe of each bit setting (None: derived).
 METHODS: dict[str, dict[str, str | None]] = {
     "INT-RTN": {"w8a8": "int8", "w4a8": "int4w-a8", "w4a4": "int4-rtn"},
     "MinMax-FP": {"w8a8": "fp4-minmax-w8a8", "w4a8": "fp4-minmax-w4a8", "w4a4": "fp4-minmax"},
