@@ -10,15 +10,24 @@ has no cycle (``tests/test_package_layout.py``). The public surface, as torchao 
 
     from hqdit_utils import load_dit, calibrate, get_recipe, quantize_, sample, evaluate
 """
-from .calibration import calibrate
+from importlib import import_module
+
 from .formats import FloatFormat, IntFormat, NoFormat, parse_format
-from .metrics.adm import evaluate
-from .models import load_dit
-from .provenance import __version__
-from .qmodel import quantize_
 from .quantizer import fake_quantize
-from .recipes import get_recipe
-from .sampling import sample
+
+#: Public name -> the module that holds it.
+_PUBLIC = {"load_dit": "models", "calibrate": "calibration", "get_recipe": "recipes", "quantize_": "qmodel",
+           "sample": "sampling", "evaluate": "metrics.adm", "__version__": "provenance"}
 
 __all__ = ["load_dit", "calibrate", "get_recipe", "quantize_", "sample", "evaluate", "FloatFormat", "IntFormat",
            "NoFormat", "parse_format", "fake_quantize", "__version__"]
+
+
+def __getattr__(name: str):
+    # deferred (PEP 562): importing one module of the package (a sampling worker, `hqdit --help`) must not
+    # import the whole engine with pandas, scipy and safetensors; the public names load on first use
+    if name in _PUBLIC:
+        value = getattr(import_module(f".{_PUBLIC[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -57,7 +57,6 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .files import atomic_path, write_text_atomic
-from .metrics.adm import NpzImages
 from .models import load_dit
 
 SAMPLERS = ("ddpm", "ddim")
@@ -281,6 +280,8 @@ def _load_shard(path: Path, lo: int, hi: int, labels: torch.Tensor, image_shape:
 
 def _output_intact(out_npz: Path, meta: dict) -> bool:
     """Whether ``out_npz`` holds exactly the images whose sha256 ``meta`` records (streamed, no full copy)."""
+    from .metrics.adm import NpzImages  # deferred: metrics imports scipy and pandas, which sample writers never need
+
     try:
         h = hashlib.sha256()
         for batch in NpzImages(out_npz).iter_batches(1024):
