@@ -14,6 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+from .calibration import calibrate
+from .models import load_dit
+from .qmodel import quantize_, save_quantized
+from .recipes import RECIPES, get_recipe
+
 
 def _peak_rss_mb() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -24,11 +29,6 @@ def run(recipe_name: str, out: str | Path, *, model: str = "embedded", trajector
         timesteps: int | None = None, steps: int | None = None, cfg_scale: float = 1.5, seed: int = 0,
         rows_per_timestep: int = 256, batch_size: int | None = None, profile: str | None = None) -> dict:
     """The command's work as a function (returns the ``run.json`` content)."""
-    from .capture import calibrate
-    from .models import load_dit
-    from .qmodel import quantize_, save_quantized
-    from .recipes import get_recipe
-
     recipe = get_recipe(recipe_name)  # fail fast on an unknown name
     t0 = time.perf_counter()
     bundle = load_dit(model)
@@ -52,8 +52,6 @@ def run(recipe_name: str, out: str | Path, *, model: str = "embedded", trajector
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    from .recipes import RECIPES
-
     if args.list:
         for name in sorted(RECIPES):
             print(f"{name:22s} {RECIPES[name].description}")

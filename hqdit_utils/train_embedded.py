@@ -35,69 +35,29 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from .atomic import atomic_path, write_text_atomic
-
-#: Number of digit classes; the null (unconditional) class id is ``NUM_CLASSES``.
-NUM_CLASSES = 10
-NULL_CLASS = NUM_CLASSES
-IMAGE_SIZE = 16
-DATASET_NAME = "sklearn.datasets.load_digits, upsampled 8x8 -> 16x16 (bilinear), scaled to [-1, 1]"
-
-
-# --------------------------------------------------------------------------------------------------
-# data
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class DigitsData:
-    """The data set in memory.
-
-    images: float32 ``[1797, 1, 16, 16]`` in [-1, 1] (0 = background -> -1, 16 = full ink -> +1).
-    labels: int64 ``[1797]`` digit 0..9.
-    train_idx / heldout_idx: int64 indices of the fixed stratified split.
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    train_idx: torch.Tensor
-    heldout_idx: torch.Tensor
-    split_seed: int
-    heldout_fraction: float
-
-
-def load_digits16(split_seed: int = 0, heldout_fraction: float = 0.2) -> DigitsData:
-    """Load scikit-learn's digits, upsample to 16×16 and split (stratified, fixed seed)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0  # [N,1,8,8] in [0,1]
-    x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
-    x = (x * 2.0 - 1.0).clamp(-1.0, 1.0)
-    y = torch.tensor(d.target, dtype=torch.long)
-    idx = list(range(len(y)))
-    tr, te = train_test_split(idx, test_size=heldout_fraction, random_state=split_seed, stratify=d.target)
-    return DigitsData(x, y, torch.tensor(sorted(tr)), torch.tensor(sorted(te)), split_seed, heldout_fraction)
-
-
-def to_uint8_nhwc(x: torch.Tensor) -> torch.Tensor:
-    """float NCHW in [-1, 1] -> uint8 NHWC, ``round((x + 1) * 127.5)`` clamped (the sampler's rule)."""
-    return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
+from .config import CACHE_DIR
+from .digits import DATASET_NAME, IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, DigitsData, load_digits16, to_uint8_nhwc
+from .files import atomic_path, load_error_reason, sha256_file, write_text_atomic
+from .metrics.proxy_net import ProxyNet, load_proxy_net, save_proxy_net
+from .models import load_dit
+from .provenance import package_versions
+from .sampling import sample
 
 def random_shift(x: torch.Tensor, gen: torch.Generator, max_shift: int = 1) -> torch.Tensor:
     """Shift each image ``[B, C, H, W]`` by an independent integer offset in [-max_shift, max_shift]²,
@@ -174,7 +134,7 @@ def build_dit(config: dict, seed: int = 0, tie: bool = False, block_init_std: fl
     """A freshly initialised ``DiTTransformer2DModel`` (DiT init, seed ``seed``; ``block_init_std``
     see :func:`dit_initialize`); ``tie=True`` makes every block use block 0's timestep/class embedder
     (one shared module, as in the original DiT)."""
-    from diffusers import DiTTransformer2DModel
+    from diffusers import DiTTransformer2DModel  # deferred: diffusers takes seconds to import
 
     torch.manual_seed(seed)
     model = DiTTransformer2DModel(**config)
@@ -194,7 +154,7 @@ def tie_embedders(model) -> None:
 def untied_copy(model, config: dict):
     """A plain diffusers model (one embedder copy per block, as ``DiTTransformer2DModel`` builds it)
     holding the weights of a (possibly tied) model — what ``save_pretrained`` can write."""
-    from diffusers import DiTTransformer2DModel
+    from diffusers import DiTTransformer2DModel  # deferred: diffusers takes seconds to import
 
     fresh = DiTTransformer2DModel(**config)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -279,10 +239,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
 # --------------------------------------------------------------------------------------------------
 def train_proxy(data: DigitsData, cfg: TrainConfig, progress: bool = True):
     """Train :class:`ProxyNet` on the train split; returns ``(net, info)`` with held-out accuracy."""
-    from tqdm import tqdm
-
-    from .metrics.proxy_net import ProxyNet
-
     t0 = time.time()
     torch.manual_seed(cfg.seed + 100)
     gen = torch.Generator().manual_seed(cfg.seed + 101)
@@ -408,8 +364,6 @@ def train_dit(
     interruption. ``adaptive_threads`` lets :class:`ThreadTuner` choose between the current torch
     thread count and 1 thread while training. ``state["loss_curve"]`` is a list of ``[step, mean ε-MSE since last entry, wall s]``.
     """
-    from tqdm import tqdm
-
     ckpt_path = Path(checkpoint_dir) / "train_state.pt"
     dit_cfg = cfg.dit_config()
     model = build_dit(dit_cfg, seed=cfg.seed, tie=cfg.share_embedder, block_init_std=cfg.block_init_std)
@@ -422,8 +376,6 @@ def train_dit(
     state = {"step": 0, "wall_time_s": 0.0, "loss_curve": [], "config": asdict(cfg)}
 
     if ckpt_path.is_file():
-        from .models import load_error_reason
-
         try:
             ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         except Exception as err:  # truncated zip, forbidden pickle global …: the file cannot be trusted
@@ -544,32 +496,17 @@ def train_dit(
 # --------------------------------------------------------------------------------------------------
 # export, evaluation, manifest
 # --------------------------------------------------------------------------------------------------
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
 def export_model(ema, cfg: TrainConfig, out: Path) -> None:
     """Write ``out/transformer`` (untied EMA weights, safetensors) and ``out/scheduler`` (DDPM config)."""
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler  # deferred: diffusers takes seconds to import
 
     plain = untied_copy(ema, cfg.dit_config())
     tmp = out / "transformer.tmp"
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     plain.save_pretrained(str(tmp), safe_serialization=True)
     final = out / "transformer"
     if final.exists():
-        import shutil
-
         shutil.rmtree(final)
     os.replace(tmp, final)
     sched = DDPMScheduler(
@@ -588,10 +525,6 @@ def class_consistency(out: Path, cfg: TrainConfig, progress: bool = True) -> dic
     """Sample ``cfg.consistency_samples`` images (classes round-robin, seeds 0..N-1, DDPM
     ``cfg.consistency_steps`` steps, guidance ``cfg.consistency_cfg``) from the exported model and
     classify them with the exported proxy network. Returns the fraction per class and overall."""
-    from .metrics.proxy_net import load_proxy_net
-    from .models import load_dit
-    from .sampling import sample
-
     bundle = load_dit(str(out), verify=False)
     n = cfg.consistency_samples
     labels = torch.arange(n) % NUM_CLASSES
@@ -638,15 +571,11 @@ def write_manifest(out: Path, record: dict) -> dict:
     return record
 
 
-def _versions() -> dict:
-    import diffusers
-    import sklearn
-
+def _environment() -> dict:
+    """Versions and machine facts recorded in the manifest."""
     return {
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "scikit-learn": sklearn.__version__,
+        **package_versions(("torch", "diffusers", "scikit-learn")),
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
@@ -659,8 +588,6 @@ def run(cfg: TrainConfig, out: str | Path, checkpoint_dir: str | Path, command: 
 
     ``stop_after_steps`` ends training at that step of the ``cfg.steps``-step schedule (the learning
     rate still follows the full schedule) and exports the EMA weights of that step."""
-    from .metrics.proxy_net import load_proxy_net, save_proxy_net
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -727,7 +654,7 @@ def run(cfg: TrainConfig, out: str | Path, checkpoint_dir: str | Path, command: 
         },
         "proxy_classifier": proxy_info,
         "command": command,
-        "environment": _versions(),
+        "environment": _environment(),
     }
     write_manifest(out, record)
     if not skip_consistency:
@@ -742,8 +669,6 @@ def run(cfg: TrainConfig, out: str | Path, checkpoint_dir: str | Path, command: 
 # CLI
 # --------------------------------------------------------------------------------------------------
 def _default_checkpoint_dir() -> Path:
-    from .config import CACHE_DIR
-
     return Path(CACHE_DIR) / "train_embedded"
 
 

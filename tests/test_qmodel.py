@@ -6,11 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from hqdit_utils.capture import ALL_FC_LAYERS, calibrate
+from hqdit_utils.calibration import calibrate
 from hqdit_utils.formats import parse_format
+from hqdit_utils.layers import ALL_FC_LAYERS
 from hqdit_utils.models import tiny_dit
-from hqdit_utils.qmodel import (QuantAttnProcessor, QuantizationError, QuantLinear, load_quantized, quantize_,
-                                save_quantized)
+from hqdit_utils.qlinear import QuantAttnProcessor, QuantLinear
+from hqdit_utils.qmodel import QuantizationError, load_quantized, quantize_, save_quantized
 from hqdit_utils.quantizer import fake_quantize
 from hqdit_utils.recipes import get_recipe
 
@@ -182,7 +183,7 @@ def test_timestep_groups_use_the_current_timestep(bundle, calib):
     assert len(ql.act_scale) == 3 and len(ql.ts_edges) == 2
     assert torch.isfinite(_run(m)).all()
     with pytest.raises(RuntimeError, match="current timestep"):
-        ql._ts_ctx.t = None
+        ql.ts_ctx.t = None
         ql(torch.randn(2, ql.in_features))
 
 
@@ -227,18 +228,18 @@ def _run_on(m, b):
 def test_layers_reading_one_tensor_share_its_quantized_input(bundle, calib):
     """to_q/to_k/to_v quantize their common input once (SharedInput); outputs are bit-identical to
     quantizing it in every layer, and an in-place change of the input is seen."""
-    from hqdit_utils.qmodel import SharedInput
+    from hqdit_utils.qlinear import SharedInput
 
     m = _fresh(bundle)
     quantize_(m, _r("hqdit-w4a4"), calib)
     attn = m.transformer_blocks[0].attn1
-    shared = attn.to_q._shared
+    shared = attn.to_q.shared
     assert isinstance(shared, SharedInput) and shared.members == 3
-    assert attn.to_k._shared is shared and attn.to_v._shared is shared and attn.to_out[0]._shared is None
+    assert attn.to_k.shared is shared and attn.to_v.shared is shared and attn.to_out[0].shared is None
     unshared = copy.deepcopy(m)
     for mod in unshared.modules():
         if isinstance(mod, QuantLinear):
-            mod._shared = None
+            mod.shared = None
     assert torch.equal(_run(m), _run(unshared))
     x = torch.randn(5, 72)
     with torch.no_grad():
