@@ -101,10 +101,10 @@ def dit_initialize(model: nn.Module, block_init_std: float = 0.0) -> None:
     """DiT's initialisation: Xavier-uniform linears with zero bias, N(0, 0.02) label table and
     timestep MLP, and the adaLN modulation and the output layers zeroed (adaLN-Zero).
 
-    ``block_init_std > 0`` is our change for the embedded model: the attention and MLP linears of every
-    block (the layers the recipes quantize) start from N(0, block_init_std²) instead of Xavier-uniform
-    (σ ≈ 0.083 at width 144). From the smaller start a few thousand steps carry the weights far from their
-    initial random matrix, as DiT-XL/2's 7 M steps did; from Xavier they stayed random-like."""
+    ``block_init_std > 0`` (an option we tried, not what the shipped model used): the attention and MLP
+    linears of every block (the layers the recipes quantize) start from N(0, block_init_std²) instead of
+    Xavier-uniform (σ ≈ 0.083 at width 144), so that a few thousand steps carry them far from their initial
+    random matrix; the embedded-model page reports what it did to the weights and to the samples."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -181,8 +181,10 @@ class TrainConfig:
     width: int = 144
     head_dim: int = 72
     num_layers: int = 6
-    block_init_std: float = 0.02  # N(0, σ²) start of the block linears (0: Xavier-uniform, DiT's)
-    block_weight_decay: float = 0.5  # AdamW decay of the block linears' weights only (others: weight_decay)
+    # Options tried to make the block linears' weights look trained (see the embedded-model page); the
+    # defaults reproduce the shipped model: Xavier-uniform start (DiT's), no weight decay.
+    block_init_std: float = 0.0  # N(0, σ²) start of the block linears (0: Xavier-uniform, DiT's)
+    block_weight_decay: float = 0.0  # AdamW decay of the block linears' weights only (others: weight_decay)
     steps: int = 3000
     batch_size: int = 128
     lr: float = 1e-3
@@ -225,9 +227,9 @@ def optimizer_groups(model, cfg: TrainConfig) -> list[dict]:
     """AdamW parameter groups: the block linears' weights decay with ``cfg.block_weight_decay``, every
     other parameter with ``cfg.weight_decay``.
 
-    Our choice for the embedded model: decoupled weight decay shrinks what no gradient sustains — above
-    all the random matrix the weights started from — so that after a few thousand steps the quantized
-    weights are dominated by what training put there, as after DiT-XL/2's millions of steps."""
+    An option we tried for the embedded model (off by default): decoupled weight decay shrinks what no
+    gradient sustains — above all the random matrix the weights started from — so that after a few
+    thousand steps the quantized weights are dominated by what training put there."""
     block = block_linear_weights(model)
     ids = {id(p) for p in block}
     rest = [p for p in model.parameters() if id(p) not in ids]
