@@ -139,8 +139,13 @@ def unpack_weight(p: PackedWeight) -> torch.Tensor:
     return decode(codes, fmt) * p.scale.to(torch.float32)
 
 
-def save_packed(layers: "dict[str, PackedWeight]", path: "str | os.PathLike") -> Path:
-    """Write packed layers to one safetensors file (atomically: temporary file, then rename)."""
+def save_packed(layers: "dict[str, PackedWeight] | torch.nn.Module", path: "str | os.PathLike") -> Path:
+    """Write packed layers to one safetensors file (atomically: temporary file, then rename). A quantized model
+    is packed directly: the codes of its integer-path layers (:func:`hqdit_utils.lowbit.packed_weights`)."""
+    if isinstance(layers, torch.nn.Module):
+        from .lowbit import packed_weights
+
+        layers = packed_weights(layers)
     path = Path(path)
     tensors, meta = {}, {}
     for name, p in layers.items():

@@ -25,7 +25,8 @@ a weight that is not an integer grid × per-row scale in its dtype, non-CPU tens
 
 API: :func:`set_execution` / :func:`execution` (force ``"int"``, ``"sim"`` or choose ``"auto"``),
 :func:`execution_paths` (which path each layer runs and why), :func:`drop_float_weights_` (keep only the
-codes: packed 4-bit or int8), and the building blocks :func:`integer_grid`, :func:`grid_to_codes`,
+codes: packed 4-bit or int8), :func:`packed_weights` / :func:`install_packed` (files: ``save_quantized(...,
+packed=True)``, ``export.save_packed(model, path)``), and the building blocks :func:`integer_grid`, :func:`grid_to_codes`,
 :func:`codes_to_grid`, :func:`quantize_to_codes`, :func:`weight_codes`, :func:`pack_codes`,
 :func:`unpack_codes`, :func:`int_matmul`.
 """
@@ -45,7 +46,7 @@ from .quantizer import _round_to_grid_
 __all__ = ["LowbitError", "IntegerGrid", "integer_grid", "grid_to_codes", "codes_to_grid", "quantize_to_codes",
            "weight_codes", "pack_codes", "unpack_codes", "int_matmul", "int_mm_available", "IntLinearState",
            "plan_layer", "set_execution", "execution", "execution_paths", "drop_float_weights_", "MODES",
-           "DEFAULT_MODE"]
+           "DEFAULT_MODE", "PACKED_FILE", "packed_weights", "placeholder_weight", "install_packed"]
 
 MODES = ("auto", "int", "sim")
 #: The mode ``quantize_`` and ``load_quantized`` apply to a freshly quantized model.
@@ -216,7 +217,7 @@ def pack_codes(codes: torch.Tensor, fmt: "str | Format") -> torch.Tensor:
         raise LowbitError(f"{g.fmt} codes take {g.bits} bits; only 4-bit codes are packed two per byte")
     if codes.shape[-1] % 2:
         raise LowbitError(f"packing needs an even last dimension, got shape {tuple(codes.shape)}")
-    return pack_nibbles(encode(codes.to(torch.float32) / g.multiplier, fmt)).contiguous()
+    return pack_nibbles(encode(codes.to(torch.float32) / g.multiplier, g.fmt)).contiguous()
 
 
 def unpack_codes(packed: torch.Tensor, fmt: "str | Format") -> torch.Tensor:
@@ -410,13 +411,14 @@ def _quant_linears(model: nn.Module) -> dict:
 
 
 @torch.no_grad()
-def set_execution(model: nn.Module, mode: str = "auto", *, weights: str = "int8") -> dict[str, str]:
+def set_execution(model: nn.Module, mode: str = "auto", *, weights: str | None = None) -> dict[str, str]:
     """Choose the execution path of every ``QuantLinear`` in ``model`` (or of one ``QuantLinear``).
 
     Args:
         mode: ``"auto"`` (integer path wherever it is exact, else simulated), ``"int"`` (integer path for every
             layer; raises if one cannot), ``"sim"`` (simulated path everywhere; the codes are kept).
-        weights: ``"int8"`` (codes [out, in], fastest) or ``"packed"`` (4-bit codes two per byte, unpacked per call).
+        weights: ``"int8"`` (codes [out, in], fastest) or ``"packed"`` (4-bit codes two per byte, unpacked per call);
+            ``None``: keep codes as they are held (newly planned layers hold int8).
 
     Returns:
         ``{layer name: "int" | "sim: <reason>"}`` (reason ``"forced"`` for ``mode="sim"``).
@@ -446,7 +448,8 @@ def set_execution(model: nn.Module, mode: str = "auto", *, weights: str = "int8"
             layer._lowbit = None
             paths[name] = f"sim: {st}"
             continue
-        st.hold(weights)
+        if weights is not None:
+            st.hold(weights)
         st.enabled = mode != "sim"
         layer._lowbit = st
         paths[name] = "int" if st.enabled else "sim: forced"
@@ -469,7 +472,7 @@ def execution_paths(model: nn.Module) -> dict[str, str]:
 
 
 @contextmanager
-def execution(model: nn.Module, mode: str, *, weights: str = "int8"):
+def execution(model: nn.Module, mode: str, *, weights: str | None = None):
     """``with execution(model, "sim"): …`` runs with ``mode`` (see :func:`set_execution`), then restores each
     layer's previous path."""
     layers = _quant_linears(model)
@@ -501,3 +504,66 @@ def drop_float_weights_(model: nn.Module, *, weights: str = "packed") -> int:
         freed += layer.weight.numel() * layer.weight.element_size()
         layer._buffers["weight"] = None
     return freed
+
+
+# --------------------------------------------------------------------------------------------------
+# Files: the codes as export.PackedWeight (two 4-bit codes per byte, float32 row scales)
+# --------------------------------------------------------------------------------------------------
+#: The file :func:`~hqdit_utils.qmodel.save_quantized` (``packed=True``) writes next to ``quant_state.safetensors``.
+PACKED_FILE = "packed_weights.safetensors"
+
+
+def packed_weights(model: nn.Module) -> dict:
+    """Every integer-path layer's weight as an :class:`~hqdit_utils.export.PackedWeight` (for
+    ``export.save_packed``): 4-bit bit patterns two per byte (8-bit formats: one per byte) and one float32 scale
+    per output row [out, 1] in the units of the format's grid — no float16 rounding, so
+    :func:`install_packed` rebuilds the layer's integer path bit for bit. Layers on the simulated path, and
+    4-bit layers with an odd ``in_features``, are left out."""
+    from .export import PackedWeight, encode
+
+    out = {}
+    for name, layer in _quant_linears(model).items():
+        st = layer._lowbit
+        if st is None:
+            continue
+        g = st.w_grid
+        if g.bits <= 4:
+            if layer.in_features % 2:
+                continue
+            codes = st.packed if st.packed is not None else pack_codes(st.codes, g)
+        else:
+            codes = encode(st.int8_codes().to(torch.float32) / g.multiplier, g.fmt)
+        out[name] = PackedWeight(codes.contiguous(), (st.row_scale * g.multiplier)[:, None].contiguous(), g.fmt,
+                                 (layer.out_features, layer.in_features))
+    return out
+
+
+def placeholder_weight(out_features: int, in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A zero-byte stand-in [out, in] (an expanded scalar) to construct a ``QuantLinear`` whose weight comes from
+    codes (:func:`install_packed` removes it)."""
+    return torch.zeros((), dtype=dtype).expand(out_features, in_features)
+
+
+def install_packed(layer, p, weight_dtype: torch.dtype = torch.float32) -> None:
+    """Make ``layer`` (a ``QuantLinear``) hold only the codes of the :class:`~hqdit_utils.export.PackedWeight`
+    ``p`` (written by :func:`packed_weights`): its integer path is then bit-identical to the saved layer's; the
+    simulated path decodes ``codes · scale`` in ``weight_dtype``.
+
+    Raises:
+        LowbitError: ``p`` does not fit the layer (shape, or a format without an integer grid).
+    """
+    from .export import decode
+
+    if tuple(p.shape) != (layer.out_features, layer.in_features):
+        raise LowbitError(f"{layer.name}: packed weight of shape {tuple(p.shape)}, the layer is "
+                          f"[{layer.out_features}, {layer.in_features}]")
+    wg = integer_grid(p.fmt)
+    ag = integer_grid(layer.act_format)
+    if wg.bits <= 4:
+        codes = unpack_codes(p.codes, wg)
+    else:
+        codes = (decode(p.codes, wg.fmt) * wg.multiplier).to(torch.int8)
+    st = IntLinearState(wg, ag, codes, p.scale.to(torch.float32).reshape(-1) / wg.multiplier, weight_dtype, None)
+    st.hold("packed")
+    layer._lowbit = st
+    layer._buffers["weight"] = None

@@ -293,3 +293,32 @@ def test_saved_and_loaded_model_runs_the_integer_path_identically(bundle, calib,
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(_run(m2), _run(m))
+
+
+def test_packed_files_load_back_bit_identically(bundle, calib, tmp_path):
+    from hqdit_utils.export import load_packed, save_packed, unpack_weight
+    from hqdit_utils.qmodel import QuantizationError
+
+    m = copy.deepcopy(bundle.transformer)
+    quantize_(m, get_recipe("fp4-hybrid-dyn").replace(clip_grid=(20, 0.3, 1.0)), calib)
+    out = _run(m)
+    save_quantized(m, tmp_path / "q", packed=True)
+    files = {f.name: f.stat().st_size for f in (tmp_path / "q").iterdir()}
+    plain = save_quantized(m, tmp_path / "f") / "quant_state.safetensors"
+    weights = sum(4 * q.weight.numel() for q in m.modules() if isinstance(q, QuantLinear))
+    # the float weights are gone from the state; the codes take 1/8 of their bytes (+ one scale per row)
+    assert plain.stat().st_size - files["quant_state.safetensors"] >= weights
+    assert files[lowbit.PACKED_FILE] < weights / 8 + 16 * 1024
+    m2 = load_quantized(copy.deepcopy(bundle.transformer), tmp_path / "q")
+    layers2 = [q for q in m2.modules() if isinstance(q, QuantLinear)]
+    assert all(q.weight is None and q._lowbit.packed is not None for q in layers2)
+    assert set(execution_paths(m2).values()) == {"int"} and torch.equal(_run(m2), out)
+    # export.save_packed takes the model directly; its file decodes to the simulated weights
+    save_packed(m, tmp_path / "p.safetensors")
+    for name, p in load_packed(tmp_path / "p.safetensors").items():
+        assert torch.allclose(unpack_weight(p), m.get_submodule(name).weight, rtol=2 ** -21, atol=0)
+    with pytest.raises(QuantizationError, match="holds codes only; save with packed=True"):
+        save_quantized(m2, tmp_path / "g")
+    (tmp_path / "q" / lowbit.PACKED_FILE).unlink()
+    with pytest.raises(QuantizationError, match="missing tensors"):
+        load_quantized(copy.deepcopy(bundle.transformer), tmp_path / "q")
