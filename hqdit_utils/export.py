@@ -11,8 +11,9 @@ any machine. This module shows the storage that the simulation stands for, and m
   packed codes, one float16 scale per output row and the format name in the metadata;
 * :func:`storage_report` compares the packed size with FP32 and FP16 storage of the same layers.
 
-No FP4 arithmetic happens here or anywhere in the project: matrix products with FP4 operands need
-hardware this project does not use (NVIDIA sm100+); the codes are decoded back to float32 to compute.
+No FP4 floating-point arithmetic happens in the project (FP4 matrix products need NVIDIA sm100+); the codes
+are decoded back to float32 to compute, or — every FP4 grid being a small integer grid after one power-of-two
+factor — multiplied exactly as int8 on the CPU by ``lowbit.py``.
 """
 from __future__ import annotations
 
