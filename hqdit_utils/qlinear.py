@@ -45,16 +45,21 @@ class SharedInput:
         self._clear()
 
     def _clear(self) -> None:
-        self.x, self.version, self.t, self.value, self.uses = None, -1, None, None, 0
+        self.x, self.version, self.t, self.value, self.uses = None, -1, None, {}, 0
 
-    def get(self, layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
+    def get(self, layer: "QuantLinear", x: torch.Tensor, kind: str = "sim", compute=None):
+        """``compute(x)`` (default ``layer.quantize_input``) for the first member that asks, shared with
+        the others; one value per ``kind`` ("sim": the fake-quantized tensor, "int": integer codes)."""
+        compute = layer.quantize_input if compute is None else compute
         if x.is_inference():  # no version counter, so an in-place change could not be seen: no reuse
-            return layer.quantize_input(x)
+            return compute(x)
         t = None if layer.ts_ctx is None else layer.ts_ctx.t
         if self.x is not x or self.version != x._version or self.t != t:
             self.x, self.version, self.t = x, x._version, t
-            self.value, self.uses = layer.quantize_input(x), 0
-        value = self.value
+            self.value, self.uses = {}, 0
+        if kind not in self.value:
+            self.value[kind] = compute(x)
+        value = self.value[kind]
         self.uses += 1
         if self.uses >= self.members:  # every member has read it: do not keep tensors alive between calls
             self._clear()
@@ -130,6 +135,7 @@ class QuantLinear(nn.Module):
             self.ts_edges = None
         self.ts_ctx: TimestepContext | None = None  # set by quantize_ with per-timestep-group scales
         self.shared: SharedInput | None = None  # set by quantize_ for layers that read the same tensor
+        self.lowbit = None  # lowbit.IntLinearState when the layer runs (or can run) on the exact integer path
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, name: str = "") -> "QuantLinear":
@@ -158,12 +164,17 @@ class QuantLinear(nn.Module):
         g = int(torch.searchsorted(self.ts_edges, torch.tensor([t], dtype=torch.float64))[0])
         return self.act_scale[g]
 
-    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The activation as the matmul sees it: ``Q_a(rotate(x · smooth_inv))`` (same shape)."""
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``rotate(x · smooth_inv)`` (same shape and dtype; ``x`` itself when neither is set)."""
         if self.smooth_inv is not None:
             x = x * self.smooth_inv.to(x.dtype)
         if self.rotation is not None:
             x = rotate_input(x, self.rotation)
+        return x
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The activation as the matmul sees it: ``Q_a(rotate(x · smooth_inv))`` (same shape)."""
+        x = self.transform_input(x)
         mode = self.act_mode
         if mode == "none":
             return x
@@ -177,11 +188,16 @@ class QuantLinear(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"{self.name or 'QuantLinear'}: input of shape {tuple(x.shape)} does not fit "
                              f"in_features={self.in_features} (the last dimension must be {self.in_features})")
-        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        lb = self.lowbit
+        wdtype = self.weight.dtype if self.weight is not None else lb.weight_dtype
+        if x.dtype != wdtype and not torch.is_autocast_enabled(x.device.type):
             raise ValueError(f"{self.name or 'QuantLinear'}: input dtype {x.dtype} differs from the weight's "
-                             f"{self.weight.dtype}; cast the input (x.to({self.weight.dtype})) or the model (.to(dtype))")
+                             f"{wdtype}; cast the input (x.to({wdtype})) or the model (.to(dtype))")
+        if lb is not None and lb.enabled and lb.current(self):  # the exact integer path (lowbit.py)
+            return lb.forward(self, x)
         xq = self.quantize_input(x) if self.shared is None else self.shared.get(self, x)
-        return F.linear(xq, self.weight, self.bias)
+        weight = self.weight if self.weight is not None else lb.float_weight()  # codes only: decode
+        return F.linear(xq, weight, self.bias)
 
     def extra_repr(self) -> str:
         rot = "" if self.rotation is None else f", rotation=H{self.rotation.n}"

@@ -33,8 +33,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import lowbit
 from .calibration import Calibration, LayerCalibration
 from .clipping import ClipResult, alpha_to_scale, clip_activation, clip_weight, gamma_grid
+from .export import load_packed, save_packed
 from .format_select import FormatChoice, FormatPlan, LayerFormat, choose_format, ratio_statistics
 from .formats import NoFormat, parse_format
 from .gptq import GPTQ
@@ -78,6 +80,7 @@ class LayerReport:
     calib_rows: int
     seconds: float
     gptq_info: dict = field(default_factory=dict)
+    execution: str = ""  # "int" (exact integer path, lowbit.py) or "sim: <why not>"
 
 
 @dataclass
@@ -451,9 +454,10 @@ def _layer_report(name, W, X, wq: QuantizedWeight, act: QuantizedActivation, rot
 
 
 def _install(model: nn.Module, modules: dict[str, QuantLinear], shared_groups: dict, recipe: QuantRecipe,
-             calibration: Calibration | None, ts_ctx: TimestepContext | None) -> None:
+             calibration: Calibration | None, ts_ctx: TimestepContext | None) -> dict[str, str]:
     """Swap the QuantLinears in, link the layers that share an input, set the attention processors and
-    the timestep hook."""
+    the timestep hook, and put every layer that can run exactly on the integer path; returns
+    ``{layer: "int" | "sim: <why not>"}``."""
     for members in shared_groups.values():
         if len(members) > 1:
             shared = SharedInput(len(members))
@@ -473,6 +477,7 @@ def _install(model: nn.Module, modules: dict[str, QuantLinear], shared_groups: d
     if ts_ctx is not None:
         model._hqdit_ts_hook = model.register_forward_pre_hook(ts_ctx.hook, with_kwargs=True)
     model._hqdit_recipe = recipe.name
+    return lowbit.set_execution(model, lowbit.DEFAULT_MODE)
 
 
 def _attn_scales(calibration: Calibration | None, attn_name: str, fmt) -> dict:
@@ -522,7 +527,9 @@ def quantize_(model: nn.Module, recipe: "QuantRecipe | str", calibration: Calibr
         if verbose:
             print(f"{name}: W {report.weight_format} A {report.act_format} SQNR out {report.output_sqnr:.2f} dB "
                   f"({report.seconds:.2f} s)")
-    _install(model, modules, shared_groups, recipe, calibration, ts_ctx)
+    paths = _install(model, modules, shared_groups, recipe, calibration, ts_ctx)
+    for r in reports:
+        r.execution = paths.get(r.layer, "")
     return QuantReport(recipe, reports, plan, time.perf_counter() - t_start,
                        {"calibration": None if calibration is None else dict(calibration.meta)})
 
@@ -530,17 +537,28 @@ def quantize_(model: nn.Module, recipe: "QuantRecipe | str", calibration: Calibr
 # --------------------------------------------------------------------------------------------------
 # Saving and loading the quantized state
 # --------------------------------------------------------------------------------------------------
-def save_quantized(model: nn.Module, out_dir, report: QuantReport | None = None) -> Path:
+def save_quantized(model: nn.Module, out_dir, report: QuantReport | None = None, *, packed: bool = False) -> Path:
     """Write ``quant_state.safetensors`` (every QuantLinear's buffers), ``quant_config.json`` (their
-    configs + the recipe), and, with a report, ``plan.json`` and ``report.csv`` into ``out_dir``."""
+    configs + the recipe), and, with a report, ``plan.json`` and ``report.csv`` into ``out_dir``.
+
+    ``packed=True``: the weights of integer-path layers go to ``packed_weights.safetensors`` as 4-bit codes two
+    per byte + float32 row scales (``lowbit.packed_weights``) instead of float tensors; :func:`load_quantized`
+    rebuilds those layers' integer path bit for bit."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    coded = lowbit.packed_weights(model) if packed else {}
+    (out / lowbit.PACKED_FILE).unlink(missing_ok=True)
+    if coded:
+        save_packed(coded, out / lowbit.PACKED_FILE)
     tensors, configs = {}, {}
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
+            if m.weight is None and name not in coded:
+                raise QuantizationError(f"save_quantized: {name} holds codes only; save with packed=True")
             configs[name] = m.config()
             for k, v in m.state_dict().items():
-                tensors[f"{name}.{k}"] = v.contiguous()
+                if not (k == "weight" and name in coded):
+                    tensors[f"{name}.{k}"] = v.contiguous()
     if not configs:
         raise QuantizationError("save_quantized: the model holds no QuantLinear")
     save_file(tensors, str(out / "quant_state.safetensors"))
@@ -571,15 +589,17 @@ def load_quantized(model: nn.Module, out_dir) -> nn.Module:
             raise FileNotFoundError(f"{f} not found: {out} is not a complete quantized-model folder; {redo}")
     if is_quantized(model):
         raise QuantizationError("load_quantized needs an unquantized model")
+
     try:
         meta = json.loads(cfg_file.read_text())
         tensors = load_file(str(state_file))
+        coded = load_packed(out / lowbit.PACKED_FILE) if (out / lowbit.PACKED_FILE).is_file() else {}
     except (SafetensorError, OSError, ValueError) as err:
         raise QuantizationError(f"cannot read {out} ({type(err).__name__}: {err}): a file is corrupted or "
                                 f"truncated; {redo}") from err
     expected = set()
     for name, cfg in meta["layers"].items():
-        expected |= {f"{name}.{k}" for k, on in (("weight", True), ("bias", cfg["has_bias"]),
+        expected |= {f"{name}.{k}" for k, on in (("weight", name not in coded), ("bias", cfg["has_bias"]),
                      ("act_scale", cfg["act_groups"]), ("smooth_inv", cfg["has_smooth"]), ("ts_edges", cfg["ts_groups"]))
                      if on}
         try:
@@ -591,6 +611,7 @@ def load_quantized(model: nn.Module, out_dir) -> nn.Module:
                                     f"which the model has not (found {type(lin).__name__}); load it into the model "
                                     "it was quantized from (load_dit(SOURCE).transformer)")
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    unexpected += sorted(f"{n} (packed)" for n in set(coded) - set(meta["layers"]))
     if missing or unexpected:
         raise QuantizationError(f"{state_file} does not match {cfg_file.name}: missing tensors {missing[:8]}, "
                                 f"unexpected tensors {unexpected[:8]}; {redo}")
@@ -600,15 +621,24 @@ def load_quantized(model: nn.Module, out_dir) -> nn.Module:
         if cfg["rotation"] is not None:
             rot = HadamardSpec(cfg["rotation"]["n"], seed=cfg["rotation"]["seed"], block=cfg["rotation"]["block"])
         get = lambda k: tensors.get(f"{name}.{k}")  # noqa: E731
-        ql = QuantLinear(cfg["in_features"], cfg["out_features"], weight=get("weight"), bias=get("bias"),
+        dtype = model.get_submodule(name).weight.dtype
+        weight = get("weight") if name not in coded else lowbit.placeholder_weight(
+            cfg["out_features"], cfg["in_features"], dtype)
+        ql = QuantLinear(cfg["in_features"], cfg["out_features"], weight=weight, bias=get("bias"),
                          weight_format=cfg["weight_format"], act_format=cfg["act_format"], act_mode=cfg["act_mode"],
                          act_scale=get("act_scale"), act_gamma=cfg["act_gamma"], block_size=cfg["block_size"],
                          scale_format=cfg["scale_format"], rotation=rot, smooth_inv=get("smooth_inv"),
                          ts_edges=get("ts_edges"), name=name)
+        if name in coded:
+            try:
+                lowbit.install_packed(ql, coded[name], dtype)
+            except lowbit.LowbitError as err:
+                raise QuantizationError(f"{out / lowbit.PACKED_FILE}: {err}; {redo}") from None
         new_modules[name] = ql
     for name, ql in new_modules.items():  # swap only after every layer was rebuilt
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, ql)
     model._hqdit_recipe = meta.get("recipe")
+    lowbit.set_execution(model, lowbit.DEFAULT_MODE)
     return model

@@ -9,6 +9,7 @@ from torch import nn
 from hqdit_utils.calibration import calibrate
 from hqdit_utils.formats import parse_format
 from hqdit_utils.layers import ALL_FC_LAYERS
+from hqdit_utils.lowbit import execution
 from hqdit_utils.models import tiny_dit
 from hqdit_utils.qlinear import QuantAttnProcessor, QuantLinear
 from hqdit_utils.qmodel import QuantizationError, load_quantized, quantize_, save_quantized
@@ -104,7 +105,11 @@ def test_int4_rtn_stores_quantized_weight_and_quantizes_activations(bundle, cali
     assert torch.equal(ql.weight, fake_quantize(W, "int4", axis=0))  # per-channel max-abs, computed once
     s = ql.act_scale[0]
     x = torch.randn(5, W.shape[1])
-    assert torch.equal(ql(x), torch.nn.functional.linear(fake_quantize(x, "int4", s), ql.weight, b))
+    sim = torch.nn.functional.linear(fake_quantize(x, "int4", s), ql.weight, b)
+    with execution(ql, "sim"):  # the simulated path computes exactly this
+        assert torch.equal(ql(x), sim)
+    torch.testing.assert_close(ql(x), sim, rtol=1e-5, atol=1e-6)  # the default: exact integer path
+    assert {r.execution for r in rep.layers} == {"int"}
     assert float(s) * 7 == pytest.approx(calib[name].pooled().absmax, rel=1e-6)  # static max-abs α
     df = rep.to_pandas()
     assert len(df) == 12 and {"weight_format", "act_format", "weight_sqnr", "act_sqnr", "output_sqnr",
