@@ -441,6 +441,14 @@ def _sylvester_butterfly_(y: torch.Tensor, p: int, buf: torch.Tensor | None = No
     stretches were as short as the dense factor, 36 floats, and the passes several times slower). May reuse
     ``y``'s storage and that of ``buf`` (a scratch tensor of ``y``'s shape); returns the result."""
     L = y.shape[1]
+    if y.requires_grad and torch.is_grad_enabled():  # autograd records no out= ops: same sums, new tensors
+        h = 1
+        while h < p:
+            src = y.view(p // (2 * h), 2, h * L)
+            a, c = src[:, 0], src[:, 1]
+            y = torch.stack([a + c, a - c], dim=1).view(p, L)
+            h *= 2
+        return y
     buf = torch.empty_like(y) if buf is None else buf.view(y.shape)
     h = 1
     while h < p:
@@ -461,12 +469,14 @@ def _integer_transform(x4: torch.Tensor, signs: torch.Tensor | None, k: int, tra
     The first pass (sign flips, or a copy) also moves the ``p`` axis to the front; the dense factor then
     multiplies the contiguous last axis and the butterfly runs over the leading axis."""
     R, nb, p, b = x4.shape
-    xt = torch.empty((p, R, nb, b), dtype=x4.dtype, device=x4.device)
     src = x4.permute(2, 0, 1, 3)
-    if signs is not None:
+    if x4.requires_grad and torch.is_grad_enabled():  # autograd records no out= ops: same products
+        xt = (src * signs.permute(1, 0, 2).unsqueeze(1) if signs is not None else src).contiguous()
+    elif signs is not None:
+        xt = torch.empty((p, R, nb, b), dtype=x4.dtype, device=x4.device)
         torch.mul(src, signs.permute(1, 0, 2).unsqueeze(1), out=xt)
     else:
-        xt.copy_(src)
+        xt = src.contiguous()
     y, spare = xt.view(-1, b), None
     if b > 1:
         y = torch.matmul(y, _dense_factor(b, x4.dtype, x4.device, transpose))  # dense factor on the last axis
@@ -518,8 +528,14 @@ def fast_hadamard_transform(
     # x Q = ((x · s) H) / √k: the signs act in the first pass of the transform
     yt = _integer_transform(x4, None if transpose else signs.view(-1, p, b) if signs is not None else None,
                             k, transpose)
-    y = torch.empty_like(x4)
     yp = yt.permute(1, 2, 0, 3)  # back to [R, nb, p, b]: the last pass writes the caller's layout
+    if yp.requires_grad and torch.is_grad_enabled():  # autograd records no out= ops: same products
+        if transpose and signs is not None:
+            y = yp * (signs * scale if scale != 1.0 else signs).view(-1, p, b)
+        else:
+            y = yp * scale if scale != 1.0 else yp
+        return y.contiguous().reshape(x.shape).to(dtype)
+    y = torch.empty_like(x4)
     if transpose and signs is not None:  # x Qᵀ = (x Hᵀ) · s / √k
         torch.mul(yp, (signs * scale if scale != 1.0 else signs).view(-1, p, b), out=y)
     elif scale != 1.0:

@@ -160,6 +160,21 @@ def test_rotation_alone_keeps_the_output_and_hqdit_runs(bundle, calib):
     assert torch.isfinite(_run(m)).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rotated_model_runs_with_autograd_enabled(bundle, calib, dtype):
+    """Outside torch.no_grad() (parameters requiring grad), a rotated W4A4 model gives the same output as
+    under no_grad, in every floating dtype the model may be cast to."""
+    m = _fresh(bundle)
+    quantize_(m, _r("hqdit-w4a4"), calib)
+    m = m.to(dtype)
+    x, t, y = _inputs()
+    out = m(x.to(dtype), timestep=t, class_labels=y).sample
+    assert out.requires_grad
+    with torch.no_grad():
+        ref = m(x.to(dtype), timestep=t, class_labels=y).sample
+    torch.testing.assert_close(out.detach(), ref, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", ["int8", "fp4-hybrid-dyn", "smoothquant-int", "mxfp4", "nvfp4",
                                   "fp4-hybrid-ratio", "fp4-hybrid-all-fc"])
 
