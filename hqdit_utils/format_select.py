@@ -7,7 +7,7 @@ the FP4 format of each layer is chosen among E3M0 / E2M1 / E1M2 from a distribut
 What this module does:
 
 * **One format choice** — :func:`choose_format`, used by :func:`~hqdit_utils.qmodel.quantize_` for weights
-  and activations and (through :func:`select_format`) by chapter 2. Its default rule (ours, ``"mse"``):
+  and activations and (through :func:`select_format`) by chapter 3. Its default rule (ours, ``"mse"``):
   for each candidate format, run the clipping search (:mod:`.clipping`) and keep the format with the
   lowest calibration MSE *after* clipping; done separately for the weight (per-channel α) and for the
   activation (per-tensor or per-token α), so a layer's weight and activation may get different formats.
