@@ -91,7 +91,17 @@ def chapter_exercises(path: Path) -> tuple[list[Cell], dict[str, str], list[str]
     return cells, solutions, labels
 
 
-CHAPTERS = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.md"))
+ALL_CHAPTERS = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.md"))
+#: Chapters whose exercises still have the first edition's form (check cells that pass for any answer); their
+#: rewrite is open work. The list must shrink, never grow: ``test_unconverted_chapters_are_exactly_these``.
+NOT_YET_CONVERTED = {"06_end_to_end_sampling", "07_sfid_tables", "08_beyond_the_paper"}
+CHAPTERS = [p for p in ALL_CHAPTERS if p.stem not in NOT_YET_CONVERTED]
+
+
+def test_unconverted_chapters_are_exactly_these():
+    unconverted = {p.stem for p in ALL_CHAPTERS
+                   if EXERCISE_LABEL.search(p.read_text()) and "exercise-answer" not in p.read_text()}
+    assert unconverted == NOT_YET_CONVERTED
 
 
 def test_every_exercise_follows_the_convention():
