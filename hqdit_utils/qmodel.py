@@ -378,6 +378,30 @@ def _grid(recipe: QuantRecipe) -> torch.Tensor:
     return gamma_grid(int(n), float(lo), float(hi))
 
 
+def block_weight_scales(W: torch.Tensor, fmt, block_size: int, scale_format) -> torch.Tensor:
+    """The block scales ``[out, ceil(in / block_size)]`` that :func:`block_fake_quantize` uses for ``W``
+    (zero padding of the last block does not change a block's max, nor NVFP4's tensor scale)."""
+    from .quantizer import _block_scales
+
+    pad = (-W.shape[1]) % block_size
+    Wp = torch.nn.functional.pad(W.to(torch.float32), (0, pad)) if pad else W.to(torch.float32)
+    xb = Wp.reshape(W.shape[0], Wp.shape[1] // block_size, block_size)
+    return _block_scales(xb, parse_format(fmt), scale_format).squeeze(-1)
+
+
+def _gptq_with_hessian(W, X, hessians: dict | None, key):
+    from .gptq import GPTQ
+
+    g = GPTQ(W)
+    if hessians is not None and key is not None and key in hessians:
+        g.set_hessian(*hessians[key])  # to_q/to_k/to_v share their input, hence their Hessian
+    else:
+        g.add_batch(X)
+        if hessians is not None and key is not None:
+            hessians[key] = (g.hessian, g.nsamples)
+    return g
+
+
 def _quantize_weight(W, X, recipe, grid, hessians: dict | None = None, key=None):
     """Returns (W_q, format name, mean γ, {candidate: mse}, stats, gptq info)."""
     stats = ratio_statistics(W, channel_axis=0)
@@ -385,6 +409,15 @@ def _quantize_weight(W, X, recipe, grid, hessians: dict | None = None, key=None)
     info: dict = {}
     if recipe.weight_granularity == "block":
         fmt = parse_format(wf)
+        if recipe.gptq and not isinstance(fmt, NoFormat):
+            # GPTQ with block scales (ours): the scales of block_fake_quantize (E8M0 / E4M3-rounded) are
+            # fixed first from the weight, then GPTQ rounds each block onto them (groupsize = block).
+            g = _gptq_with_hessian(W, X, hessians, key)
+            res = g.quantize(fmt, block_weight_scales(W, fmt, recipe.block_size, recipe.scale_format),
+                             groupsize=recipe.block_size, blocksize=recipe.gptq_blocksize,
+                             percdamp=recipe.gptq_percdamp)
+            info = {k: v for k, v in vars(res).items() if k != "weight" and isinstance(v, (int, float, str, bool))}
+            return res.weight, wf, 1.0, {}, stats, info
         return (block_fake_quantize(W, fmt, recipe.block_size, recipe.scale_format),
                 wf, 1.0, {}, stats, info)
     mse: dict = {}
@@ -415,15 +448,7 @@ def _quantize_weight(W, X, recipe, grid, hessians: dict | None = None, key=None)
     fmt = parse_format(wf)
     scale = cr.scale(fmt)
     if recipe.gptq and not isinstance(fmt, NoFormat):
-        from .gptq import GPTQ
-
-        g = GPTQ(W)
-        if hessians is not None and key is not None and key in hessians:
-            g.set_hessian(*hessians[key])  # to_q/to_k/to_v share their input, hence their Hessian
-        else:
-            g.add_batch(X)
-            if hessians is not None and key is not None:
-                hessians[key] = (g.hessian, g.nsamples)
+        g = _gptq_with_hessian(W, X, hessians, key)
         res = g.quantize(fmt, scale.reshape(-1) if scale.dim() else scale.expand(W.shape[0]),
                                              blocksize=recipe.gptq_blocksize, percdamp=recipe.gptq_percdamp)
         Wq = res.weight
