@@ -633,3 +633,26 @@ def quantized_share(transformer, recipe="hqdit-w4a4", *, shared_embedders: bool 
     df.attrs["MAC share"] = float(df.loc["total", "quantized MACs"] / df.loc["total", "MACs"])
     df.attrs["tokens"] = (size // cfg.patch_size) ** 2
     return df
+
+
+def w4a4_scope(transformer, recipe="hqdit-w4a4") -> str:
+    """The text of the book's "W4A4 here means …" box, with every share computed by :func:`quantized_share`
+    for ``transformer`` (the model on the page) and for DiT-XL/2 (shapes only). Markdown, one paragraph."""
+    from .models import dit_xl2_meta
+
+    here = quantized_share(transformer, recipe)
+    xl = quantized_share(dit_xl2_meta(), recipe)
+    ada = lambda d: d.loc["adaLN modulation linears", "parameters"] / d.loc["total", "parameters"]  # noqa: E731
+    att = lambda d: d.loc[ATTENTION_MATMULS, "MACs"] / d.loc["total", "MACs"]  # noqa: E731
+    return (
+        "**4-bit**: the weights and the input activations of the four token-wise linears of every block "
+        "(`qkv`, `proj`, `fc1`, `fc2`; the HQ-DiT recipe also rotates their inputs). **FP32**: the adaLN "
+        "modulation linears, the timestep/class/patch embedders, the final layer, all biases and norms, and "
+        "the attention matmuls QKᵀ and PV (their inputs Q, K, V, P are not quantized unless a row says so). "
+        f"Counted by `analysis.quantized_share`: on the embedded model ({here.attrs['tokens']} tokens) that is "
+        f"**{here.attrs['weight share']:.0%} of the parameters and {here.attrs['MAC share']:.0%} of the "
+        f"multiply-adds** of one forward pass (adaLN linears: {ada(here):.0%} of the parameters; attention "
+        f"matmuls: {att(here):.0%} of the multiply-adds); on DiT-XL/2 at 256 px ({xl.attrs['tokens']} tokens) "
+        f"**{xl.attrs['weight share']:.0%} of the parameters and {xl.attrs['MAC share']:.0%} of the "
+        f"multiply-adds** (adaLN linears: {ada(xl):.0%} of the parameters; attention matmuls: {att(xl):.0%} "
+        "of the multiply-adds). The VAE decoder of DiT-XL/2 is not counted.")

@@ -37,3 +37,12 @@ def test_dit_xl2_matches_the_architecture_count():
     # the four block linears' weights (biases stay FP32): 28 · (3·1152² + 1152² + 2·1152·4608)
     assert d.loc["total", "quantized parameters"] == 28 * (4 * 1152 ** 2 + 2 * 1152 * 4608)
     assert d.attrs["weight share"] == pytest.approx(0.661, abs=1e-3)
+
+
+def test_scope_text_quotes_the_counted_shares():
+    from hqdit_utils.analysis import w4a4_scope
+
+    t = tiny_dit(0, width=72, heads=1, num_layers=2).transformer
+    text = w4a4_scope(t)
+    d = quantized_share(t, "hqdit-w4a4")
+    assert f"{d.attrs['weight share']:.0%} of the parameters" in text and "66% of the parameters" in text
