@@ -97,11 +97,12 @@ def bit_recipe(method: str, setting: str):
 # the paper's numbers
 # --------------------------------------------------------------------------------------------------
 def paper_sources(readme: "str | Path | None" = None) -> pd.DataFrame:
-    """The source abbreviations of ``data/paper`` and what they stand for (parsed from its README)."""
+    """The source abbreviations of ``data/paper``, what they stand for and their address (``link``, empty
+    when none was recorded), parsed from its README (``- `name` (URL): text``)."""
     text = Path(readme or PAPER_DIR / "README.md").read_text()
     rows = []
-    for m in re.finditer(r"^- `([^`]+)`: (.+?)(?=^- `|^\s*$|\Z)", text, flags=re.M | re.S):
-        rows.append({"source": m.group(1), "what it is": " ".join(m.group(2).split())})
+    for m in re.finditer(r"^- `([^`]+)`(?: \((https?://[^)\s]+)\))?: (.+?)(?=^- `|^\s*$|\Z)", text, flags=re.M | re.S):
+        rows.append({"source": m.group(1), "what it is": " ".join(m.group(3).split()), "link": m.group(2) or ""})
     return pd.DataFrame(rows).set_index("source")
 
 

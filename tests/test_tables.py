@@ -149,3 +149,10 @@ def test_table_seeds_is_a_profile_setting_with_an_override(monkeypatch):
         monkeypatch.setenv(ENV_TABLE_SEEDS, bad)
         with pytest.raises(ValueError):
             profile("ci")
+
+
+def test_paper_sources_carry_their_links():
+    src = paper_sources()
+    assert src.loc["abstract", "link"] == "https://arxiv.org/abs/2405.19751"
+    assert src.loc["korean-notes", "link"] == ""  # none recorded: stays empty, never invented
+    assert src["what it is"].str.len().min() > 10
