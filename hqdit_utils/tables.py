@@ -27,7 +27,7 @@ import pandas as pd
 from .config import DATA_DIR
 
 __all__ = ["METHODS", "SETTINGS", "bit_recipe", "load_paper", "paper_sources", "mean_std", "noise_level",
-           "paired_difference", "paired_interval", "compare", "claim_verdict", "require_same_seeds",
+           "paired_difference", "paired_interval", "compare", "compare_frame", "claim_verdict", "require_same_seeds",
            "full_scale_results", "LOWER_IS_BETTER", "RESULTS_DIR", "PRIMARY", "SECONDARY", "LEVEL"]
 
 #: Where ``hqdit reproduce`` writes full-scale results (one folder per run id).
@@ -290,3 +290,20 @@ def claim_verdict(table: pd.DataFrame, better: str, worse: str, **kwargs) -> dic
     verdict = {"better": "reproduced", "worse": "not reproduced", "no difference detected": "inconclusive",
                "cannot be judged": "cannot be judged"}[c["outcome"]]
     return {"verdict": verdict, "evidence": f"{better} − {worse}, {c['seeds']} paired seeds: {c['label']}"}
+
+
+def compare_frame(table: pd.DataFrame, pairs: Sequence[tuple[str, str]], names: dict | None = None,
+                  **kwargs) -> pd.DataFrame:
+    """:func:`compare` for each ``(a, b)`` in ``pairs``: one row per pair with the primary metric's paired
+    interval, the outcome, the secondary counts and the label (``names`` maps recipe names for display)."""
+    names = names or {}
+    rows = []
+    for a, b in pairs:
+        c = compare(table, a, b, **kwargs)
+        p = c["primary"]
+        rows.append({"A": names.get(a, a), "B": names.get(b, b),
+                     f"{p['metric']}(A) − {p['metric']}(B)": p["difference"], "95 % low": p["low"],
+                     "95 % high": p["high"], "outcome": c["outcome"],
+                     "secondary agree": c["agree"], "secondary contradict": c["contradict"],
+                     "label": c["label"]})
+    return pd.DataFrame(rows)

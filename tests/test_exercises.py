@@ -23,6 +23,10 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 #: an entry here fails ``test_every_exercise_has_a_wrong_answer``.
 WRONG: dict[str, str] = {
     "ex-act-1": 'answer = "q"',
+    "ex-sfid-1": 'answer = paired_interval(table, "hqdit-w4a4", "fp32", "sFID*")["low"]',
+    "ex-sfid-2": ("def _w(d):\n    d = torch.as_tensor(d, dtype=torch.float64)\n"
+                  "    h = 1.96 * d.std() / len(d) ** 0.5\n    return torch.stack([d.mean() - h, d.mean() + h])\n"
+                  "answer = _w"),
 }
 
 CELL = re.compile(r"^```\{code-cell\}[^\n]*\n(?P<body>.*?)^```[ \t]*$", re.S | re.M)

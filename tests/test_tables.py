@@ -156,3 +156,12 @@ def test_paper_sources_carry_their_links():
     assert src.loc["abstract", "link"] == "https://arxiv.org/abs/2405.19751"
     assert src.loc["korean-notes", "link"] == ""  # none recorded: stays empty, never invented
     assert src["what it is"].str.len().min() > 10
+
+
+def test_compare_frame_one_row_per_pair():
+    from hqdit_utils.tables import compare_frame
+
+    t = _paired([-0.3, -0.25, -0.35, -0.3])
+    f = compare_frame(t, [("a", "b"), ("b", "a")], names={"a": "A!"})
+    assert list(f["outcome"]) == ["better", "worse"] and f.loc[0, "A"] == "A!"
+    assert f.loc[0, "95 % high"] < 0 < f.loc[1, "95 % low"]
