@@ -23,6 +23,9 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 #: an entry here fails ``test_every_exercise_has_a_wrong_answer``.
 WRONG: dict[str, str] = {
     "ex-act-1": 'answer = "q"',
+    "ex-e2e-1": 'answer = 1.0',
+    "ex-e2e-2": 'answer = "second" if _half == "first" else "first"',
+    "ex-e2e-3": 'answer = lambda x: fake_quantize(x, "fp4_e2m1")  # one scale per tensor',
     "ex-sfid-1": 'answer = paired_interval(table, "hqdit-w4a4", "fp32", "sFID*")["low"]',
     "ex-sfid-2": ("def _w(d):\n    d = torch.as_tensor(d, dtype=torch.float64)\n"
                   "    h = 1.96 * d.std() / len(d) ** 0.5\n    return torch.stack([d.mean() - h, d.mean() + h])\n"
