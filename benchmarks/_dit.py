@@ -7,7 +7,7 @@ import time
 import torch
 
 from _timing import interleaved_medians
-from hqdit_utils.capture import calibrate
+from hqdit_utils.calibration import calibrate
 from hqdit_utils.qmodel import quantize_
 from hqdit_utils.sampling import denoise_batch
 

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _dit import FORWARD_TARGETS, denoiser_inputs, forward_medians, quantized_copy  # noqa: E402
 from _report import check, finish, parser, setup  # noqa: E402
 
-from hqdit_utils.capture import calibrate  # noqa: E402
+from hqdit_utils.calibration import calibrate  # noqa: E402
 from hqdit_utils.models import load_dit  # noqa: E402
 
 

@@ -4,7 +4,7 @@
    steps, 10 recorded timesteps, 256 reservoir rows per timestep) + ``quantize_``, against the FP32
    sampling trajectories that calibration runs (same labels, seeds, steps, batch; no recording). Median of
    5 of each, timed round-robin (``--quick``: ``ci`` profile, 2 repeats). Target: total ≤ 1.5×.
-2. The quantized layers packed by ``storage.pack_quantized`` and written with ``export.save_packed``: bytes
+2. The quantized layers packed by ``export.pack_quantized`` and written with ``export.save_packed``: bytes
    of the file on disk against FP32 (and FP16) bytes of the same layers, and the whole transformer
    (packed layers + everything else in FP32) against the whole FP32 / FP16 transformer. Target: packed
    layers ≤ 0.135× FP32.
@@ -24,10 +24,9 @@ from _dit import calibration_protocol, plain_trajectories_seconds, timed_ptq  # 
 from _report import check, finish, parser, setup  # noqa: E402
 
 from hqdit_utils.config import profile  # noqa: E402
-from hqdit_utils.export import save_packed  # noqa: E402
+from hqdit_utils.export import pack_quantized, save_packed  # noqa: E402
 from hqdit_utils.models import load_dit  # noqa: E402
-from hqdit_utils.qmodel import QuantLinear  # noqa: E402
-from hqdit_utils.storage import pack_quantized  # noqa: E402
+from hqdit_utils.qlinear import QuantLinear  # noqa: E402
 
 
 def export_sizes(qmodel, fp32_model) -> dict:

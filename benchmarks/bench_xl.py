@@ -31,7 +31,7 @@ from _dit import (FORWARD_TARGETS, calibration_protocol, denoiser_inputs, forwar
                   plain_trajectories_seconds, quantized_copy)
 from _report import check, finish, parser, peak_rss_gb, setup  # noqa: E402
 
-from hqdit_utils.capture import calibrate  # noqa: E402
+from hqdit_utils.calibration import calibrate  # noqa: E402
 from hqdit_utils.models import dit_xl2_shaped_random  # noqa: E402
 from hqdit_utils.recipes import get_recipe  # noqa: E402
 

@@ -93,7 +93,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="pass --quick to every benchmark")
     ap.add_argument("--only", nargs="*", default=None, help="benchmark names to run, e.g. forward xl")
-    ap.add_argument("--xl-blocks", type=int, default=None, help="blocks of the XL-shaped model (default 28)")
+    ap.add_argument("--xl-blocks", type=int, default=None,
+                    help="blocks of the XL-shaped model of bench_xl and bench_lowbit (default 28)")
     ap.add_argument("--out", type=Path, default=HERE, help="folder for results.md / results.json")
     ap.add_argument("--default-malloc", action="store_true", help=f"do not set {', '.join(MALLOC_ENV)}")
     args = ap.parse_args(argv)
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
         cmd = [sys.executable, str(script)]
         if args.quick:
             cmd.append("--quick")
-        if name == "xl" and args.xl_blocks:
+        if name in ("xl", "lowbit") and args.xl_blocks:
             cmd += ["--blocks", str(args.xl_blocks)]
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "r.json"

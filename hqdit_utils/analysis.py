@@ -1,7 +1,7 @@
 """Layer-level measurements for the chapters on outlier rotation (04) and GPTQ on FP grids (05).
 
 Everything here works on one linear layer at a time: its FP32 weight ``W`` [out, in] and calibration
-rows ``X`` [n, in] of its input (the capture reservoir, :mod:`hqdit_utils.capture`). Nothing is
+rows ``X`` [n, in] of its input (the calibration reservoir, :mod:`hqdit_utils.calibration`). Nothing is
 quantized inside the model; the functions answer "what would this layer's error be if …".
 
 Quantizer conventions of these measurements (ours, chosen to isolate one effect at a time; they are
@@ -24,28 +24,20 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
+import pandas as pd
 import torch
 
 from .formats import parse_format
 from .gptq import GPTQ, rtn_quantize
 from .hadamard import HadamardSpec, fast_hadamard_transform, hadamard_factors, hadamard_signs
+from .layers import BLOCK_LINEARS
 from .quantizer import fake_quantize, round_to_grid, sqnr_db
 
 __all__ = [
-    "BLOCK_LINEARS", "BlockLinear", "block_linears", "calibration_key", "cached_calibrate", "crest_factor", "outlier_profile", "Rotation", "rotation_spec", "rotate_pair",
+    "BlockLinear", "block_linears", "crest_factor", "outlier_profile", "Rotation", "rotation_spec", "rotate_pair",
     "w4a4_errors", "rotation_table", "time_call", "rotation_cost", "split_rows", "output_error",
     "gptq_rtn_table", "energy_rank", "damping_sweep", "error_feedback_2d", "quantized_share", "ATTENTION_MATMULS",
 ]
-
-#: The four token-wise linears of a DiT block, by DiT's name, and the diffusers modules behind each.
-#: ``qkv`` is the concatenation of ``to_q``, ``to_k``, ``to_v`` (one [3·d, d] weight, as in DiT).
-BLOCK_LINEARS: dict[str, tuple[str, ...]] = {
-    "qkv": ("attn1.to_q", "attn1.to_k", "attn1.to_v"),
-    "proj": ("attn1.to_out.0",),
-    "fc1": ("ff.net.0.proj",),
-    "fc2": ("ff.net.2",),
-}
-
 
 @dataclass
 class BlockLinear:
@@ -53,7 +45,7 @@ class BlockLinear:
 
     Attributes:
         name: short name, ``"b{block}.{kind}"`` (e.g. ``"b3.fc2"``).
-        block: block index; kind: one of :data:`BLOCK_LINEARS`.
+        block: block index; kind: one of :data:`~hqdit_utils.layers.BLOCK_LINEARS`.
         weight: [out, in] float32 (a copy; ``qkv`` concatenates q, k, v).
         bias: [out] or ``None``.
         inputs: [n, in] float32 calibration rows of the layer input (all recorded timesteps).
@@ -79,7 +71,7 @@ def block_linears(model, calibration, kinds: Sequence[str] = tuple(BLOCK_LINEARS
 
     Args:
         model: a ``DiTTransformer2DModel`` (``bundle.transformer``).
-        calibration: a :class:`~hqdit_utils.capture.Calibration` recorded with the default layer set.
+        calibration: a :class:`~hqdit_utils.calibration.Calibration` recorded with the default layer set.
         kinds: which of ``"qkv"``, ``"proj"``, ``"fc1"``, ``"fc2"``.
         blocks: block indices (default: all).
     """
@@ -100,70 +92,6 @@ def block_linears(model, calibration, kinds: Sequence[str] = tuple(BLOCK_LINEARS
             x, tags = rec.rows_by_timestep()
             out.append(BlockLinear(f"b{b}.{kind}", b, kind, w, bias, x.to(torch.float32), tags))
     return out
-
-
-def _file_digest(path) -> str:
-    import hashlib
-
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
-
-
-def calibration_key(bundle, *, profile: str | None = None, seed: int = 0, **kwargs) -> str:
-    """A hex key naming one calibration run: the model's weights (sha256 of every tensor of the
-    transformer's state dict), the profile's sizes, ``seed``, extra ``calibrate`` arguments and the
-    source code of ``capture.py`` and ``sampling.py`` (so a change of the recording code invalidates it)."""
-    import hashlib
-    import json
-    from pathlib import Path
-
-    from .config import profile as get_profile
-
-    h = hashlib.sha256()
-    for name, t in sorted(bundle.transformer.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-    prof = get_profile(profile).as_dict()
-    here = Path(__file__).resolve().parent
-    meta = {"profile": prof, "seed": seed, "kwargs": {k: repr(v) for k, v in sorted(kwargs.items())},
-            "capture": _file_digest(here / "capture.py"), "sampling": _file_digest(here / "sampling.py")}
-    h.update(json.dumps(meta, sort_keys=True).encode())
-    return h.hexdigest()[:24]
-
-
-def cached_calibrate(bundle, *, profile: str | None = None, seed: int = 0, cache_dir=None, **kwargs):
-    """:func:`~hqdit_utils.capture.calibrate` once per (weights, profile, seed, arguments, recording code),
-    kept in ``<cache_dir or CACHE_DIR>/calibration/<key>.pt`` so that several chapters share one run.
-
-    The calibration is deterministic (the reservoir keeps rows by a content hash), so a cached result is
-    the one a fresh run would give. The file is written atomically, then its sha256 to ``<key>.sha256``;
-    a file without a matching checksum (killed before the checksum was written, damaged later) or that
-    cannot be read is recomputed, never used.
-    """
-    import os
-    import sys
-    from pathlib import Path
-
-    from .atomic import write_text_atomic
-    from .capture import Calibration, CalibrationError, calibrate
-    from .config import CACHE_DIR
-
-    folder = Path(cache_dir or CACHE_DIR) / "calibration"
-    path = folder / f"{calibration_key(bundle, profile=profile, seed=seed, **kwargs)}.pt"
-    digest_file = path.with_suffix(".sha256")
-    if path.is_file():
-        if digest_file.is_file() and digest_file.read_text().strip() == _file_digest(path):
-            try:
-                return Calibration.load(path)
-            except CalibrationError as err:
-                print(f"[cached_calibrate] {err}; recomputing", file=sys.stderr)
-        else:
-            print(f"[cached_calibrate] {path} has no matching checksum in {digest_file.name}; recomputing",
-                  file=sys.stderr)
-    calib = calibrate(bundle, profile=profile, seed=seed, **kwargs)
-    folder.mkdir(parents=True, exist_ok=True)
-    calib.save(path)
-    write_text_atomic(digest_file, _file_digest(path) + "\n")
-    return calib
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,8 +208,6 @@ def rotation_table(layers: Sequence[BlockLinear], formats: Sequence[str] = ("fp4
     """One row per (layer, format, rotated): crest factors and W4A4 SQNRs (:func:`w4a4_errors`) without
     and/or with (``rotations``) the random Hadamard rotation (:func:`rotation_spec` with ``seed``,
     ``block``, ``signs``). Returns a pandas DataFrame."""
-    import pandas as pd
-
     rows = []
     for lay in layers:
         rot = rotation_spec(lay.in_features, seed, block, signs)
@@ -324,8 +250,6 @@ def rotation_cost(widths: Sequence[int], rows: int = 256, *, out_features: Seque
     Returns a DataFrame with times in µs, the rotation's share of the linear's time, and multiply-add
     counts per row (dense ``n²``; fast ``n·b + n·log2 p`` additions/multiplications, ``n = p·b``).
     """
-    import pandas as pd
-
     old = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -406,8 +330,6 @@ def gptq_rtn_table(layers: Sequence[BlockLinear], formats: Sequence[str] = ("fp4
 
 
 def _gptq_rtn_table(layers, formats, rotations, percdamp, blocksize, eval_fraction, seed):
-    import pandas as pd
-
     rows = []
     for lay in layers:
         x_fit, x_eval = split_rows(lay.inputs, eval_fraction, seed)
@@ -468,8 +390,6 @@ def damping_sweep(layer: BlockLinear, fmt: str, percdamps: Sequence[float], *, f
 
 
 def _damping_sweep(layer, fmt, percdamps, fit_rows, rotated, blocksize, eval_fraction, seed):
-    import pandas as pd
-
     x_fit, x_eval = split_rows(layer.inputs, eval_fraction, seed)
     if fit_rows is not None:
         x_fit = x_fit[:fit_rows]
@@ -549,7 +469,7 @@ def quantized_share(transformer, recipe="hqdit-w4a4", *, shared_embedders: bool 
     device, so DiT-XL/2's shapes cost nothing) runs one forward for one image at the model's own token
     count, with hooks that count every ``nn.Linear`` / ``nn.Conv2d`` multiply-add (``in · out`` per token)
     and the attention matmuls QKᵀ and PV (``2 · tokens² · width`` per block). A linear counts as
-    quantized when ``recipe`` selects it (:func:`~hqdit_utils.capture.select_linears`); the attention
+    quantized when ``recipe`` selects it (:func:`~hqdit_utils.layers.select_linears`); the attention
     matmuls when the recipe sets ``quantize_attention``. Weights are the linears' weight matrices
     (their biases, norms and embedding tables stay FP32 and count as FP32 parameters).
 
@@ -563,7 +483,7 @@ def quantized_share(transformer, recipe="hqdit-w4a4", *, shared_embedders: bool 
     import pandas as pd
     import torch.nn as nn
 
-    from .capture import select_linears
+    from .layers import select_linears
     from .recipes import get_recipe
 
     recipe = get_recipe(recipe)

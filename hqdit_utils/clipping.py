@@ -7,10 +7,10 @@ using the scale ``s = α / fmt.max_value`` in :func:`~hqdit_utils.quantizer.fake
 ``x_q = round_to_grid(x / s) · s``; values beyond ±α saturate. For an ExMy format the same grid is the
 format with the real-valued exponent bias ``β(α) = 2^E − 1 − log2 α + log2(2 − 2^−M)``
 (:func:`alpha_to_bias`, from :func:`~hqdit_utils.formats.bias_for_clip`). So "clipping-range selection"
-(the paper's term, digest §3.4) = "bias selection" = "scale selection"; this module searches α.
+(the abstract's term) = "bias selection" = "scale selection"; this module searches α.
 
-The search (digest §9.6 — our default, the paper's criterion is unknown)
--------------------------------------------------------------------------
+The search (our default, the paper's criterion is unknown; book/choices.md#choices-clipping)
+---------------------------------------------------------------------------------------------
 α = γ · max|x| for γ on a grid (default 100 points in [0.3, 1.0], :func:`gamma_grid`; γ = 1 is max-abs,
 i.e. no clipping), keeping the γ with the smallest loss:
 
@@ -149,8 +149,6 @@ def _rounding_thresholds(fmt: Format) -> "tuple[torch.Tensor, torch.Tensor] | No
     ``g[k+1]``: the midpoint between ``b`` and its float32 predecessor, nudged up by one float64 ulp when
     float32 rounding sends that midpoint down (ties to even). ``None`` for formats this does not cover
     (unsigned integers, non-saturating floats)."""
-    from .quantizer import round_to_grid
-
     if isinstance(fmt, IntFormat) and not fmt.signed or isinstance(fmt, FloatFormat) and not fmt.saturate:
         return None
     if not isinstance(fmt, (IntFormat, FloatFormat)):

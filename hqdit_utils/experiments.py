@@ -1,14 +1,27 @@
-"""One recipe, end to end: calibrate → quantize → sample → evaluate, with an on-disk result cache.
+"""One recipe, end to end: calibrate → quantize → sample → evaluate, with on-disk caches.
 
-:func:`run` is what every table of the book calls. A run is keyed by everything that can change its
-numbers — the model's weights checksum, the recipe (all fields), the profile's sizes, the seed, the
-sampler settings, this package's version and a fingerprint of its source code — so chapters share runs
-(the FP32 run is computed once for the whole book) and a rebuild with no change reads results from disk
-in milliseconds. A cached entry
-whose key material or sample file does not match (or that cannot be read) is recomputed, never silently
-reused. Files are written atomically under names private to the writer, and one entry is computed under
-an exclusive file lock, so concurrent runs of the same entry (several processes, or threads) compute it
-once and never leave a mixed or half-written entry.
+:func:`run` is what every table of the book calls; :func:`cached_calibrate` is the calibration the
+chapters share. Both are cached on disk, and this module is the one place that caches calibrations.
+
+What a cache key holds (the rule): everything the cached computation *runs*, nothing else —
+
+* the model's weights (:func:`model_checksum`: the weight files' sha256, else the state dict's bytes);
+* the recipe: every field of the :class:`~hqdit_utils.recipes.QuantRecipe` except its ``description``;
+* the protocol: the profile's sizes (calibration trajectories and timesteps, samples, steps, batch), the
+  seed, the sampler and CFG scale, the feature network's checksum and the reference batch;
+* the code on the path: :func:`code_fingerprint` hashes the source of every module of this package that
+  the computation imports, transitively (top-level and function-level imports, found with ``ast``), with
+  docstrings and comments stripped — so a code change in ``qmodel.py`` re-runs the experiments, while a
+  docstring edit anywhere, or any change to a module off the path (``plotting.py``, ``tables.py``, the
+  chapters), does not;
+* this package's version and the versions of torch, diffusers and numpy are *recorded* with every result
+  (:func:`~hqdit_utils.provenance.run_versions`), and the package version is part of the key.
+
+So chapters share runs (the FP32 run is computed once for the whole book) and a rebuild with no change
+reads results from disk in milliseconds. A cached entry whose key material or sample file does not match
+(or that cannot be read) is recomputed, never silently reused. Files are written atomically under names
+private to the writer, and one entry is computed under an exclusive file lock, so concurrent runs of the
+same entry (several processes, or threads) compute it once and never leave a mixed or half-written entry.
 
 Protocol of one run (our choices; the paper's sampling protocol for ImageNet is in ``data/paper/``):
 
@@ -23,24 +36,35 @@ Protocol of one run (our choices; the paper's sampling protocol for ImageNet is 
 """
 from __future__ import annotations
 
+import ast
 import copy
+import fcntl
 import hashlib
 import json
 import os
+import sys
+import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
-from .atomic import atomic_path, write_text_atomic
-from . import __version__
+from .calibration import Calibration, CalibrationError, calibrate
 from .config import CACHE_DIR, Profile, profile as get_profile
+from .digits import embedded_reference
+from .files import atomic_path, sha256_file, write_json_atomic, write_text_atomic
+from .metrics.adm import evaluate
+from .metrics.features import ProxyExtractor
+from .provenance import __version__, run_versions
+from .qmodel import quantize_
 from .recipes import QuantRecipe, get_recipe
+from .sampling import sample
 
 #: Multiplier separating the per-sample seed ranges of different run seeds.
 SEED_STRIDE = 1_000_003
@@ -84,30 +108,97 @@ def model_checksum(bundle) -> str:
     return h.hexdigest()
 
 
-def code_fingerprint() -> str:
-    """sha256 of the package's own source files: any change to the code invalidates cached runs."""
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _module_file(module: str, package_dir: Path) -> "Path | None":
+    """The source file of ``module`` (``"hqdit_utils.qmodel"``) inside ``package_dir``, or ``None``."""
+    parts = module.split(".")[1:]
+    base = package_dir.joinpath(*parts)
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+_AST_LOCK = threading.Lock()  # CPython 3.11's ast.parse is not safe in concurrent threads
+_SOURCE_CACHE: dict = {}  # (path, mtime_ns, size) -> (imports, fingerprint)
+
+
+def _read_source(path: Path, module: str, is_pkg: bool) -> tuple[list[str], str]:
+    """(package modules ``path`` imports, sha256 of its syntax tree without docstrings), cached per file
+    version. Imports are absolute names; ``from . import x`` also lists ``<package>.x`` (it may be a module)."""
+    st = path.stat()
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key in _SOURCE_CACHE:
+        return _SOURCE_CACHE[key]
+    package = module.split(".")[0]
+    with _AST_LOCK:
+        tree = ast.parse(path.read_text(), str(path))
+        imports: list[str] = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imports += [a.name for a in node.names if a.name.split(".")[0] == package]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    parts = module.split(".")
+                    anchor = parts[: len(parts) - node.level + (1 if is_pkg else 0)]
+                    base = ".".join(anchor + ([node.module] if node.module else []))
+                elif node.module and node.module.split(".")[0] == package:
+                    base = node.module
+                else:
+                    continue
+                imports += [base] + [f"{base}.{a.name}" for a in node.names]
+        for node in ast.walk(tree):  # docstrings carry no behaviour; comments never reach the tree
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                body = node.body
+                if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                        and isinstance(body[0].value.value, str):
+                    node.body = body[1:] or [ast.Pass()]
+        fingerprint = hashlib.sha256(ast.dump(tree).encode()).hexdigest()
+    _SOURCE_CACHE[key] = (imports, fingerprint)
+    return imports, fingerprint
+
+
+def imported_modules(module: str, package_dir: Path = PACKAGE_DIR) -> list[str]:
+    """The modules of the package in ``package_dir`` that ``module`` imports, directly or not, at the top
+    level or inside functions (read with ``ast``, nothing is executed), ``module`` included; sorted."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = _module_file(name, package_dir)
+        if name in seen or path is None:
+            continue
+        seen.add(name)
+        todo += _read_source(path, name, path.name == "__init__.py")[0]
+    return sorted(seen)
+
+
+def code_fingerprint(module: str = __name__, package_dir: Path = PACKAGE_DIR) -> str:
+    """Fingerprint of the code a computation runs: the syntax trees, without docstrings, of every module
+    :func:`imported_modules` finds from ``module`` (default: this one, i.e. a whole :func:`run`)."""
     h = hashlib.sha256()
-    root = Path(__file__).resolve().parent
-    for path in sorted(root.rglob("*.py")):
-        h.update(str(path.relative_to(root)).encode())
-        h.update(path.read_bytes())
+    for name in imported_modules(module, package_dir):
+        path = _module_file(name, package_dir)
+        h.update(f"{name}={_read_source(path, name, path.name == '__init__.py')[1]};".encode())
     return h.hexdigest()[:16]
 
 
-def _run_key(material: dict) -> str:
+def run_key(material: dict) -> str:
+    """A 24-hex-digit key of a JSON-able dict (sorted keys; other values by ``str``)."""
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _atomic_write_json(path: Path, obj: dict) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1, default=str))
+def recipe_material(recipe: QuantRecipe) -> dict:
+    """The recipe's fields that change what it computes (all but ``description``)."""
+    return {k: v for k, v in recipe.to_dict().items() if k != "description"}
 
 
 @contextmanager
 def _entry_lock(folder: Path):
     """Exclusive lock on one cache entry (``folder/.lock``, ``fcntl.flock``): concurrent runs of the same entry
     wait for each other instead of writing it twice; the kernel releases it if the holder is killed."""
-    import fcntl
-
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -128,13 +219,9 @@ def _cached_entry(result_file: Path, samples_file: Path, material: dict) -> dict
         return None
     if cached.get("material") != json.loads(json.dumps(material, default=str)):
         return None
-    if cached.get("samples_sha256") != _file_sha256(samples_file):
+    if cached.get("samples_sha256") != sha256_file(samples_file):
         return None
     return cached
-
-
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def sample_plan(num_classes: int, n: int, seed: int) -> tuple[torch.Tensor, list[int]]:
@@ -143,25 +230,12 @@ def sample_plan(num_classes: int, n: int, seed: int) -> tuple[torch.Tensor, list
     return labels, [SEED_STRIDE * (seed + 1) + i for i in range(n)]
 
 
-def _versions() -> dict:
-    from importlib import metadata
-
-    out = {"hqdit_utils": __version__}
-    for name in ("torch", "diffusers", "numpy"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 _CALIBRATIONS: dict = {}
 
 
-def _calibration(bundle, recipe: QuantRecipe, prof: Profile, seed: int, cfg_scale: float, mkey: str):
-    """Calibration for ``recipe``'s layers, memoised per (model, layers, profile, seed, cfg) in this process."""
-    from .capture import calibrate
-
+def calibration_for(bundle, recipe: QuantRecipe, prof: Profile, seed: int, cfg_scale: float, mkey: str) -> Calibration:
+    """The calibration a run of ``recipe`` uses: its layers, the profile's sizes, ``seed`` and ``cfg_scale``;
+    memoised per (model checksum ``mkey``, layers, profile, seed, cfg) in this process."""
     attention = recipe.quantize_attention and recipe.attn_format != "fp32"
     key = (mkey, tuple(recipe.layers), tuple(recipe.exclude), attention, prof.name, seed, cfg_scale)
     if key not in _CALIBRATIONS:
@@ -171,6 +245,49 @@ def _calibration(bundle, recipe: QuantRecipe, prof: Profile, seed: int, cfg_scal
                                        num_steps=prof.sampling_steps, batch_size=prof.batch_size, seed=seed,
                                        cfg_scale=cfg_scale, attention=attention)
     return _CALIBRATIONS[key]
+
+
+def calibration_key(bundle, *, profile: str | None = None, seed: int = 0, **kwargs) -> str:
+    """A hex key naming one calibration run: the model's weights (sha256 of every tensor of the
+    transformer's state dict), the profile's sizes, ``seed``, extra ``calibrate`` arguments and the code
+    of the recording path (:func:`code_fingerprint` of :mod:`hqdit_utils.calibration`)."""
+    h = hashlib.sha256()
+    for name, t in sorted(bundle.transformer.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    prof = get_profile(profile).as_dict()
+    meta = {"profile": prof, "seed": seed, "kwargs": {k: repr(v) for k, v in sorted(kwargs.items())},
+            "code": code_fingerprint("hqdit_utils.calibration")}
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    return h.hexdigest()[:24]
+
+
+def cached_calibrate(bundle, *, profile: str | None = None, seed: int = 0, cache_dir=None, **kwargs) -> Calibration:
+    """:func:`~hqdit_utils.calibration.calibrate` once per (weights, profile, seed, arguments, recording
+    code), kept in ``<cache_dir or CACHE_DIR>/calibration/<key>.pt`` so that several chapters share one run.
+
+    The calibration is deterministic (the reservoir keeps rows by a content hash), so a cached result is
+    the one a fresh run would give. The file is written atomically, then its sha256 to ``<key>.sha256``;
+    a file without a matching checksum (killed before the checksum was written, damaged later) or that
+    cannot be read is recomputed, never used.
+    """
+    folder = Path(cache_dir or CACHE_DIR) / "calibration"
+    path = folder / f"{calibration_key(bundle, profile=profile, seed=seed, **kwargs)}.pt"
+    digest_file = path.with_suffix(".sha256")
+    if path.is_file():
+        if digest_file.is_file() and digest_file.read_text().strip() == sha256_file(path):
+            try:
+                return Calibration.load(path)
+            except CalibrationError as err:
+                print(f"[cached_calibrate] {err}; recomputing", file=sys.stderr)
+        else:
+            print(f"[cached_calibrate] {path} has no matching checksum in {digest_file.name}; recomputing",
+                  file=sys.stderr)
+    calib = calibrate(bundle, profile=profile, seed=seed, **kwargs)
+    folder.mkdir(parents=True, exist_ok=True)
+    calib.save(path)
+    write_text_atomic(digest_file, sha256_file(path) + "\n")
+    return calib
 
 
 def run(bundle, recipe: "QuantRecipe | str", *, profile: "str | Profile | None" = None, seed: int = 0,
@@ -193,19 +310,17 @@ def run(bundle, recipe: "QuantRecipe | str", *, profile: "str | Profile | None" 
     Returns:
         :class:`RunResult`.
     """
-    from .metrics.features import ProxyExtractor
-
     recipe = get_recipe(recipe)
     prof = profile if isinstance(profile, Profile) else get_profile(profile)
     n = int(num_samples or prof.eval_samples)
     extractor = extractor or ProxyExtractor()
     mkey = model_checksum(bundle)
-    material = {"model": mkey, "recipe": recipe.to_dict(), "profile": prof.as_dict(), "seed": seed,
+    material = {"model": mkey, "recipe": recipe_material(recipe), "profile": prof.as_dict(), "seed": seed,
                 "cfg_scale": cfg_scale, "sampler": sampler, "num_samples": n, "version": __version__,
                 "code": code_fingerprint(),
                 "extractor": [extractor.name, extractor.weights_checksum],
                 "reference": "embedded-heldout" if reference is None else "custom"}
-    key = _run_key(material)
+    key = run_key(material)
     folder = Path(cache_dir or CACHE_DIR / "runs") / f"{recipe.name}-s{seed}-{key}"
     result_file, samples_file = folder / "result.json", folder / "samples.npz"
     cached = _cached_entry(result_file, samples_file, material)
@@ -224,15 +339,11 @@ def _compute(bundle, recipe: QuantRecipe, prof: Profile, *, seed: int, cfg_scale
              mkey: str, material: dict, extractor, reference, progress: bool, result_file: Path,
              samples_file: Path) -> RunResult:
     """The uncached part of :func:`run`; writes ``samples_file`` then ``result_file`` (each atomically)."""
-    from .metrics.adm import embedded_reference, evaluate
-    from .qmodel import quantize_
-    from .sampling import sample
-
     t0 = time.perf_counter()
     qbundle = replace(bundle, transformer=copy.deepcopy(bundle.transformer))
     quant: dict = {}
     if not recipe.is_identity:
-        calib = _calibration(bundle, recipe, prof, seed, cfg_scale, mkey) if recipe.needs_calibration else None
+        calib = calibration_for(bundle, recipe, prof, seed, cfg_scale, mkey) if recipe.needs_calibration else None
         report = quantize_(qbundle.transformer, recipe, calib)
         quant = report.summary()
     t_quant = time.perf_counter() - t0
@@ -255,16 +366,16 @@ def _compute(bundle, recipe: QuantRecipe, prof: Profile, *, seed: int, cfg_scale
                                 "seed": seed} if quant else None,
                 "model": bundle.name, "model_sha256": mkey, "extractor": extractor.name,
                 "extractor_sha256": extractor.weights_checksum, "reference": material["reference"],
-                "n_reference": report_m.n_reference, "profile": prof.name, "versions": _versions(),
+                "n_reference": report_m.n_reference, "profile": prof.name, "versions": run_versions(),
                 "device": str(next(bundle.transformer.parameters()).device), "threads": torch.get_num_threads(),
                 "seconds": {"quantize": round(t_quant, 2), "sample": round(t_sample, 2),
                             "total": round(time.perf_counter() - t0, 2)}}
     with atomic_path(samples_file) as tmp:
         np.savez(tmp, arr_0=images_np, labels=labels.numpy())
     result = RunResult(recipe.name, seed, metrics, quant, protocol, str(samples_file))
-    entry = {"material": material, "samples_sha256": _file_sha256(samples_file),
+    entry = {"material": material, "samples_sha256": sha256_file(samples_file),
              "result": {k: v for k, v in asdict(result).items() if k != "cached"}}
-    _atomic_write_json(result_file, entry)
+    write_json_atomic(result_file, entry)
     return result
 
 
@@ -275,8 +386,6 @@ def run_table(bundle, recipes: Sequence["QuantRecipe | str"], *, seeds: Sequence
     ``seeds`` defaults to ``range(profile.seeds)``. Finished runs are cached, so an interrupted table
     resumes where it stopped.
     """
-    from tqdm.auto import tqdm
-
     prof = profile if isinstance(profile, Profile) else get_profile(profile)
     seeds = list(range(prof.seeds)) if seeds is None else list(seeds)
     jobs = [(r, s) for r in recipes for s in seeds]

@@ -1,18 +1,20 @@
 """Per-layer FP format selection — the "hybrid" of HQ-DiT.
 
-What the paper does, as far as known (digest §3.3): the FP4 format of each layer is chosen among
-E3M0 / E2M1 / E1M2 from a distribution statistic of the **weights**, a max/min ratio the notes call
-``s_w``; its exact definition and thresholds are UNKNOWN.
+What the paper does, as far as known (a third-party summary; book/choices.md#choices-format-selection):
+the FP4 format of each layer is chosen among E3M0 / E2M1 / E1M2 from a distribution statistic of the
+**weights**, a max/min ratio the summary calls ``s_w``; its exact definition and thresholds are UNKNOWN.
 
 What this module does:
 
-* **Default (ours, digest §9.5)** — :func:`select_format`: for each candidate format, run the clipping
-  search (:mod:`.clipping`) and keep the format with the lowest calibration MSE *after* clipping; done
-  separately for the weight (per-channel α) and for the activation (per-tensor or per-token α), so a
-  layer's weight and activation may get different formats. By construction the choice is never worse in
-  MSE than any fixed candidate.
-* **The paper-style statistics** — :func:`ratio_statistics` computes the three readings of ``s_w``
-  (digest §3.3): ``max_min_ratio`` (reading 1: max|t| / min non-zero |t|), ``channel_max_ratio``
+* **One format choice** — :func:`choose_format`, used by :func:`~hqdit_utils.qmodel.quantize_` for weights
+  and activations and (through :func:`select_format`) by chapter 3. Its default rule (ours, ``"mse"``):
+  for each candidate format, run the clipping search (:mod:`.clipping`) and keep the format with the
+  lowest calibration MSE *after* clipping; done separately for the weight (per-channel α) and for the
+  activation (per-tensor or per-token α), so a layer's weight and activation may get different formats.
+  By construction the choice is never worse in MSE than any fixed candidate. The other rules:
+  ``"output"`` (layer-output error, the FPQ baseline) and ``"ratio"`` (below).
+* **The paper-style statistics** — :func:`ratio_statistics` computes three plausible readings of the
+  summary's ``s_w``: ``max_min_ratio`` (reading 1: max|t| / min non-zero |t|), ``channel_max_ratio``
   (reading 2: largest / smallest per-channel max-abs), ``max_rms_ratio`` (reading 3 with the RMS as the
   "typical magnitude": the crest factor); plus ``max_mean_ratio`` and the kurtosis.
 * **A threshold rule** — :func:`ratio_rule`: statistic < t₁ → the format with the fewest exponent bits,
@@ -25,24 +27,27 @@ statistics) that round-trips through JSON.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+import pandas as pd
 import torch
 
 from .clipping import ClipResult, clip_activation, clip_weight
 from .formats import FloatFormat, parse_format
+from .stats import hist_bin_edges
 
-__all__ = ["DEFAULT_CANDIDATES", "STATISTICS", "DEFAULT_THRESHOLDS", "FormatChoice", "LayerFormat", "FormatPlan",
-           "select_format", "ratio_statistics", "ratio_statistics_from_stats", "ratio_rule", "fit_thresholds",
-           "order_by_range"]
+__all__ = ["DEFAULT_CANDIDATES", "STATISTICS", "DEFAULT_THRESHOLDS", "RULES", "FormatChoice", "LayerFormat",
+           "FormatPlan", "choose_format", "select_format", "ratio_statistics", "ratio_statistics_from_stats",
+           "ratio_rule", "fit_thresholds", "order_by_range"]
 
-#: The FP4 candidates of the paper (digest §3.3).
+#: The FP4 candidates of the paper (E1M2, E2M1, E3M0; book/choices.md#choices-formats).
 DEFAULT_CANDIDATES: tuple[str, ...] = ("fp4_e1m2", "fp4_e2m1", "fp4_e3m0")
-#: Names of the paper-style statistics (readings 1–3 of digest §3.3, plus two extras).
+#: Names of the paper-style statistics (three readings of the summary's ``s_w``, plus two extras).
 STATISTICS = ("max_min_ratio", "channel_max_ratio", "max_rms_ratio", "max_mean_ratio", "kurtosis")
 #: Our default thresholds (t₁, t₂) per statistic — guesses, NOT the paper's (unknown); see fit_thresholds.
 DEFAULT_THRESHOLDS: dict[str, tuple[float, float]] = {
@@ -95,13 +100,11 @@ def ratio_statistics(t: torch.Tensor, channel_axis: int = 0) -> dict[str, float]
 
 
 def ratio_statistics_from_stats(st) -> dict[str, float]:
-    """The same statistics from a :class:`~hqdit_utils.capture.TensorStats` (whole calibration set).
+    """The same statistics from a :class:`~hqdit_utils.stats.TensorStats` (whole calibration set).
 
     ``max_min_ratio`` uses the lower edge of the lowest non-empty histogram bin above zero (exact to 1/8
     octave); ``max_mean_ratio`` is not available from the running sums and uses the histogram.
     """
-    from .capture import hist_bin_edges
-
     edges = hist_bin_edges()
     h = st.hist.clone()
     h[0] = 0  # bin 0 holds zeros and tiny denormals
@@ -146,8 +149,6 @@ def fit_thresholds(values: Sequence[float], choices: Sequence[str], formats: Seq
         (thresholds, agreement fraction). Candidate thresholds are midpoints between sorted values
         (plus ±inf), so the search is exact; O(n^k) for k thresholds — fine for a few hundred layers.
     """
-    import itertools
-
     fs = order_by_range(formats)
     v = [float(x) for x in values]
     if not v:
@@ -163,23 +164,65 @@ def fit_thresholds(values: Sequence[float], choices: Sequence[str], formats: Seq
 
 
 # --------------------------------------------------------------------------------------------------
-# MSE-based selection
+# The format choice
 # --------------------------------------------------------------------------------------------------
+#: The rules of :func:`choose_format`.
+RULES = ("mse", "output", "ratio")
+
+
 @dataclass
 class FormatChoice:
-    """Outcome of :func:`select_format` for one tensor: the chosen format, its clip result, and the
-    calibration MSE (per element, after clipping) of every candidate."""
+    """Outcome of :func:`choose_format` for one tensor: the chosen format, its clip result (``None`` when
+    the rule did not search, i.e. the ratio rule), and the clip result and calibration MSE (per element,
+    after clipping) of every candidate that was searched."""
 
     format: str
-    clip: ClipResult
+    clip: ClipResult | None
     mse: dict[str, float]
     clips: dict[str, ClipResult]
 
 
+def choose_format(candidates: Sequence[str], clip: Callable[[str], ClipResult], *, rule: str = "mse",
+                  stats: dict[str, float] | None = None, statistic: str = "channel_max_ratio",
+                  thresholds: Sequence[float] | None = None) -> FormatChoice:
+    """Choose one format among ``candidates`` for one tensor — the one format choice of the package.
+
+    Rules (book/choices.md#choices-format-selection):
+
+    * ``"mse"`` (our default): run ``clip(name)`` — the clipping search in format ``name`` — for every
+      candidate and keep the lowest MSE after clipping;
+    * ``"output"`` (the FPQ baseline): the same searches with a layer-output loss; keep the lowest loss
+      (summed over channels);
+    * ``"ratio"`` (the paper-style rule): :func:`ratio_rule` on ``stats[statistic]`` with ``thresholds``
+      (default :data:`DEFAULT_THRESHOLDS`); no search is run.
+
+    Args:
+        candidates: format names, e.g. :data:`DEFAULT_CANDIDATES`.
+        clip: ``name -> ClipResult``, the clipping search of the tensor in that format.
+        stats: :func:`ratio_statistics` of the tensor (ratio rule only).
+    Returns:
+        :class:`FormatChoice`. Ties keep the earlier candidate.
+    """
+    if not candidates:
+        raise ValueError("choose_format: empty candidate list")
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if rule == "ratio":
+        if stats is None:
+            raise ValueError("the ratio rule needs the tensor's statistics (stats=ratio_statistics(t))")
+        th = thresholds or DEFAULT_THRESHOLDS[statistic]
+        return FormatChoice(ratio_rule(stats[statistic], th, list(candidates)), None, {}, {})
+    clips = {name: clip(name) for name in candidates}
+    mse = {name: c.mse for name, c in clips.items()}
+    score = mse if rule == "mse" else {name: float(c.loss.sum()) for name, c in clips.items()}
+    best = min(candidates, key=lambda name: score[name])
+    return FormatChoice(best, clips[best], mse, clips)
+
+
 def select_format(t: torch.Tensor, candidates: Sequence[str] = DEFAULT_CANDIDATES, *, kind: str = "weight",
                   granularity: str | None = None, clip_method: str = "mse", grid: torch.Tensor | None = None,
-                  p: float = 2.4, **clip_kwargs) -> FormatChoice:
-    """Choose the candidate with the lowest MSE after its own clipping search (our default, digest §9.5).
+                  p: float = 2.4, rule: str = "mse", **clip_kwargs) -> FormatChoice:
+    """:func:`choose_format` of a tensor ``t`` with the clipping search bound to it.
 
     Args:
         t: weight [out, in] (``kind="weight"``, per-channel α) or activation rows [n, d]
@@ -187,23 +230,19 @@ def select_format(t: torch.Tensor, candidates: Sequence[str] = DEFAULT_CANDIDATE
         candidates: format names.
         clip_method, grid, p, clip_kwargs: passed to :func:`~hqdit_utils.clipping.clip_weight` /
             :func:`~hqdit_utils.clipping.clip_activation`.
-    Returns:
-        :class:`FormatChoice`. Ties keep the earlier candidate.
+        rule: "mse", "output" or "ratio" (the ratio rule reads :func:`ratio_statistics` of ``t``).
     """
-    if not candidates:
-        raise ValueError("select_format: empty candidate list")
-    clips: dict[str, ClipResult] = {}
-    for name in candidates:
-        if kind == "weight":
-            clips[name] = clip_weight(t, name, method=clip_method, grid=grid, p=p, **clip_kwargs)
-        elif kind == "activation":
-            clips[name] = clip_activation(t, name, granularity=granularity or "tensor", method=clip_method,
-                                          grid=grid, p=p, **clip_kwargs)
-        else:
-            raise ValueError(f"kind must be 'weight' or 'activation', got {kind!r}")
-    mse = {k: c.mse for k, c in clips.items()}
-    best = min(candidates, key=lambda k: mse[k])
-    return FormatChoice(best, clips[best], mse, clips)
+    if kind == "weight":
+        def clip(name):
+            return clip_weight(t, name, method=clip_method, grid=grid, p=p, **clip_kwargs)
+    elif kind == "activation":
+        def clip(name):
+            return clip_activation(t, name, granularity=granularity or "tensor", method=clip_method, grid=grid,
+                                   p=p, **clip_kwargs)
+    else:
+        raise ValueError(f"kind must be 'weight' or 'activation', got {kind!r}")
+    stats = ratio_statistics(t, channel_axis=0 if kind == "weight" else 1) if rule == "ratio" else None
+    return choose_format(candidates, clip, rule=rule, stats=stats)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,8 +341,6 @@ class FormatPlan:
         return fit_thresholds(vals, ch, self.candidates)
 
     def to_pandas(self):
-        import pandas as pd
-
         rows = []
         for name, lf in self.layers.items():
             row = {"layer": name, "weight_format": lf.weight_format, "act_format": lf.act_format,

@@ -20,15 +20,15 @@ later columns compensate for earlier errors. Concretely (published algorithm):
 
 The proxy loss GPTQ reports is ``Σ_j ‖w_j − q_j‖² / (2 U_jj²)``.
 
-What is ours (not GPTQ's, not the HQ-DiT paper's; digest §3.5 and §9 item 9)
-----------------------------------------------------------------------------
+What is ours (not GPTQ's, not the HQ-DiT paper's; book/choices.md#choices-gptq)
+-------------------------------------------------------------------------------
 * **Pluggable grid**: ``quant(w) = round_to_grid(w / s, fmt) · s`` with one scale ``s`` per output row
   (``s = max|W_row| / fmt.max_value`` unless given; the PTQ engine passes clipped scales), for any
   :class:`~hqdit_utils.formats.FloatFormat` or :class:`~hqdit_utils.formats.IntFormat` — GPTQ's
-  reference code rounds onto a uniform INT grid only. HQ-DiT says GPTQ is "adapted to FP"; how is
-  unknown, this is our reading (digest §3.5).
+  reference code rounds onto a uniform INT grid only. A summary of HQ-DiT says GPTQ is "adapted to
+  FP"; how is unknown, and this is our reading.
 * **Defaults** block size 128, damping 1 % of the mean diagonal, natural column order, scale fixed
-  before GPTQ from the *original* weight (digest §9 item 9) — GPTQ's own defaults, the paper states none.
+  before GPTQ from the *original* weight — GPTQ's own defaults; the paper states none.
 * **Robustness**: the Hessian is accumulated and Cholesky-factorised in float64 (the triangular inverse
   and the sweep run in float32, as in GPTQ's reference code). If
   the Cholesky factorisation fails, or a pivot is numerically zero (``L_jj² ≤ 1e-10 · max diag H``), the

@@ -1,7 +1,7 @@
 """Hadamard matrices and the (random) Hadamard rotation used to spread activation outliers.
 
-The identity behind the rotation (digest §3.2)
-----------------------------------------------
+The identity behind the rotation (book/choices.md#choices-rotation)
+-------------------------------------------------------------------
 For a linear layer ``y = x Wᵀ + b`` (``x`` [..., in], ``W`` [out, in]) and any orthogonal ``Q`` [in, in]
 (``Q Qᵀ = I``)::
 
@@ -40,11 +40,11 @@ Because ``H_n = S ⊗ B`` (``S`` Sylvester of order ``p = 2^k``, ``B`` of order 
 ``O(b)`` per element) and running a Walsh–Hadamard butterfly over the ``p`` axis (``log2 p`` add/subtract
 passes). :func:`fast_hadamard_transform` equals ``x @ Q`` for the ``Q`` the dense functions return.
 
-Choices that are ours, not the paper's (digest §9 items 2 and 3): the full-order matrix built as
+Choices that are ours, not the paper's (book/choices.md#choices-rotation): the full-order matrix built as
 ``Sylvester ⊗ order-36`` (rather than block-diagonal power-of-two blocks, kept as an option); one
 length-``n`` sign vector drawn from a ``torch.Generator`` seeded with ``seed``; the order of the
-Kronecker factors; the cap ``MAX_BASE_ORDER``. The paper states only that a random Hadamard matrix is
-used (digest §3.2); how it builds orders 1152 and 4608 is unknown.
+Kronecker factors; the cap ``MAX_BASE_ORDER``. The paper's summaries state only that a random Hadamard
+matrix is used; how it builds orders 1152 and 4608 is unknown.
 """
 from __future__ import annotations
 
@@ -369,8 +369,8 @@ def random_hadamard(n: int, seed: int | None = 0, *, block: int | None = None,
 def block_diagonal_hadamard(n: int, block: int, seed: int | None = None,
                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Orthogonal block-diagonal Hadamard ``diag(s) · blockdiag(H_block, …) / √block`` of order ``n``
-    (``block`` must divide ``n`` and be supported). The option of digest §9.2 for sizes without a
-    full-order construction, or to rotate only within groups of channels."""
+    (``block`` must divide ``n`` and be supported). The option for sizes without a full-order
+    construction, or to rotate only within groups of channels (``QuantRecipe.rotation_block``)."""
     if block is None:
         raise ValueError("block_diagonal_hadamard needs a block size")
     return random_hadamard(n, seed, block=block, dtype=dtype)
@@ -441,6 +441,14 @@ def _sylvester_butterfly_(y: torch.Tensor, p: int, buf: torch.Tensor | None = No
     stretches were as short as the dense factor, 36 floats, and the passes several times slower). May reuse
     ``y``'s storage and that of ``buf`` (a scratch tensor of ``y``'s shape); returns the result."""
     L = y.shape[1]
+    if y.requires_grad and torch.is_grad_enabled():  # autograd records no out= ops: same sums, new tensors
+        h = 1
+        while h < p:
+            src = y.view(p // (2 * h), 2, h * L)
+            a, c = src[:, 0], src[:, 1]
+            y = torch.stack([a + c, a - c], dim=1).view(p, L)
+            h *= 2
+        return y
     buf = torch.empty_like(y) if buf is None else buf.view(y.shape)
     h = 1
     while h < p:
@@ -461,12 +469,14 @@ def _integer_transform(x4: torch.Tensor, signs: torch.Tensor | None, k: int, tra
     The first pass (sign flips, or a copy) also moves the ``p`` axis to the front; the dense factor then
     multiplies the contiguous last axis and the butterfly runs over the leading axis."""
     R, nb, p, b = x4.shape
-    xt = torch.empty((p, R, nb, b), dtype=x4.dtype, device=x4.device)
     src = x4.permute(2, 0, 1, 3)
-    if signs is not None:
+    if x4.requires_grad and torch.is_grad_enabled():  # autograd records no out= ops: same products
+        xt = (src * signs.permute(1, 0, 2).unsqueeze(1) if signs is not None else src).contiguous()
+    elif signs is not None:
+        xt = torch.empty((p, R, nb, b), dtype=x4.dtype, device=x4.device)
         torch.mul(src, signs.permute(1, 0, 2).unsqueeze(1), out=xt)
     else:
-        xt.copy_(src)
+        xt = src.contiguous()
     y, spare = xt.view(-1, b), None
     if b > 1:
         y = torch.matmul(y, _dense_factor(b, x4.dtype, x4.device, transpose))  # dense factor on the last axis
@@ -518,8 +528,14 @@ def fast_hadamard_transform(
     # x Q = ((x · s) H) / √k: the signs act in the first pass of the transform
     yt = _integer_transform(x4, None if transpose else signs.view(-1, p, b) if signs is not None else None,
                             k, transpose)
-    y = torch.empty_like(x4)
     yp = yt.permute(1, 2, 0, 3)  # back to [R, nb, p, b]: the last pass writes the caller's layout
+    if yp.requires_grad and torch.is_grad_enabled():  # autograd records no out= ops: same products
+        if transpose and signs is not None:
+            y = yp * (signs * scale if scale != 1.0 else signs).view(-1, p, b)
+        else:
+            y = yp * scale if scale != 1.0 else yp
+        return y.contiguous().reshape(x.shape).to(dtype)
+    y = torch.empty_like(x4)
     if transpose and signs is not None:  # x Qᵀ = (x Hᵀ) · s / √k
         torch.mul(yp, (signs * scale if scale != 1.0 else signs).view(-1, p, b), out=y)
     elif scale != 1.0:
@@ -552,7 +568,7 @@ def rotate_weight(weight: torch.Tensor, q: RotationLike, *, transpose: bool = Fa
 
     ``q`` is a dense ``Q`` [in, in] or a :class:`HadamardSpec` (then the fast transform runs on the rows
     of ``W``). The bias is untouched. Call it on the full-precision weight, *before* format selection,
-    clipping and GPTQ (digest §9 item 4, our default).
+    clipping and GPTQ (our default order, book/choices.md#choices-order).
     """
     if weight.dim() != 2:
         raise ValueError(f"weight must be [out, in], got shape {tuple(weight.shape)}")
@@ -571,7 +587,7 @@ def rotate_output(weight: torch.Tensor, bias: torch.Tensor | None, q: RotationLi
     """Fold a rotation into the layer that *produces* the activation: for ``y = x Wᵀ + b``,
     ``y Q = x (Qᵀ W)ᵀ + b Q``, so returns ``(Qᵀ W, b Q)`` (``W`` [out, in], ``Q`` [out, out]).
 
-    This is the "fused where the graph allows it" option (digest §3.2, §9 item 3): it is valid only when
+    This is the "fused where the graph allows it" option (book/choices.md#choices-rotation): it is valid only when
     nothing non-linear or sample-dependent sits between the producer and the consumer. In a DiT block
     that excludes ``qkv`` and ``fc1`` (adaLN modulation in between) and ``fc2`` (GELU); for ``attn.proj``
     a *head-wise* rotation (block-diagonal with one block per head, e.g. ``HadamardSpec(1152, block=72)``

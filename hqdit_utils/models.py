@@ -27,7 +27,6 @@ repository's code — exactly as the official diffusers weights do.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -36,6 +35,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from .config import DATA_DIR
+from .files import load_error_reason, sha256_file
 
 #: Environment variables read by :func:`load_dit`.
 ENV_WEIGHTS = "HQDIT_DIT_WEIGHTS"
@@ -129,22 +131,11 @@ class VaeDecoder:
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def default_embedded_dir() -> Path:
     """``$HQDIT_EMBEDDED`` if set, else ``<data>/embedded`` (``$HQDIT_DATA`` or the repository's ``data/``)."""
     env = os.environ.get(ENV_EMBEDDED)
     if env:
         return Path(env)
-    from .config import DATA_DIR
-
     return Path(DATA_DIR) / "embedded"
 
 
@@ -190,16 +181,6 @@ def verify_manifest(folder: str | Path, prefixes: tuple[str, ...] = ("transforme
     return checked
 
 
-def load_error_reason(err: BaseException) -> str:
-    """One line saying why ``torch.load(weights_only=True)`` refused a file: pickled objects other than
-    tensors are named as such (never loaded: unpickling them could run code), other errors by type and
-    first line (truncated zip, …)."""
-    if type(err).__name__ == "UnpicklingError":
-        return ("it holds pickled Python objects other than tensors and plain values, which are refused unread "
-                "(unpickling them could run code)")
-    return f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
-
-
 def _null_class_of(transformer) -> tuple[int, int | None]:
     num_classes = int(transformer.config.num_embeds_ada_norm)
     rows = transformer.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.num_embeddings
@@ -207,7 +188,7 @@ def _null_class_of(transformer) -> tuple[int, int | None]:
 
 
 def _load_transformer_folder(folder: Path, torch_dtype):
-    from diffusers import DiTTransformer2DModel
+    from diffusers import DiTTransformer2DModel  # deferred: diffusers takes seconds to import
 
     if not (folder / "config.json").is_file():
         raise MissingWeightsError(f"no transformer config.json in {folder}\n{DOWNLOAD_HELP}")
@@ -248,7 +229,7 @@ def check_device(device: "str | torch.device") -> torch.device:
 
 
 def _ddpm_scheduler(num_train_timesteps: int = 1000):
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler  # deferred: diffusers takes seconds to import
 
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=1e-4, beta_end=0.02,
                          beta_schedule="linear", clip_sample=False, prediction_type="epsilon",
@@ -256,7 +237,7 @@ def _ddpm_scheduler(num_train_timesteps: int = 1000):
 
 
 def _load_scheduler(folder: Path):
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler  # deferred: diffusers takes seconds to import
 
     if (folder / "scheduler_config.json").is_file():
         return DDPMScheduler.from_config(DDPMScheduler.load_config(str(folder)))
@@ -264,7 +245,7 @@ def _load_scheduler(folder: Path):
 
 
 def _load_vae(vae, torch_dtype):
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # deferred: diffusers takes seconds to import
 
     if vae is not None and not isinstance(vae, (str, os.PathLike)):
         return vae  # an already-built AutoencoderKL
@@ -429,7 +410,7 @@ def load_original_checkpoint(path: str | Path, num_attention_heads: int | None =
 
     Raises :class:`WeightsError` listing missing/unexpected keys or mismatched shapes.
     """
-    from diffusers import DiTTransformer2DModel
+    from diffusers import DiTTransformer2DModel  # deferred: diffusers takes seconds to import
 
     path = Path(path)
     try:
@@ -564,7 +545,7 @@ def share_embedder_weights(transformer) -> None:
 
 
 def _random_bundle(config: dict, seed: int, name: str, image_channels: int | None = None) -> DiTBundle:
-    from diffusers import DiTTransformer2DModel
+    from diffusers import DiTTransformer2DModel  # deferred: diffusers takes seconds to import
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

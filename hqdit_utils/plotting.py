@@ -6,8 +6,12 @@ from typing import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.colors import ListedColormap, LogNorm
+from matplotlib.patches import Patch
 
 from .formats import parse_format
+from .layers import short_layer_name
+from .stats import HIST_BINS, hist_bin_edges
 
 #: One colour per 4-bit format, used by every figure of the book.
 FORMAT_COLORS = {
@@ -71,28 +75,13 @@ def plot_histogram_with_grid(x: torch.Tensor, fmt: str, scale: float, *, bins: i
     return ax
 
 
-#: DiT's own names for the linears of a diffusers DiT block (DiT: qkv, attn.proj, mlp.fc1, mlp.fc2, adaLN).
-LEAF_NAMES = {"attn1.to_q": "q", "attn1.to_k": "k", "attn1.to_v": "v", "attn1.to_out.0": "proj",
-              "ff.net.0.proj": "fc1", "ff.net.2": "fc2", "norm1.linear": "adaLN"}
-
-
-def short_layer_name(name: str) -> str:
-    """``transformer_blocks.3.ff.net.2`` → ``b3.fc2`` (block index + DiT's name for the linear)."""
-    parts = name.split(".")
-    if parts[0] == "transformer_blocks" and len(parts) > 2:
-        leaf = ".".join(parts[2:])
-        return f"b{parts[1]}.{LEAF_NAMES.get(leaf, leaf)}"
-    return name
-
-
 def plot_abs_histogram(stats, *, ax=None, label=None, color=None, density: bool = True):
-    """Log-log histogram of ``|x|`` in exact 1/8-octave bins, from a capture ``TensorStats`` or a tensor
+    """Log-log histogram of ``|x|`` in exact 1/8-octave bins, from a :class:`~hqdit_utils.stats.TensorStats` or a tensor
     (e.g. a weight), binned the same way.
 
     The y-axis is the fraction of elements per octave, so histograms of tensors of different sizes and
     ranges compare directly.
     """
-    from .capture import HIST_BINS, hist_bin_edges
 
     ax = ax or plt.gca()
     if isinstance(stats, torch.Tensor):
@@ -116,7 +105,6 @@ def plot_abs_histogram(stats, *, ax=None, label=None, color=None, density: bool 
 
 def plot_heatmap(table, *, ax=None, cmap: str = "viridis", log: bool = True, cbar_label: str = "", fmt_cols=None):
     """Heat map of a pandas table (rows × columns), optionally on a log colour scale, with a colour bar."""
-    from matplotlib.colors import LogNorm
 
     ax = ax or plt.gca()
     values = table.to_numpy(dtype=float)
@@ -135,8 +123,6 @@ def plot_format_plan(plan, *, ax=None):
 
     ``plan``: a :class:`~hqdit_utils.format_select.FormatPlan`.
     """
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
 
     ax = ax or plt.gca()
     names = list(plan.layers)

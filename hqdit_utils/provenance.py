@@ -1,18 +1,40 @@
-"""What produced a result: package versions, machine, device, profile — recorded beside every number."""
+"""What produced a result: this package's version, other packages' versions, machine, device, profile —
+recorded beside every number. The one place that asks ``importlib.metadata`` for versions."""
 from __future__ import annotations
 
 import os
 import platform
 from importlib import metadata
+from typing import Iterable
 
 import pandas as pd
 import torch
 
-from . import __version__
 from .config import profile
 
-_PACKAGES = ["torch", "torchvision", "diffusers", "torch-fidelity", "numpy", "scipy", "ml_dtypes",
-             "safetensors", "jupyter-book", "myst-nb"]
+__version__ = "0.1.0"
+
+#: The packages :func:`environment` reports (the book's environment table).
+BOOK_PACKAGES = ("torch", "torchvision", "diffusers", "torch-fidelity", "numpy", "scipy", "ml_dtypes",
+                 "safetensors", "jupyter-book", "myst-nb")
+#: The packages a cached run records (those that can change its numbers).
+RUN_PACKAGES = ("torch", "diffusers", "numpy")
+
+
+def package_versions(names: Iterable[str], missing: "str | None" = None) -> dict:
+    """``{distribution name: installed version}``; a package that is not installed maps to ``missing``."""
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = missing
+    return out
+
+
+def run_versions() -> dict:
+    """This package's version and :data:`RUN_PACKAGES`' (``None`` when not installed)."""
+    return {"hqdit_utils": __version__, **package_versions(RUN_PACKAGES)}
 
 
 def environment() -> dict:
@@ -27,11 +49,7 @@ def environment() -> dict:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (no CUDA device)",
         "HQDIT_PROFILE": profile().name,
     }
-    for name in _PACKAGES:
-        try:
-            info[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            info[name] = "not installed"
+    info.update(package_versions(BOOK_PACKAGES, missing="not installed"))
     return info
 
 

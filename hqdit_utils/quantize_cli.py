@@ -1,6 +1,8 @@
 """``hqdit quantize --recipe NAME [--model SOURCE] --out DIR``: calibrate, quantize, save state and plan.
 
-Writes into ``DIR``: ``quant_state.safetensors`` + ``quant_config.json`` (reload with
+Writes into ``DIR``: ``quant_state.safetensors`` + ``quant_config.json`` + ``packed_weights.safetensors`` (the
+weights of the layers that run on the exact integer path as 4-bit codes two per byte; ``--float-weights``
+keeps float tensors instead) (reload with
 :func:`~hqdit_utils.qmodel.load_quantized` into a fresh ``load_dit(SOURCE).transformer``), ``plan.json``
 (the :class:`~hqdit_utils.format_select.FormatPlan`), ``report.csv`` (per-layer formats, α, SQNR) and
 ``run.json`` (recipe, calibration protocol, wall times, peak memory).
@@ -14,6 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+from .calibration import calibrate
+from .models import load_dit
+from .qmodel import quantize_, save_quantized
+from .recipes import RECIPES, get_recipe
+
 
 def _peak_rss_mb() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -22,13 +29,9 @@ def _peak_rss_mb() -> float:
 
 def run(recipe_name: str, out: str | Path, *, model: str = "embedded", trajectories: int | None = None,
         timesteps: int | None = None, steps: int | None = None, cfg_scale: float = 1.5, seed: int = 0,
-        rows_per_timestep: int = 256, batch_size: int | None = None, profile: str | None = None) -> dict:
+        rows_per_timestep: int = 256, batch_size: int | None = None, profile: str | None = None,
+        packed: bool = True) -> dict:
     """The command's work as a function (returns the ``run.json`` content)."""
-    from .capture import calibrate
-    from .models import load_dit
-    from .qmodel import quantize_, save_quantized
-    from .recipes import get_recipe
-
     recipe = get_recipe(recipe_name)  # fail fast on an unknown name
     t0 = time.perf_counter()
     bundle = load_dit(model)
@@ -42,7 +45,7 @@ def run(recipe_name: str, out: str | Path, *, model: str = "embedded", trajector
     report = quantize_(bundle.transformer, recipe, calib)
     t2 = time.perf_counter()
     out = Path(out)
-    save_quantized(bundle.transformer, out, report)
+    save_quantized(bundle.transformer, out, report, packed=packed)
     info = {"recipe": recipe.name, "model": str(model), "bundle": bundle.name,
             "calibration": None if calib is None else calib.meta, "calibration_bytes": None if calib is None
             else calib.nbytes(), "seconds_calibration": t1 - t0, "seconds_quantize": t2 - t1,
@@ -52,8 +55,6 @@ def run(recipe_name: str, out: str | Path, *, model: str = "embedded", trajector
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    from .recipes import RECIPES
-
     if args.list:
         for name in sorted(RECIPES):
             print(f"{name:22s} {RECIPES[name].description}")
@@ -64,7 +65,8 @@ def _cmd(args: argparse.Namespace) -> int:
     try:
         info = run(args.recipe, args.out, model=args.model, trajectories=args.trajectories,
                    timesteps=args.timesteps, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
-                   rows_per_timestep=args.rows_per_timestep, batch_size=args.batch_size)
+                   rows_per_timestep=args.rows_per_timestep, batch_size=args.batch_size,
+                   packed=not args.float_weights)
     except KeyError as err:  # unknown recipe: the message lists the names
         print(f"hqdit quantize: {err.args[0]}", file=sys.stderr)
         return 2
@@ -89,5 +91,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rows-per-timestep", type=int, default=256, help="reservoir rows per layer input and timestep")
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--float-weights", action="store_true",
+                   help="save float (fake-quantized) weights instead of packed 4-bit codes")
     p.set_defaults(func=_cmd)
     return p

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .formats import FloatFormat, Format, IntFormat, NoFormat, parse_format
 
@@ -93,7 +94,7 @@ def round_to_grid(x: torch.Tensor, fmt: "str | Format") -> torch.Tensor:
     return out.to(dtype)
 
 
-def _round_to_grid_(t: torch.Tensor, fmt: Format) -> torch.Tensor:
+def round_to_grid_(t: torch.Tensor, fmt: Format) -> torch.Tensor:
     """:func:`round_to_grid` of a float32 tensor ``t`` that the caller owns and no longer needs: the common
     cases (saturating float formats with subnormals and M ≥ 1 whose steps are normal floats, and signed
     integers) are computed in place, with the same operations as :func:`round_to_grid`, so the result is
@@ -200,7 +201,7 @@ def fake_quantize(
             )
         xb = xf.reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
         s = _block_scales(xb, fmt, scale_format)
-        return _round_to_grid_(xb / s, fmt).mul_(s).reshape(x.shape).to(dtype)
+        return round_to_grid_(xb / s, fmt).mul_(s).reshape(x.shape).to(dtype)
     if scale is None:
         s = max_abs_scale(xf, fmt, axis)
     else:
@@ -221,7 +222,28 @@ def fake_quantize(
         if check_finite:
             if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
                 raise ValueError("fake_quantize: scales must be finite and positive")
-    return _round_to_grid_(xf / s, fmt).mul_(s).to(dtype)
+    return round_to_grid_(xf / s, fmt).mul_(s).to(dtype)
+
+
+def token_fake_quantize(x: torch.Tensor, fmt: Format, gamma: float) -> torch.Tensor:
+    """Dynamic per-token fake quantization: every row ``x_t`` along the last dim gets its own scale from
+    α_t = γ·max|x_t| (all-zero rows: scale 1). Same shape and dtype as ``x``."""
+    amax = x.detach().abs().amax(dim=-1, keepdim=True).to(torch.float32)
+    s = torch.where(amax > 0, amax * (gamma / fmt.max_value), torch.ones_like(amax))
+    return round_to_grid_(x.to(torch.float32) / s, fmt).mul_(s).to(x.dtype)
+
+
+def block_fake_quantize(x: torch.Tensor, fmt: "str | Format", block_size: int,
+                        scale_format: "str | Format | None") -> torch.Tensor:
+    """Block-scaled fake quantization along the last dim (MX / NVFP4, see :func:`fake_quantize`); a last
+    dim that is not a multiple of ``block_size`` is zero-padded for the scale computation (zeros do not
+    change a block's max) and cut back. (The embedded model's width 144 is not a multiple of MX's 32.)"""
+    d = x.shape[-1]
+    pad = (-d) % block_size
+    if pad == 0:
+        return fake_quantize(x, fmt, block_size=block_size, scale_format=scale_format, check_finite=False)
+    xp = F.pad(x, (0, pad))
+    return fake_quantize(xp, fmt, block_size=block_size, scale_format=scale_format, check_finite=False)[..., :d]
 
 
 def sqnr_db(x: torch.Tensor, x_q: torch.Tensor) -> float:

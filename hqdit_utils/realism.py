@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
+from .layers import DEFAULT_LAYERS, layer_kind, select_linears
+
 #: Thresholds the shipped embedded model must meet (medians over the quantized block linears).
 MIN_MEDIAN_SV_RATIO = 2.0
 MIN_ATTENTION_SV_RATIO = 1.5
@@ -63,6 +65,14 @@ def weight_realism(named_linears: dict[str, nn.Linear], kind_of) -> list[WeightS
     """Per-layer :class:`WeightStats` of ``named_linears`` (name → ``nn.Linear``); ``kind_of(name)``
     gives the layer's kind (e.g. ``"to_q"``, ``"fc2"``) used to group attention projections."""
     return [matrix_stats(name, kind_of(name), lin.weight) for name, lin in named_linears.items()]
+
+
+def model_realism(transformer: nn.Module) -> list[WeightStats]:
+    """:func:`weight_realism` of the block linears the recipes quantize
+    (:data:`~hqdit_utils.layers.DEFAULT_LAYERS`: ``attn1.to_q/to_k/to_v/to_out.0``, ``ff.net.0.proj``,
+    ``ff.net.2`` of every block — 36 layers in the embedded model), kinds from
+    :func:`~hqdit_utils.layers.layer_kind`."""
+    return weight_realism(select_linears(transformer, DEFAULT_LAYERS), layer_kind)
 
 
 def summarize_realism(stats: list[WeightStats]) -> dict:

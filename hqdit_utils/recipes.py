@@ -1,16 +1,18 @@
 """Quantization recipes: one frozen dataclass describes a whole PTQ method; named recipes are values of it.
 
-Every alternative of digest §9 is a field, not a fork of the code. Which choices are the paper's and
-which are ours: the paper states W4A4 FP for weights and activations, per-layer choice among
-E1M2/E2M1/E3M0, a clipping-range selection, a random Hadamard rotation and GPTQ adapted to FP
-(digest §3). Everything else — the layer set, granularities, static per-tensor activations, the
+Every open decision of the method is a field, not a fork of the code (the list, with what the sources
+say and where the book measures each: book/choices.md). Which choices are the paper's and which are
+ours: the paper's abstract and third-party summaries state W4A4 FP for weights and activations, a
+per-layer choice among E1M2/E2M1/E3M0, a clipping-range selection, a random Hadamard rotation and GPTQ
+adapted to FP. Everything else — the layer set, granularities, static per-tensor activations, the
 MSE-based selection, the γ grid, the rotation order and construction, GPTQ settings, and every
-baseline's exact form — is OUR default (digest §9), and named as such in each recipe's description.
+baseline's exact form — is OUR default, and named as such in each recipe's description.
 
 Naming: ``<family>`` is the W4A4 recipe; ``<family>-w4a8`` and ``<family>-w8a8`` the other bit settings
 (at 8 bits the FP family uses FP8: fixed ``fp8_e4m3``, or hybrid among E2M5/E3M4/E4M3 — ours).
-``-dyn`` uses per-token dynamic activation ranges instead of static per-tensor ones (digest §9.7);
-``-all-fc`` adds the adaLN modulation linears (digest §9.1).
+``-dyn`` uses per-token dynamic activation ranges instead of static per-tensor ones
+(book/choices.md#choices-activations); ``-all-fc`` adds the adaLN modulation linears
+(book/choices.md#choices-layers).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 
-from .capture import ALL_FC_LAYERS, DEFAULT_LAYERS
+from .layers import ALL_FC_LAYERS, DEFAULT_LAYERS
 from .clipping import CLIP_METHODS, SEARCHES
 from .format_select import DEFAULT_CANDIDATES, STATISTICS
 
@@ -39,7 +41,7 @@ class QuantRecipe:
 
     Layer selection:
         layers / exclude: fully-qualified-name patterns (glob, or ``re:`` regex) of the ``nn.Linear``
-            modules to quantize (:func:`~hqdit_utils.capture.select_linears`).
+            modules to quantize (:func:`~hqdit_utils.layers.select_linears`).
         quantize_attention: also quantize the attention-matmul inputs Q, K, V and the softmax output P
             (custom attention processor) with ``attn_format`` (per-tensor static α for Q/K/V from the
             calibration max, α = 1 for P).
@@ -216,20 +218,23 @@ register_recipe(QuantRecipe("int4w-a8", "W4A8 INT round-to-nearest (int4 weights
 
 _variants("fp4-minmax", lambda wb, ab, s: QuantRecipe(
     "", f"MinMax-FP baseline ({s.upper()}): fixed {_fp(wb)} weights per output channel and {_fp(ab)} "
-        "activations per tensor (static), α = max-abs, no clipping (baseline form: digest §9.15, ours).",
+        "activations per tensor (static), α = max-abs, no clipping (our form of the baseline; "
+        "book/choices.md#choices-baselines).",
     weight_format=_fp(wb), act_format=_fp(ab)))
 _variants("fp4-clip", lambda wb, ab, s: QuantRecipe(
     "", f"MinMax-FP + clipping search ({s.upper()}): α = γ·max, 100 γ in [0.3, 1], MSE; per-channel weights, "
-        "per-tensor static activations (digest §9.6, ours).",
+        "per-tensor static activations (our clipping search; book/choices.md#choices-clipping).",
     weight_format=_fp(wb), act_format=_fp(ab), weight_clip="mse", act_clip="mse"))
 _variants("fp4-hybrid", lambda wb, ab, s: QuantRecipe(
     "", f"Per-layer FP format selection + clipping ({s.upper()}): weight and activation formats chosen "
-        f"separately among {_cands(wb)} / {_cands(ab)} by MSE after clipping (digest §9.5, ours).",
+        f"separately among {_cands(wb)} / {_cands(ab)} by MSE after clipping (our rule; "
+        "book/choices.md#choices-format-selection).",
     weight_format=AUTO, act_format=AUTO, weight_candidates=_cands(wb), act_candidates=_cands(ab),
     weight_clip="mse", act_clip="mse"))
 register_recipe(RECIPES["fp4-hybrid"].replace(
     name="fp4-hybrid-dyn", act_granularity="token",
-    description="fp4-hybrid with per-token dynamic activation ranges (γ calibrated) — digest §9.7 option."))
+    description="fp4-hybrid with per-token dynamic activation ranges (γ calibrated) instead of static "
+                "per-tensor ones (book/choices.md#choices-activations)."))
 register_recipe(RECIPES["fp4-hybrid"].replace(
     name="fp4-hybrid-ratio", format_rule="ratio",
     description="fp4-hybrid with formats from the paper-style ratio threshold rule (our thresholds) "
@@ -242,7 +247,7 @@ register_recipe(RECIPES["fp4-hybrid"].replace(
 _variants("hqdit", lambda wb, ab, s: QuantRecipe(
     "", f"HQ-DiT ({s.upper()}): random Hadamard rotation (full order, online activations) → per-layer "
         "format selection by MSE → clipping search → GPTQ on the FP grid. The components are the paper's; "
-        "their settings (digest §9.2–9.9) are ours.",
+        "their settings are ours (book/choices.md).",
     weight_format=AUTO, act_format=AUTO, weight_candidates=_cands(wb), act_candidates=_cands(ab),
     weight_clip="mse", act_clip="mse", rotation=True, gptq=True))
 RECIPES.pop("hqdit", None)  # the issue names these with their bit setting only
@@ -257,7 +262,8 @@ register_recipe(RECIPES["hqdit-w4a4"].replace(name="hqdit-no-gptq", gptq=False,
                                               description="hqdit-w4a4 with round-to-nearest weights (our ablation)."))
 register_recipe(RECIPES["hqdit-w4a4"].replace(name="hqdit-w4a4-all-fc", layers=ALL_FC_LAYERS,
                                               description="hqdit-w4a4 on every fully-connected layer of every "
-                                                          "block (adds adaLN norm1.linear; digest §9.1)."))
+                                                          "block (adds adaLN norm1.linear; "
+                                                          "book/choices.md#choices-layers)."))
 register_recipe(RECIPES["hqdit-w4a4"].replace(name="hqdit-w4a4-dyn", act_granularity="token",
                                               description="hqdit-w4a4 with per-token dynamic activations."))
 register_recipe(QuantRecipe(

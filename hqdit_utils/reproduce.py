@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -39,7 +38,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import write_text_atomic
+import torch
+import torch.distributed as dist
+
+from .config import DATA_DIR, profile as get_profile
+from .digits import embedded_reference
+from .experiments import calibration_for, model_checksum
+from .files import sha256_file, write_json_atomic
+from .metrics.adm import evaluate
+from .metrics.features import InceptionExtractor, ProxyExtractor
+from .models import WeightsError, load_dit
+from .provenance import run_versions
+from .qmodel import is_quantized, load_quantized, quantize_, save_quantized
+from .recipes import get_recipe
+from .sampling import barrier, denoise_batch, dist_setup, write_samples
 
 #: The tables ``hqdit reproduce`` knows: name → recipes (FP32 first).
 TABLES = {
@@ -89,8 +101,6 @@ class Plan:
     def seconds_per_run(self) -> float | None:
         if self.step_seconds is None:
             return None
-        from .config import profile as get_profile
-
         calib = get_profile("full").calib_trajectories
         per_image = self.steps * self.step_seconds + (self.decode_seconds or 0.0)
         return (self.samples * per_image + calib * self.steps * self.step_seconds) / max(self.world_size, 1)
@@ -149,8 +159,6 @@ def _status(r: Run, samples: int) -> str:
 def make_plan(table: str, weights: str, *, samples: int, steps: int, cfg: float, out: "str | Path",
               seed_offset: int = 0, batch_size: int = 32, recipes: list[str] | None = None) -> Plan:
     """The runs of ``table`` (or ``recipes``) with their folders and current status; nothing is computed."""
-    from .recipes import get_recipe
-
     if table not in TABLES:
         raise ValueError(f"unknown table {table!r}; choose one of {sorted(TABLES)}")
     names = [get_recipe(r).name for r in (recipes or TABLES[table])]
@@ -167,10 +175,6 @@ def make_plan(table: str, weights: str, *, samples: int, steps: int, cfg: float,
 
 def measure_cost(bundle, plan: Plan, probe_steps: int = 2) -> None:
     """Time ``probe_steps`` guided steps and one decode of one batch of the FP32 model; fills the plan."""
-    import torch
-
-    from .sampling import denoise_batch
-
     b = max(1, min(plan.batch_size, 8))
     labels = torch.arange(b) % bundle.num_classes
     seeds = list(range(b))
@@ -186,18 +190,6 @@ def measure_cost(bundle, plan: Plan, probe_steps: int = 2) -> None:
     del img
 
 
-def _atomic_json(path: Path, obj: dict) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1, default=str))
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def execute(plan: Plan, bundle, *, extractor, reference, reference_name: str = "", progress: bool = True,
             calib_profile=None, log=print) -> list[Path]:
     """Run every unfinished run of ``plan`` (resumably); returns the ``result.json`` paths written or found.
@@ -206,21 +198,11 @@ def execute(plan: Plan, bundle, *, extractor, reference, reference_name: str = "
     (full scale: ``InceptionExtractor`` and the ADM ``.npz``). ``calib_profile``: sizes of calibration
     (default: the ``full`` profile with the plan's steps and batch size).
     """
-    import torch
-
-    from . import __version__
-    from .config import profile as get_profile
-    from .experiments import _calibration, _versions, model_checksum
-    from .metrics.adm import evaluate
-    from .qmodel import load_quantized, quantize_, save_quantized
-    from .recipes import get_recipe
-    from .sampling import _barrier, _dist_setup, write_samples
-
     full = get_profile("full")
     prof = calib_profile or dataclasses.replace(full, sampling_steps=plan.steps, batch_size=plan.batch_size,
                                                 eval_samples=plan.samples,
                                                 calib_timesteps=min(full.calib_timesteps, plan.steps))
-    rank, world, init_here = _dist_setup()
+    rank, world, init_here = dist_setup()
     plan.world_size = world
     mkey = model_checksum(bundle)
     written = []
@@ -243,20 +225,20 @@ def execute(plan: Plan, bundle, *, extractor, reference, reference_name: str = "
                     raise RuntimeError(f"{r.folder} belongs to another protocol (see its plan.json); "
                                        "delete it or choose another --out")
                 if not pf.is_file():
-                    _atomic_json(pf, spec)
+                    write_json_atomic(pf, spec)
             t0 = time.perf_counter()
             qb = dataclasses.replace(bundle, transformer=copy.deepcopy(bundle.transformer))
             qdir = r.folder / "quant"
             if not recipe.is_identity:
                 if rank == 0 and not (qdir / "quant_config.json").is_file():
                     log(f"[reproduce] {r.run_id}: calibrating and quantizing")
-                    calib = (_calibration(bundle, recipe, prof, 0, plan.cfg, mkey)
+                    calib = (calibration_for(bundle, recipe, prof, 0, plan.cfg, mkey)
                              if recipe.needs_calibration else None)
                     report = quantize_(qb.transformer, recipe, calib)
                     save_quantized(qb.transformer, qdir, report)
                     del calib
-                _barrier()
-                if rank != 0 or not _is_quantized(qb.transformer):
+                barrier()
+                if rank != 0 or not is_quantized(qb.transformer):
                     load_quantized(qb.transformer, qdir)
             t_quant = time.perf_counter() - t0
             if rank == 0:
@@ -283,37 +265,27 @@ def execute(plan: Plan, bundle, *, extractor, reference, reference_name: str = "
                                              "timesteps": prof.calib_timesteps, "seed": 0} if not recipe.is_identity else None,
                              "reference": reference_name, "extractor": rep.extractor,
                              "extractor_sha256": rep.weights_checksum, "n_reference": rep.n_reference,
-                             "versions": _versions() | {"hqdit_utils": __version__},
+                             "versions": run_versions(),
                              "device": str(next(bundle.transformer.parameters()).device), "world_size": world,
                              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                              "seconds_this_invocation": {"quantize": round(t_quant, 1), "sample": round(t_sample, 1),
                                                          "evaluate": round(time.perf_counter() - t2, 1)}},
                 "samples": str(path), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
-            _atomic_json(r.result_file, result)
+            write_json_atomic(r.result_file, result)
             written.append(r.result_file)
             log(f"[reproduce] {r.run_id}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        _barrier()
+        barrier()
     finally:
         if init_here:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
     return written
-
-
-def _is_quantized(model) -> bool:
-    from .qmodel import is_quantized
-
-    return is_quantized(model)
 
 
 # --------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------
 def _cmd(args: argparse.Namespace) -> int:
-    from .config import DATA_DIR
-
     out = Path(args.out or DATA_DIR / "results")
     rank = int(os.environ.get("RANK", "0"))
     say = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)  # noqa: E731
@@ -326,8 +298,6 @@ def _cmd(args: argparse.Namespace) -> int:
         return 1
     bundle = None
     if not args.no_measure or not args.dry_run:
-        from .models import WeightsError, load_dit
-
         try:
             bundle = load_dit(args.weights, vae=args.vae, device=args.device)
         except (WeightsError, FileNotFoundError) as err:
@@ -340,15 +310,11 @@ def _cmd(args: argparse.Namespace) -> int:
     say(plan.describe())
     if args.dry_run:
         return 0
-    from .metrics.features import InceptionExtractor, ProxyExtractor
-
     reference = args.reference or os.environ.get(ENV_REFERENCE)
     try:
         if args.proxy:
             extractor = ProxyExtractor(device=args.device)
             if reference is None:
-                from .metrics.adm import embedded_reference
-
                 reference, ref_name = embedded_reference("heldout"), "embedded-heldout"
             else:
                 ref_name = Path(reference).name
@@ -358,7 +324,7 @@ def _cmd(args: argparse.Namespace) -> int:
                     f"no reference batch: pass --reference VIRTUAL_imagenet256_labeled.npz (or set ${ENV_REFERENCE}); "
                     "download it from the ADM evaluation suite (github.com/openai/guided-diffusion, evaluations/)")
             extractor = InceptionExtractor(args.inception_weights, device=args.device)
-            ref_name = f"{Path(reference).name} sha256 {_file_sha256(Path(reference))[:16]}"
+            ref_name = f"{Path(reference).name} sha256 {sha256_file(Path(reference))[:16]}"
     except (FileNotFoundError, ValueError) as err:
         print(f"hqdit reproduce: {err}", file=sys.stderr)
         return 1
@@ -398,8 +364,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _cuda() -> bool:
     try:
-        import torch
-
         return torch.cuda.is_available()
     except Exception:  # pragma: no cover
         return False

@@ -53,8 +53,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
-from .atomic import atomic_path, write_text_atomic
+from .files import atomic_path, write_text_atomic
+from .models import load_dit
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -62,7 +65,7 @@ SAMPLERS = ("ddpm", "ddim")
 def make_scheduler(bundle, sampler: str = "ddpm", num_steps: int = 50):
     """A fresh diffusers scheduler of kind ``sampler`` from ``bundle.scheduler``'s config, set to
     ``num_steps`` timesteps (see the module docstring for the spacing)."""
-    from diffusers import DDIMScheduler, DDPMScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler  # diffusers takes seconds to import; only schedulers need it
 
     cfg = dict(bundle.scheduler.config)
     if sampler == "ddpm":
@@ -159,8 +162,6 @@ def sample(bundle, class_labels, *, num_steps: int, cfg_scale: float, seeds: Seq
     Returns:
         ``uint8`` tensor ``[N, H, W, C_img]`` (CPU), ``H = W = bundle.image_size``.
     """
-    from tqdm import tqdm
-
     if int(num_steps) < 1 or int(batch_size) < 1:
         raise ValueError(f"num_steps and batch_size must be >= 1; got num_steps={num_steps}, batch_size={batch_size}")
     labels = _as_long(class_labels)
@@ -219,10 +220,8 @@ def tile(images: np.ndarray, rows: int, cols: int, pad: int = 1, value: int = 25
 # --------------------------------------------------------------------------------------------------
 # sharded, resumable, distributed sample writing
 # --------------------------------------------------------------------------------------------------
-def _dist_setup():
+def dist_setup():
     """``(rank, world_size, initialised_here)``; initialises torch.distributed from torchrun's env."""
-    import torch.distributed as dist
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, False
@@ -235,9 +234,8 @@ def _dist_setup():
     return dist.get_rank(), dist.get_world_size(), True
 
 
-def _barrier():
-    import torch.distributed as dist
-
+def barrier() -> None:
+    """Wait for every rank (no-op outside torch.distributed)."""
     if dist.is_available() and dist.is_initialized():
         if dist.get_backend() == "nccl":
             dist.barrier(device_ids=[torch.cuda.current_device()])
@@ -282,7 +280,7 @@ def _load_shard(path: Path, lo: int, hi: int, labels: torch.Tensor, image_shape:
 
 def _output_intact(out_npz: Path, meta: dict) -> bool:
     """Whether ``out_npz`` holds exactly the images whose sha256 ``meta`` records (streamed, no full copy)."""
-    from .metrics.adm import NpzImages
+    from .metrics.adm import NpzImages  # deferred: metrics imports scipy and pandas, which sample writers never need
 
     try:
         h = hashlib.sha256()
@@ -323,7 +321,7 @@ def write_samples(bundle, out_npz: str | Path, n: int, *, num_steps: int = 50, c
     for what, v in (("n", n), ("num_steps", num_steps), ("batch_size", batch_size), ("shard_size", shard_size or 1)):
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
             raise ValueError(f"write_samples: {what} must be a positive integer, got {v!r}")
-    rank, world, init_here = _dist_setup()
+    rank, world, init_here = dist_setup()
     try:
         return _write_samples(bundle, out_npz, n, rank, world, num_steps=num_steps, cfg_scale=cfg_scale,
                               sampler=sampler, class_labels=class_labels, seed_offset=seed_offset,
@@ -331,9 +329,7 @@ def write_samples(bundle, out_npz: str | Path, n: int, *, num_steps: int = 50, c
                               keep_shards=keep_shards, eta=eta, tag=tag)
     finally:
         if init_here:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+                    dist.destroy_process_group()
 
 
 def _write_samples(bundle, out_npz: Path, n: int, rank: int, world: int, *, num_steps, cfg_scale, sampler,
@@ -372,7 +368,7 @@ def _write_samples(bundle, out_npz: Path, n: int, rank: int, world: int, *, num_
                 raise RuntimeError(f"{shard_dir} holds shards of another protocol {old}; delete it or choose another output")
         else:
             write_text_atomic(spec_file, json.dumps(spec, indent=1))
-    _barrier()
+    barrier()
     mine = [k for k in range(nshards) if k % world == rank]
     image_shape = (bundle.image_size, bundle.image_size, bundle.image_channels)
     todo = []
@@ -385,8 +381,6 @@ def _write_samples(bundle, out_npz: Path, n: int, rank: int, world: int, *, num_
             except ValueError as err:
                 print(f"[write_samples] {err}; sampling shard {k} again", file=sys.stderr, flush=True)
         todo.append(k)
-    from tqdm import tqdm
-
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"shards (rank {rank}/{world})",
                disable=not progress, mininterval=1.0)
     t0 = time.time()
@@ -401,7 +395,7 @@ def _write_samples(bundle, out_npz: Path, n: int, rank: int, world: int, *, num_
         bar.update(1)
     bar.close()
     elapsed = time.time() - t0
-    _barrier()
+    barrier()
     if rank != 0:
         return None
     arrs, labs = [], []
@@ -434,8 +428,6 @@ def _write_samples(bundle, out_npz: Path, n: int, rank: int, world: int, *, num_
 # CLI
 # --------------------------------------------------------------------------------------------------
 def _cmd(args: argparse.Namespace) -> int:
-    from .models import load_dit
-
     if args.threads:
         torch.set_num_threads(args.threads)
     bundle = load_dit(args.model, vae=args.vae, device=args.device)

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .config import DATA_DIR
+from .recipes import FP8_CANDIDATES, get_recipe
 
 __all__ = ["METHODS", "SETTINGS", "bit_recipe", "load_paper", "paper_sources", "mean_std", "noise_level",
            "paired_difference", "paired_interval", "compare", "compare_frame", "claim_verdict", "require_same_seeds",
@@ -37,8 +38,8 @@ PAPER_DIR = DATA_DIR / "paper"
 #: Bit settings, weakest quantization first.
 SETTINGS = ("w8a8", "w4a8", "w4a4")
 
-#: The methods of the paper's comparison (digest §4: MinMax-FP, SmoothQuant, FPQ, GPTQ) plus INT
-#: round-to-nearest and HQ-DiT. Value: the registered recipe of each bit setting (None: derived).
+#: The methods of the paper's comparison (MinMax-FP, SmoothQuant, FPQ, GPTQ; their forms:
+#: book/choices.md#choices-baselines) plus INT round-to-nearest and HQ-DiT. Value: the registered recipe of each bit setting (None: derived).
 METHODS: dict[str, dict[str, str | None]] = {
     "INT-RTN": {"w8a8": "int8", "w4a8": "int4w-a8", "w4a4": "int4-rtn"},
     "MinMax-FP": {"w8a8": "fp4-minmax-w8a8", "w4a8": "fp4-minmax-w4a8", "w4a4": "fp4-minmax"},
@@ -68,8 +69,6 @@ def bit_recipe(method: str, setting: str):
     activations instead of 4-bit (``int8``; FP methods: ``fp8_e4m3``, or the FP8 candidate set for
     per-layer format search), named ``<w4a4 name>-<setting>``. Nothing else changes.
     """
-    from .recipes import FP8_CANDIDATES, get_recipe
-
     if method not in METHODS:
         raise KeyError(f"unknown method {method!r}; choose one of {list(METHODS)}")
     if setting not in _BITS:

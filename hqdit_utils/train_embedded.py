@@ -35,69 +35,29 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from .atomic import atomic_path, write_text_atomic
-
-#: Number of digit classes; the null (unconditional) class id is ``NUM_CLASSES``.
-NUM_CLASSES = 10
-NULL_CLASS = NUM_CLASSES
-IMAGE_SIZE = 16
-DATASET_NAME = "sklearn.datasets.load_digits, upsampled 8x8 -> 16x16 (bilinear), scaled to [-1, 1]"
-
-
-# --------------------------------------------------------------------------------------------------
-# data
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class DigitsData:
-    """The data set in memory.
-
-    images: float32 ``[1797, 1, 16, 16]`` in [-1, 1] (0 = background -> -1, 16 = full ink -> +1).
-    labels: int64 ``[1797]`` digit 0..9.
-    train_idx / heldout_idx: int64 indices of the fixed stratified split.
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    train_idx: torch.Tensor
-    heldout_idx: torch.Tensor
-    split_seed: int
-    heldout_fraction: float
-
-
-def load_digits16(split_seed: int = 0, heldout_fraction: float = 0.2) -> DigitsData:
-    """Load scikit-learn's digits, upsample to 16×16 and split (stratified, fixed seed)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0  # [N,1,8,8] in [0,1]
-    x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
-    x = (x * 2.0 - 1.0).clamp(-1.0, 1.0)
-    y = torch.tensor(d.target, dtype=torch.long)
-    idx = list(range(len(y)))
-    tr, te = train_test_split(idx, test_size=heldout_fraction, random_state=split_seed, stratify=d.target)
-    return DigitsData(x, y, torch.tensor(sorted(tr)), torch.tensor(sorted(te)), split_seed, heldout_fraction)
-
-
-def to_uint8_nhwc(x: torch.Tensor) -> torch.Tensor:
-    """float NCHW in [-1, 1] -> uint8 NHWC, ``round((x + 1) * 127.5)`` clamped (the sampler's rule)."""
-    return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
+from .config import CACHE_DIR
+from .digits import DATASET_NAME, IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, DigitsData, load_digits16, to_uint8_nhwc
+from .files import atomic_path, load_error_reason, sha256_file, write_text_atomic
+from .metrics.proxy_net import ProxyNet, load_proxy_net, save_proxy_net
+from .models import load_dit
+from .provenance import package_versions
+from .sampling import sample
 
 def random_shift(x: torch.Tensor, gen: torch.Generator, max_shift: int = 1) -> torch.Tensor:
     """Shift each image ``[B, C, H, W]`` by an independent integer offset in [-max_shift, max_shift]²,
@@ -141,10 +101,10 @@ def dit_initialize(model: nn.Module, block_init_std: float = 0.0) -> None:
     """DiT's initialisation: Xavier-uniform linears with zero bias, N(0, 0.02) label table and
     timestep MLP, and the adaLN modulation and the output layers zeroed (adaLN-Zero).
 
-    ``block_init_std > 0`` is our change for the embedded model: the attention and MLP linears of every
-    block (the layers the recipes quantize) start from N(0, block_init_std²) instead of Xavier-uniform
-    (σ ≈ 0.083 at width 144). From the smaller start a few thousand steps carry the weights far from their
-    initial random matrix, as DiT-XL/2's 7 M steps did; from Xavier they stayed random-like."""
+    ``block_init_std > 0`` (an option we tried, not what the shipped model used): the attention and MLP
+    linears of every block (the layers the recipes quantize) start from N(0, block_init_std²) instead of
+    Xavier-uniform (σ ≈ 0.083 at width 144), so that a few thousand steps carry them far from their initial
+    random matrix; the embedded-model page reports what it did to the weights and to the samples."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -174,7 +134,7 @@ def build_dit(config: dict, seed: int = 0, tie: bool = False, block_init_std: fl
     """A freshly initialised ``DiTTransformer2DModel`` (DiT init, seed ``seed``; ``block_init_std``
     see :func:`dit_initialize`); ``tie=True`` makes every block use block 0's timestep/class embedder
     (one shared module, as in the original DiT)."""
-    from diffusers import DiTTransformer2DModel
+    from diffusers import DiTTransformer2DModel  # deferred: diffusers takes seconds to import
 
     torch.manual_seed(seed)
     model = DiTTransformer2DModel(**config)
@@ -194,7 +154,7 @@ def tie_embedders(model) -> None:
 def untied_copy(model, config: dict):
     """A plain diffusers model (one embedder copy per block, as ``DiTTransformer2DModel`` builds it)
     holding the weights of a (possibly tied) model — what ``save_pretrained`` can write."""
-    from diffusers import DiTTransformer2DModel
+    from diffusers import DiTTransformer2DModel  # deferred: diffusers takes seconds to import
 
     fresh = DiTTransformer2DModel(**config)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -221,7 +181,10 @@ class TrainConfig:
     width: int = 144
     head_dim: int = 72
     num_layers: int = 6
-    block_init_std: float = 0.02  # N(0, σ²) start of the block linears (0: Xavier-uniform, DiT's)
+    # Options tried to make the block linears' weights look trained (see the embedded-model page); the
+    # defaults reproduce the shipped model: Xavier-uniform start (DiT's), no weight decay.
+    block_init_std: float = 0.0  # N(0, σ²) start of the block linears (0: Xavier-uniform, DiT's)
+    block_weight_decay: float = 0.0  # AdamW decay of the block linears' weights only (others: weight_decay)
     steps: int = 3000
     batch_size: int = 128
     lr: float = 1e-3
@@ -253,6 +216,27 @@ class TrainConfig:
         return embedded_dit_config(self.width, self.head_dim, self.num_layers)
 
 
+def block_linear_weights(model) -> list:
+    """The weights of the attention and MLP linears of every block — the layers the recipes quantize."""
+    return [lin.weight for block in model.transformer_blocks
+            for lin in (block.attn1.to_q, block.attn1.to_k, block.attn1.to_v, block.attn1.to_out[0],
+                        block.ff.net[0].proj, block.ff.net[2])]
+
+
+def optimizer_groups(model, cfg: TrainConfig) -> list[dict]:
+    """AdamW parameter groups: the block linears' weights decay with ``cfg.block_weight_decay``, every
+    other parameter with ``cfg.weight_decay``.
+
+    An option we tried for the embedded model (off by default): decoupled weight decay shrinks what no
+    gradient sustains — above all the random matrix the weights started from — so that after a few
+    thousand steps the quantized weights are dominated by what training put there."""
+    block = block_linear_weights(model)
+    ids = {id(p) for p in block}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return [{"params": block, "weight_decay": cfg.block_weight_decay},
+            {"params": rest, "weight_decay": cfg.weight_decay}]
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate at optimizer step ``step`` (0-based): linear warm-up, then cosine decay to
     ``min_lr_fraction * lr`` at ``cfg.steps``."""
@@ -279,10 +263,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
 # --------------------------------------------------------------------------------------------------
 def train_proxy(data: DigitsData, cfg: TrainConfig, progress: bool = True):
     """Train :class:`ProxyNet` on the train split; returns ``(net, info)`` with held-out accuracy."""
-    from tqdm import tqdm
-
-    from .metrics.proxy_net import ProxyNet
-
     t0 = time.time()
     torch.manual_seed(cfg.seed + 100)
     gen = torch.Generator().manual_seed(cfg.seed + 101)
@@ -408,8 +388,6 @@ def train_dit(
     interruption. ``adaptive_threads`` lets :class:`ThreadTuner` choose between the current torch
     thread count and 1 thread while training. ``state["loss_curve"]`` is a list of ``[step, mean ε-MSE since last entry, wall s]``.
     """
-    from tqdm import tqdm
-
     ckpt_path = Path(checkpoint_dir) / "train_state.pt"
     dit_cfg = cfg.dit_config()
     model = build_dit(dit_cfg, seed=cfg.seed, tie=cfg.share_embedder, block_init_std=cfg.block_init_std)
@@ -417,13 +395,11 @@ def train_dit(
     for block in model.transformer_blocks:
         block.norm1.emb.class_embedder.dropout_prob = 0.0
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    opt = torch.optim.AdamW(optimizer_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.999))
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     state = {"step": 0, "wall_time_s": 0.0, "loss_curve": [], "config": asdict(cfg)}
 
     if ckpt_path.is_file():
-        from .models import load_error_reason
-
         try:
             ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         except Exception as err:  # truncated zip, forbidden pickle global …: the file cannot be trusted
@@ -544,32 +520,17 @@ def train_dit(
 # --------------------------------------------------------------------------------------------------
 # export, evaluation, manifest
 # --------------------------------------------------------------------------------------------------
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
 def export_model(ema, cfg: TrainConfig, out: Path) -> None:
     """Write ``out/transformer`` (untied EMA weights, safetensors) and ``out/scheduler`` (DDPM config)."""
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler  # deferred: diffusers takes seconds to import
 
     plain = untied_copy(ema, cfg.dit_config())
     tmp = out / "transformer.tmp"
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     plain.save_pretrained(str(tmp), safe_serialization=True)
     final = out / "transformer"
     if final.exists():
-        import shutil
-
         shutil.rmtree(final)
     os.replace(tmp, final)
     sched = DDPMScheduler(
@@ -588,10 +549,6 @@ def class_consistency(out: Path, cfg: TrainConfig, progress: bool = True) -> dic
     """Sample ``cfg.consistency_samples`` images (classes round-robin, seeds 0..N-1, DDPM
     ``cfg.consistency_steps`` steps, guidance ``cfg.consistency_cfg``) from the exported model and
     classify them with the exported proxy network. Returns the fraction per class and overall."""
-    from .metrics.proxy_net import load_proxy_net
-    from .models import load_dit
-    from .sampling import sample
-
     bundle = load_dit(str(out), verify=False)
     n = cfg.consistency_samples
     labels = torch.arange(n) % NUM_CLASSES
@@ -638,15 +595,11 @@ def write_manifest(out: Path, record: dict) -> dict:
     return record
 
 
-def _versions() -> dict:
-    import diffusers
-    import sklearn
-
+def _environment() -> dict:
+    """Versions and machine facts recorded in the manifest."""
     return {
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "scikit-learn": sklearn.__version__,
+        **package_versions(("torch", "diffusers", "scikit-learn")),
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
@@ -659,8 +612,6 @@ def run(cfg: TrainConfig, out: str | Path, checkpoint_dir: str | Path, command: 
 
     ``stop_after_steps`` ends training at that step of the ``cfg.steps``-step schedule (the learning
     rate still follows the full schedule) and exports the EMA weights of that step."""
-    from .metrics.proxy_net import load_proxy_net, save_proxy_net
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -727,7 +678,7 @@ def run(cfg: TrainConfig, out: str | Path, checkpoint_dir: str | Path, command: 
         },
         "proxy_classifier": proxy_info,
         "command": command,
-        "environment": _versions(),
+        "environment": _environment(),
     }
     write_manifest(out, record)
     if not skip_consistency:
@@ -742,8 +693,6 @@ def run(cfg: TrainConfig, out: str | Path, checkpoint_dir: str | Path, command: 
 # CLI
 # --------------------------------------------------------------------------------------------------
 def _default_checkpoint_dir() -> Path:
-    from .config import CACHE_DIR
-
     return Path(CACHE_DIR) / "train_embedded"
 
 
@@ -758,6 +707,7 @@ def _cmd(args: argparse.Namespace) -> int:
         width=args.width,
         num_layers=args.layers,
         block_init_std=args.block_init_std,
+        block_weight_decay=args.block_weight_decay,
         ema_decay=args.ema_decay,
         checkpoint_every_s=args.checkpoint_every,
         proxy_epochs=args.proxy_epochs,
@@ -795,6 +745,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=d.num_layers)
     p.add_argument("--block-init-std", type=float, default=d.block_init_std,
                    help=f"std of the N(0, std^2) start of the block linears; 0 = Xavier-uniform (default {d.block_init_std})")
+    p.add_argument("--block-weight-decay", type=float, default=d.block_weight_decay,
+                   help=f"AdamW weight decay of the block linears' weights (default {d.block_weight_decay}; others: 0)")
     p.add_argument("--ema-decay", type=float, default=d.ema_decay)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--checkpoint-every", type=float, default=d.checkpoint_every_s, help="seconds between checkpoints")

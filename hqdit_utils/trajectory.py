@@ -10,7 +10,7 @@ Two complementary measurements, both on the *same* labels and per-sample seeds a
   after every step. This is what the errors of all previous steps add up to.
 
 Both are relative L2 errors ``‖a − b‖ / ‖b‖`` over the whole batch. :func:`quantized_bundle` builds (and
-caches on disk) the quantized copy of a model with the same calibration as :func:`experiments.run`.
+caches on disk) the quantized copy of a model with the same calibration as :func:`~hqdit_utils.experiments.run`.
 """
 from __future__ import annotations
 
@@ -23,6 +23,13 @@ from typing import Sequence
 import pandas as pd
 import torch
 
+from .config import CACHE_DIR, Profile, profile as get_profile
+from .experiments import calibration_for, code_fingerprint, model_checksum, recipe_material, run_key
+from .provenance import __version__
+from .qmodel import load_quantized, quantize_, save_quantized
+from .recipes import get_recipe
+from .sampling import denoise_batch
+
 __all__ = ["quantized_bundle", "trajectory_error"]
 
 
@@ -32,28 +39,23 @@ def quantized_bundle(bundle, recipe, *, profile=None, seed: int = 0, cfg_scale: 
 
     Calibration is the one :func:`~hqdit_utils.experiments.run` uses for the same (profile, seed, cfg),
     so the quantized model is the one whose images the run evaluated. The quantized state is cached in
-    ``<cache>/qmodels/<recipe>-s<seed>-<key>`` (``qmodel.save_quantized``); a second call loads it.
+    ``<cache>/qmodels/<recipe>-s<seed>-<key>`` (``qmodel.save_quantized``; keyed like :func:`~hqdit_utils.experiments.run`, with the code of
+    :mod:`hqdit_utils.qmodel`'s path); a second call loads it.
     Returns ``(quantized bundle, summary dict)``.
     """
-    from . import __version__
-    from .config import CACHE_DIR, Profile, profile as get_profile
-    from .experiments import _calibration, _run_key, model_checksum
-    from .qmodel import load_quantized, quantize_, save_quantized
-    from .recipes import get_recipe
-
     recipe = get_recipe(recipe)
     prof = profile if isinstance(profile, Profile) else get_profile(profile)
     qb = replace(bundle, transformer=copy.deepcopy(bundle.transformer))
     if recipe.is_identity:
         return qb, {}
     mkey = model_checksum(bundle)
-    key = _run_key({"model": mkey, "recipe": recipe.to_dict(), "profile": prof.as_dict(), "seed": seed,
-                    "cfg_scale": cfg_scale, "version": __version__})
+    key = run_key({"model": mkey, "recipe": recipe_material(recipe), "profile": prof.as_dict(), "seed": seed,
+                   "cfg_scale": cfg_scale, "version": __version__, "code": code_fingerprint("hqdit_utils.qmodel")})
     folder = Path(cache_dir or CACHE_DIR / "qmodels") / f"{recipe.name}-s{seed}-{key}"
     if (folder / "quant_config.json").is_file() and not recipe.quantize_attention and recipe.timestep_groups == 1:
         load_quantized(qb.transformer, folder)
         return qb, {"recipe": recipe.name, "cached": True}
-    calib = _calibration(bundle, recipe, prof, seed, cfg_scale, mkey) if recipe.needs_calibration else None
+    calib = calibration_for(bundle, recipe, prof, seed, cfg_scale, mkey) if recipe.needs_calibration else None
     report = quantize_(qb.transformer, recipe, calib)
     try:
         save_quantized(qb.transformer, folder, report)
@@ -82,8 +84,6 @@ def trajectory_error(reference, quantized, labels: Sequence[int], seeds: Sequenc
         guided ε of the quantized model against FP32's, both on FP32's ``x_t``) and ``drift`` (relative L2
         of the quantized trajectory's input ``x_t`` against FP32's at that step; 0 at step 0).
     """
-    from .sampling import denoise_batch
-
     labels = torch.as_tensor(list(labels), dtype=torch.long)
     C = reference.latent_channels
     B = len(labels)

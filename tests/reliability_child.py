@@ -79,8 +79,8 @@ def calib_bundle():
 
 
 def calib(work: Path) -> None:
-    """:func:`analysis.cached_calibrate` of a tiny random DiT into ``work/calibration/``."""
-    from hqdit_utils.analysis import cached_calibrate
+    """:func:`experiments.cached_calibrate` of a tiny random DiT into ``work/calibration/``."""
+    from hqdit_utils.experiments import cached_calibrate
 
     cached_calibrate(calib_bundle(), cache_dir=work, **CALIB_KW)
 
@@ -117,8 +117,9 @@ def w4a4(work: Path) -> None:
     import hashlib
     import json
 
-    from hqdit_utils.capture import calibrate
-    from hqdit_utils.metrics.adm import embedded_reference, evaluate
+    from hqdit_utils.calibration import calibrate
+    from hqdit_utils.digits import embedded_reference
+    from hqdit_utils.metrics.adm import evaluate
     from hqdit_utils.metrics.features import ProxyExtractor
     from hqdit_utils.models import load_dit
     from hqdit_utils.qmodel import quantize_

@@ -120,7 +120,7 @@ def test_rotation_table_layout():
 
 # --- model plumbing -------------------------------------------------------------------------------
 def test_block_linears_on_a_tiny_dit():
-    from hqdit_utils.capture import calibrate
+    from hqdit_utils.calibration import calibrate
     from hqdit_utils.models import tiny_dit
 
     bundle = tiny_dit(0, width=144, heads=2, num_layers=2)
@@ -222,39 +222,6 @@ def test_error_feedback_2d_example_where_gptq_beats_rtn():
     h = torch.tensor([[1.0, 0.9], [0.9, 1.0]], dtype=torch.float64)
     r = A.error_feedback_2d((1.25, 0.7), h, "fp4_e2m1")
     assert r["loss"]["gptq"] < r["loss"]["rtn"]
-
-
-# --- calibration cache ----------------------------------------------------------------------------
-def test_cached_calibrate_reuses_the_file_and_keys_on_weights_and_seed(tmp_path, monkeypatch):
-    from hqdit_utils import capture
-    from hqdit_utils.models import tiny_dit
-
-    bundle = tiny_dit(0, width=144, heads=2, num_layers=1)
-    kw = dict(num_trajectories=2, num_timesteps=2, num_steps=3, rows_per_timestep=8, batch_size=2)
-    first = A.cached_calibrate(bundle, seed=0, cache_dir=tmp_path, **kw)
-    files = list((tmp_path / "calibration").glob("*.pt"))
-    assert len(files) == 1
-
-    def boom(*a, **k):
-        raise AssertionError("calibrate must not run again")
-
-    monkeypatch.setattr(capture, "calibrate", boom)
-    again = A.cached_calibrate(bundle, seed=0, cache_dir=tmp_path, **kw)
-    name = "transformer_blocks.0.ff.net.2"
-    assert torch.equal(again[name].rows(), first[name].rows())
-    assert again.timesteps == first.timesteps and again.meta["num_trajectories"] == 2
-
-    k0 = A.calibration_key(bundle, seed=0, **kw)
-    assert A.calibration_key(bundle, seed=1, **kw) != k0
-    assert A.calibration_key(bundle, seed=0, **{**kw, "rows_per_timestep": 9}) != k0
-    with torch.no_grad():
-        bundle.transformer.transformer_blocks[0].ff.net[2].weight[0, 0] += 1e-3
-    assert A.calibration_key(bundle, seed=0, **kw) != k0
-
-    files[0].write_bytes(b"damaged")  # a damaged file is recomputed (calibrate is patched: it must raise)
-    bundle2 = tiny_dit(0, width=144, heads=2, num_layers=1)
-    with pytest.raises(AssertionError, match="must not run again"):
-        A.cached_calibrate(bundle2, seed=0, cache_dir=tmp_path, **kw)
 
 
 def test_outlier_profile_separates_channel_and_token_outliers():

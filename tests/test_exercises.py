@@ -22,7 +22,24 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 #: A wrong answer for every exercise label (code that replaces the answer cell). A new exercise without
 #: an entry here fails ``test_every_exercise_has_a_wrong_answer``.
 WRONG: dict[str, str] = {
-    "ex-act-1": 'answer = "q"',
+    "ex-act-1": 'answer = "attn"',
+    "ex-act-2": 'answer = lambda chunks: float(torch.cat([c.reshape(-1) for c in chunks]).double().pow(4).mean())',
+    "ex-act-3": 'answer = -1',
+    "ex-clip-1": 'answer = "fp4_e9m9"',
+    "ex-clip-2": 'answer = lambda x, fmt, gammas: float(gammas[0])',
+    "ex-clip-3": 'answer = 0.3',
+    "ex-format-1": 'answer = ("none", "weight")',
+    "ex-format-2": 'answer = lambda x: fake_quantize(x, "fp4_e2m1")',
+    "ex-format-3": 'answer = -1',
+    # chapter 4
+    "ex-rotation-block": 'answer = "lower" if _ex_block_expected == "higher" else "higher"',
+    "ex-rotation-onehot": "answer = (12.0, 12.0)",
+    "ex-rotation-per-token": "answer = lambda x, fmt: fake_quantize(x, fmt)",  # per tensor, not per token
+    # chapter 5
+    "ex-gptq-uncorrelated": 'answer = "different" if _ex_uncorrelated_expected == "same" else "same"',
+    "ex-gptq-damping": "answer = 0.5",
+    "ex-gptq-act-order": "answer = gptq_columns",  # natural column order, not act-order
+    # chapters 6-8
     "ex-e2e-1": 'answer = 1.0',
     "ex-e2e-2": 'answer = "second" if _half == "first" else "first"',
     "ex-e2e-3": 'answer = lambda x: fake_quantize(x, "fp4_e2m1")  # one scale per tensor',

@@ -1,8 +1,10 @@
-"""experiments.run: end to end on a tiny random DiT, cache hits, stale-cache detection, paired seeds."""
+"""experiments: run end to end on a tiny random DiT, cache hits, stale-cache detection, paired seeds; cached
+calibrations; cache keys by dependency."""
 import numpy as np
 import pytest
 import torch
 
+from hqdit_utils import experiments
 from hqdit_utils.config import Profile
 from hqdit_utils.experiments import run, run_table, sample_plan, summarize
 from hqdit_utils.models import tiny_dit
@@ -61,3 +63,73 @@ def test_run_table_and_summary(bundle, reference, tmp_path, toy_extractor):
     assert list(df["recipe"]) == ["fp32", "fp32", "int4-rtn", "int4-rtn"] and list(df["seed"]) == [0, 1, 0, 1]
     s = summarize(df)
     assert list(s.index) == ["fp32", "int4-rtn"] and " ± " in s.loc["fp32", "FID*"] and s.loc["fp32", "seeds"] == 2
+
+
+# --- cache keys by dependency ---------------------------------------------------------------------
+def _toy_package(root):
+    pkg = root / "toypkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text('"""A toy package."""\n')
+    (pkg / "a.py").write_text('"""Module a."""\n\n\ndef f(x):\n    """Doubles."""\n    from .b import g  # deferred\n'
+                              '    return 2 * g(x)\n')
+    (pkg / "b.py").write_text('"""Module b."""\n\n\ndef g(x):\n    """Adds one."""\n    return x + 1\n')
+    (pkg / "c.py").write_text('"""Module c, off a\'s path."""\n\n\ndef h(x):\n    return x\n')
+    return pkg
+
+
+def test_code_fingerprint_follows_the_imports_not_the_docstrings(tmp_path):
+    pkg = _toy_package(tmp_path)
+    assert experiments.imported_modules("toypkg.a", pkg) == ["toypkg.a", "toypkg.b"]  # function-level import
+    key = experiments.code_fingerprint("toypkg.a", pkg)
+    b = pkg / "b.py"
+    b.write_text(b.read_text().replace('"""Adds one."""', '"""Adds one to x (any number)."""  # a comment'))
+    assert experiments.code_fingerprint("toypkg.a", pkg) == key  # docstring and comment: same key
+    (pkg / "c.py").write_text((pkg / "c.py").read_text().replace("return x", "return -x"))
+    assert experiments.code_fingerprint("toypkg.a", pkg) == key  # code off the path: same key
+    b.write_text(b.read_text().replace("x + 1", "x + 2"))
+    assert experiments.code_fingerprint("toypkg.a", pkg) != key  # code on the path: a new key
+
+
+def test_a_run_depends_on_the_engine_not_on_the_figures():
+    path = experiments.imported_modules("hqdit_utils.experiments")
+    assert {"hqdit_utils.qmodel", "hqdit_utils.calibration", "hqdit_utils.sampling", "hqdit_utils.gptq",
+            "hqdit_utils.metrics.adm"} <= set(path)
+    assert not {"hqdit_utils.plotting", "hqdit_utils.tables", "hqdit_utils.analysis"} & set(path)
+
+
+def test_recipe_description_is_not_part_of_the_key():
+    from hqdit_utils.recipes import get_recipe
+
+    r = get_recipe("fp4-clip")
+    assert experiments.recipe_material(r) == experiments.recipe_material(r.replace(description="reworded"))
+    assert experiments.recipe_material(r) != experiments.recipe_material(r.replace(clip_p=2.0))
+
+
+# --- calibration cache ----------------------------------------------------------------------------
+def test_cached_calibrate_reuses_the_file_and_keys_on_weights_and_seed(tmp_path, monkeypatch):
+    bundle = tiny_dit(0, width=144, heads=2, num_layers=1)
+    kw = dict(num_trajectories=2, num_timesteps=2, num_steps=3, rows_per_timestep=8, batch_size=2)
+    first = experiments.cached_calibrate(bundle, seed=0, cache_dir=tmp_path, **kw)
+    files = list((tmp_path / "calibration").glob("*.pt"))
+    assert len(files) == 1
+
+    def boom(*a, **k):
+        raise AssertionError("calibrate must not run again")
+
+    monkeypatch.setattr(experiments, "calibrate", boom)
+    again = experiments.cached_calibrate(bundle, seed=0, cache_dir=tmp_path, **kw)
+    name = "transformer_blocks.0.ff.net.2"
+    assert torch.equal(again[name].rows(), first[name].rows())
+    assert again.timesteps == first.timesteps and again.meta["num_trajectories"] == 2
+
+    k0 = experiments.calibration_key(bundle, seed=0, **kw)
+    assert experiments.calibration_key(bundle, seed=1, **kw) != k0
+    assert experiments.calibration_key(bundle, seed=0, **{**kw, "rows_per_timestep": 9}) != k0
+    with torch.no_grad():
+        bundle.transformer.transformer_blocks[0].ff.net[2].weight[0, 0] += 1e-3
+    assert experiments.calibration_key(bundle, seed=0, **kw) != k0
+
+    files[0].write_bytes(b"damaged")  # a damaged file is recomputed (calibrate is patched: it must raise)
+    bundle2 = tiny_dit(0, width=144, heads=2, num_layers=1)
+    with pytest.raises(AssertionError, match="must not run again"):
+        experiments.cached_calibrate(bundle2, seed=0, cache_dir=tmp_path, **kw)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from hqdit_utils.capture import TensorStats
+from hqdit_utils.stats import TensorStats
 from hqdit_utils.format_select import (DEFAULT_CANDIDATES, FormatPlan, LayerFormat, fit_thresholds, order_by_range,
                                        ratio_rule, ratio_statistics, ratio_statistics_from_stats, select_format)
 from hqdit_utils.clipping import clip_activation, clip_weight
@@ -94,3 +94,27 @@ def test_plan_json_round_trip_and_summaries(tmp_path):
     assert acc == 1.0
     df = back.to_pandas()
     assert list(df["layer"]) == ["a", "b"] and "w_mse[fp4_e2m1]" in df.columns
+
+
+def test_choose_format_rules():
+    """The one format choice: MSE (searches every candidate), output (lowest loss), ratio (no search)."""
+    from hqdit_utils.format_select import DEFAULT_THRESHOLDS, choose_format
+
+    x = DATA["pow2"]
+    calls = []
+
+    def clip(name):
+        calls.append(name)
+        return clip_activation(x, name, granularity="tensor", method="mse")
+    by_mse = choose_format(DEFAULT_CANDIDATES, clip)
+    assert by_mse.format == "fp4_e3m0" and calls == list(DEFAULT_CANDIDATES) and by_mse.clip is by_mse.clips["fp4_e3m0"]
+    assert choose_format(DEFAULT_CANDIDATES, clip, rule="output").format == "fp4_e3m0"
+    calls.clear()
+    stats = ratio_statistics(x, channel_axis=1)
+    by_ratio = choose_format(DEFAULT_CANDIDATES, clip, rule="ratio", stats=stats, statistic="kurtosis")
+    assert calls == [] and by_ratio.clip is None and by_ratio.mse == {}
+    assert by_ratio.format == ratio_rule(stats["kurtosis"], DEFAULT_THRESHOLDS["kurtosis"], DEFAULT_CANDIDATES)
+    with pytest.raises(ValueError, match="rule must be"):
+        choose_format(DEFAULT_CANDIDATES, clip, rule="best")
+    with pytest.raises(ValueError, match="needs the tensor's statistics"):
+        choose_format(DEFAULT_CANDIDATES, clip, rule="ratio")

@@ -256,3 +256,20 @@ def test_random_signs_act_before_the_mixing():
     assert plain.max() > 0.75 * n ** 0.5 and int((plain > 1e-3).sum()) <= n // 4
     assert rotated.max() < plain.max() / 3 and int((rotated > 1e-3).sum()) > n // 2
     torch.testing.assert_close(fast_hadamard_transform(x, HadamardSpec(n, seed=0)), x @ random_hadamard(n, seed=0))
+
+
+@pytest.mark.parametrize("n,seed,transpose", [(144, 3, False), (144, 3, True), (128, None, False), (576, 1, False)])
+def test_fast_transform_under_autograd_gives_the_same_values_and_gradients(n, seed, transpose):
+    """A rotated model must run outside torch.no_grad(): the transform records no out= ops when its input
+    needs a gradient, and gives bit-identical values (same sums and products) and the exact gradient."""
+    x = torch.randn(5, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    spec = HadamardSpec(n, seed=seed)
+    ref = fast_hadamard_transform(x, spec, transpose=transpose)
+    xg = x.clone().requires_grad_(True)
+    y = fast_hadamard_transform(xg, spec, transpose=transpose)
+    assert torch.equal(y.detach(), ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    q = spec.matrix().to(torch.float64)
+    expected = g @ (q if transpose else q.t())  # d(x Q)/dx applied to g is g Qᵀ
+    assert torch.allclose(xg.grad, expected, atol=1e-10)

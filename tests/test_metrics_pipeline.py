@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import argparse
 
+from hqdit_utils.digits import embedded_reference
 from hqdit_utils.metrics import evaluate as evaluate_cli
 from hqdit_utils.metrics import adm
 from hqdit_utils.metrics.adm import MetricReport, evaluate, load_reference, load_samples, save_samples
@@ -177,9 +178,9 @@ def test_proxy_extractor_loads_shipped_format(tmp_path):
     proxy_net = pytest.importorskip("hqdit_utils.metrics.proxy_net")
     path = proxy_net.save_proxy_net(proxy_net.ProxyNet(), tmp_path / "proxy")
     ext = ProxyExtractor(path=tmp_path / "proxy")
-    from hqdit_utils.metrics.features import file_sha256
+    from hqdit_utils.files import sha256_file
 
-    assert ext.weights_checksum == file_sha256(path)
+    assert ext.weights_checksum == sha256_file(path)
     out = ext(digits(3))
     assert out["pool"].shape == (3, proxy_net.POOL_DIM) and out["logits"].shape == (3, proxy_net.NUM_CLASSES)
     # sFID* sees the network's 8×8 map pooled to 4×4: 7 × 4 × 4 = 112 features, fewer than the 360
@@ -299,13 +300,13 @@ def test_report_without_star_for_the_adm_network():
 
 
 def test_embedded_reference_is_the_heldout_split():
-    pytest.importorskip("hqdit_utils.train_embedded")
-    ref = adm.embedded_reference()
+    pytest.importorskip("hqdit_utils.digits")
+    ref = embedded_reference()
     assert ref.shape == (360, 16, 16, 1) and ref.dtype == np.uint8
     assert ref.max() == 255 and ref.min() == 0
-    assert adm.embedded_reference("train").shape == (1437, 16, 16, 1)
+    assert embedded_reference("train").shape == (1437, 16, 16, 1)
     with pytest.raises(ValueError, match="split"):
-        adm.embedded_reference("test")
+        embedded_reference("test")
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from hqdit_utils import models
+from hqdit_utils.files import sha256_file
 from hqdit_utils.models import (
     MissingWeightsError,
     WeightsError,
@@ -38,7 +39,7 @@ def test_embedded_loads_and_matches_manifest():
     weights = [k for k in manifest["files"] if k.startswith("transformer/") and k.endswith(".safetensors")]
     assert weights and b.sha256 is not None
     for k in weights:
-        assert b.sha256[k] == manifest["files"][k]["sha256"] == models.sha256_file(EMBEDDED / k)
+        assert b.sha256[k] == manifest["files"][k]["sha256"] == sha256_file(EMBEDDED / k)
     assert (b.num_classes, b.null_class, b.image_size, b.latent_channels, b.latent_size) == (10, 10, 16, 1, 16)
     assert b.learned_sigma and b.transformer.config.out_channels == 2
     assert b.transformer.config.attention_head_dim == 72 and b.transformer.config.num_attention_heads * 72 == 144

@@ -5,14 +5,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from hqdit_utils.plotting import plot_abs_histogram, plot_format_grids, plot_heatmap, short_layer_name  # noqa: E402
-
-
-def test_short_layer_names_use_dits_names():
-    assert short_layer_name("transformer_blocks.3.ff.net.2") == "b3.fc2"
-    assert short_layer_name("transformer_blocks.0.attn1.to_out.0") == "b0.proj"
-    assert short_layer_name("transformer_blocks.11.norm1.linear") == "b11.adaLN"
-    assert short_layer_name("proj_out_1") == "proj_out_1"
+from hqdit_utils.plotting import plot_abs_histogram, plot_format_grids, plot_heatmap  # noqa: E402
 
 
 def test_abs_histogram_of_a_tensor_sums_to_eight_per_octave():

@@ -6,11 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from hqdit_utils.capture import ALL_FC_LAYERS, calibrate
+from hqdit_utils.calibration import calibrate
 from hqdit_utils.formats import parse_format
+from hqdit_utils.layers import ALL_FC_LAYERS
+from hqdit_utils.lowbit import execution
 from hqdit_utils.models import tiny_dit
-from hqdit_utils.qmodel import (QuantAttnProcessor, QuantizationError, QuantLinear, load_quantized, quantize_,
-                                save_quantized)
+from hqdit_utils.qlinear import QuantAttnProcessor, QuantLinear
+from hqdit_utils.qmodel import QuantizationError, load_quantized, quantize_, save_quantized
 from hqdit_utils.quantizer import fake_quantize
 from hqdit_utils.recipes import get_recipe
 
@@ -103,7 +105,11 @@ def test_int4_rtn_stores_quantized_weight_and_quantizes_activations(bundle, cali
     assert torch.equal(ql.weight, fake_quantize(W, "int4", axis=0))  # per-channel max-abs, computed once
     s = ql.act_scale[0]
     x = torch.randn(5, W.shape[1])
-    assert torch.equal(ql(x), torch.nn.functional.linear(fake_quantize(x, "int4", s), ql.weight, b))
+    sim = torch.nn.functional.linear(fake_quantize(x, "int4", s), ql.weight, b)
+    with execution(ql, "sim"):  # the simulated path computes exactly this
+        assert torch.equal(ql(x), sim)
+    torch.testing.assert_close(ql(x), sim, rtol=1e-5, atol=1e-6)  # the default: exact integer path
+    assert {r.execution for r in rep.layers} == {"int"}
     assert float(s) * 7 == pytest.approx(calib[name].pooled().absmax, rel=1e-6)  # static max-abs α
     df = rep.to_pandas()
     assert len(df) == 12 and {"weight_format", "act_format", "weight_sqnr", "act_sqnr", "output_sqnr",
@@ -154,6 +160,21 @@ def test_rotation_alone_keeps_the_output_and_hqdit_runs(bundle, calib):
     assert torch.isfinite(_run(m)).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rotated_model_runs_with_autograd_enabled(bundle, calib, dtype):
+    """Outside torch.no_grad() (parameters requiring grad), a rotated W4A4 model gives the same output as
+    under no_grad, in every floating dtype the model may be cast to."""
+    m = _fresh(bundle)
+    quantize_(m, _r("hqdit-w4a4"), calib)
+    m = m.to(dtype)
+    x, t, y = _inputs()
+    out = m(x.to(dtype), timestep=t, class_labels=y).sample
+    assert out.requires_grad
+    with torch.no_grad():
+        ref = m(x.to(dtype), timestep=t, class_labels=y).sample
+    torch.testing.assert_close(out.detach(), ref, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", ["int8", "fp4-hybrid-dyn", "smoothquant-int", "mxfp4", "nvfp4",
                                   "fp4-hybrid-ratio", "fp4-hybrid-all-fc", "nvfp4-rot-gptq", "mxfp4-rot",
                                   "hqdit-w4a4-attn", "hqdit-w4a4-dyn", "hqdit-w4a4-all-fc",
@@ -184,7 +205,7 @@ def test_timestep_groups_use_the_current_timestep(bundle, calib):
     assert len(ql.act_scale) == 3 and len(ql.ts_edges) == 2
     assert torch.isfinite(_run(m)).all()
     with pytest.raises(RuntimeError, match="current timestep"):
-        ql._ts_ctx.t = None
+        ql.ts_ctx.t = None
         ql(torch.randn(2, ql.in_features))
 
 
@@ -229,18 +250,18 @@ def _run_on(m, b):
 def test_layers_reading_one_tensor_share_its_quantized_input(bundle, calib):
     """to_q/to_k/to_v quantize their common input once (SharedInput); outputs are bit-identical to
     quantizing it in every layer, and an in-place change of the input is seen."""
-    from hqdit_utils.qmodel import SharedInput
+    from hqdit_utils.qlinear import SharedInput
 
     m = _fresh(bundle)
     quantize_(m, _r("hqdit-w4a4"), calib)
     attn = m.transformer_blocks[0].attn1
-    shared = attn.to_q._shared
+    shared = attn.to_q.shared
     assert isinstance(shared, SharedInput) and shared.members == 3
-    assert attn.to_k._shared is shared and attn.to_v._shared is shared and attn.to_out[0]._shared is None
+    assert attn.to_k.shared is shared and attn.to_v.shared is shared and attn.to_out[0].shared is None
     unshared = copy.deepcopy(m)
     for mod in unshared.modules():
         if isinstance(mod, QuantLinear):
-            mod._shared = None
+            mod.shared = None
     assert torch.equal(_run(m), _run(unshared))
     x = torch.randn(5, 72)
     with torch.no_grad():

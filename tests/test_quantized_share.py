@@ -3,7 +3,7 @@ import pytest
 
 from hqdit_utils.analysis import ATTENTION_MATMULS, quantized_share
 from hqdit_utils.models import dit_xl2_meta, tiny_dit
-from hqdit_utils.storage import dit_parameter_groups
+from hqdit_utils.export import dit_parameter_groups
 
 
 def test_tiny_dit_counts_by_hand():

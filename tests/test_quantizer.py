@@ -137,9 +137,9 @@ def test_cuda_matches_cpu():
 @pytest.mark.parametrize("fmt", ["fp4_e2m1", "fp4_e1m2", "fp4_e3m0", "fp6_e3m2", "fp8_e4m3fn", "fp8_e5m2",
                                  "fp9_e8m0", "fp16_e8m7", "int4", "int8", "uint4"])
 def test_in_place_rounding_is_bit_identical(fmt):
-    """_round_to_grid_ (in place, used by fake_quantize) gives exactly round_to_grid's result, special
+    """round_to_grid_ (in place, used by fake_quantize) gives exactly round_to_grid's result, special
     values included."""
-    from hqdit_utils.quantizer import _round_to_grid_
+    from hqdit_utils.quantizer import round_to_grid_
 
     f = parse_format(fmt)
     g = torch.Generator().manual_seed(3)
@@ -148,7 +148,7 @@ def test_in_place_rounding_is_bit_identical(fmt):
                             float("inf"), float("-inf"), float("nan")])
     x = torch.cat([x, special, f.grid(), (f.grid()[1:] + f.grid()[:-1]) / 2])
     expect = round_to_grid(x, f)
-    got = _round_to_grid_(x.clone(), f)
+    got = round_to_grid_(x.clone(), f)
     assert torch.equal(torch.isnan(got), torch.isnan(expect))
     assert torch.equal(torch.signbit(got), torch.signbit(expect))
     assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(expect))

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from hqdit_utils.models import load_dit
+from hqdit_utils.layers import DEFAULT_LAYERS, layer_kind, select_linears
+from hqdit_utils.models import load_dit, tiny_dit
 from hqdit_utils.realism import (MIN_ATTENTION_SV_RATIO, MIN_MEDIAN_KURTOSIS, MIN_MEDIAN_SV_RATIO,
-                                 matrix_stats, model_realism, summarize_realism)
+                                 matrix_stats, model_realism, summarize_realism, weight_realism)
 
 
 def test_random_matrices_sit_at_the_marchenko_pastur_edge():
@@ -36,6 +37,9 @@ def test_summary_thresholds_can_fail():
     assert summ["layers"] == 6 and not summ["meets_thresholds"]
 
 
+@pytest.mark.xfail(strict=True, reason="the shipped embedded model's block linears are still random-like "
+                   "(see book/embedded-model.md); the retraining trials on the embedded-model page met the "
+                   "weight thresholds but lost class-consistency. Remove this mark with the retrained model.")
 def test_shipped_embedded_model_is_trained_not_random():
     stats = model_realism(load_dit("embedded").transformer)
     assert len(stats) == 36
@@ -43,3 +47,14 @@ def test_shipped_embedded_model_is_trained_not_random():
     assert summ["median_sv_ratio"] >= MIN_MEDIAN_SV_RATIO, summ
     assert summ["min_attention_sv_ratio"] >= MIN_ATTENTION_SV_RATIO, summ
     assert summ["median_kurtosis"] >= MIN_MEDIAN_KURTOSIS, summ
+
+
+def test_model_realism_covers_the_quantized_block_linears():
+    t = tiny_dit(0, width=144, heads=2, num_layers=2).transformer
+    stats = model_realism(t)
+    assert len(stats) == 2 * 6
+    assert {s.kind for s in stats} == {"to_q", "to_k", "to_v", "to_out", "fc1", "fc2"}
+    assert [s.name for s in stats] == list(select_linears(t, DEFAULT_LAYERS))
+    assert stats == weight_realism(select_linears(t, DEFAULT_LAYERS), layer_kind)
+    summary = summarize_realism(stats)
+    assert summary["layers"] == 12 and summary["min_attention_sv_ratio"] > 0

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from hqdit_utils.capture import ALL_FC_LAYERS, DEFAULT_LAYERS
+from hqdit_utils.layers import ALL_FC_LAYERS, DEFAULT_LAYERS
 from hqdit_utils.formats import parse_format
 from hqdit_utils.recipes import AUTO, RECIPES, QuantRecipe, get_recipe, list_recipes, register_recipe
 
@@ -97,7 +97,8 @@ def test_quantize_cli_end_to_end(tmp_path):
 
     from hqdit_utils import quantize_cli
     from hqdit_utils.models import load_dit, tiny_dit
-    from hqdit_utils.qmodel import QuantLinear, load_quantized
+    from hqdit_utils.qlinear import QuantLinear
+    from hqdit_utils.qmodel import load_quantized
 
     b = tiny_dit(0, width=72, heads=1, num_layers=1)
     b.transformer.save_pretrained(tmp_path / "m" / "transformer")

@@ -27,11 +27,12 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import reliability_child as child
-from hqdit_utils import experiments
-from hqdit_utils.capture import Calibration, CalibrationError, calibrate
+from hqdit_utils import digits, experiments
+from hqdit_utils.calibration import Calibration, CalibrationError, calibrate
 from hqdit_utils.formats import FloatFormat, IntFormat, NoFormat, parse_format
 from hqdit_utils.models import MissingWeightsError, WeightsError, load_dit, tiny_dit
-from hqdit_utils.qmodel import QuantizationError, QuantLinear, load_quantized, quantize_, save_quantized
+from hqdit_utils.qlinear import QuantLinear
+from hqdit_utils.qmodel import QuantizationError, load_quantized, quantize_, save_quantized
 from hqdit_utils.quantizer import fake_quantize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -292,7 +293,7 @@ def test_training_checkpoint_damaged_or_with_missing_keys(tmp_path):
     from hqdit_utils import train_embedded as T
 
     cfg = T.TrainConfig(steps=2, batch_size=4, width=72, num_layers=1, warmup_steps=1, checkpoint_every_s=0)
-    data = T.load_digits16()
+    data = digits.load_digits16()
     ck = tmp_path / "train_state.pt"
     T.train_dit(data, cfg, tmp_path, progress=False)
     blob = torch.load(ck, weights_only=True)
@@ -387,7 +388,7 @@ class _Payload:
 
 
 def test_malicious_pickles_are_refused_without_running_them(tmp_path, tiny):
-    from hqdit_utils import analysis, train_embedded
+    from hqdit_utils import experiments, train_embedded
     from hqdit_utils.metrics.adm import load_reference, load_samples
     from hqdit_utils.metrics.features import InceptionExtractor
 
@@ -418,10 +419,10 @@ def test_malicious_pickles_are_refused_without_running_them(tmp_path, tiny):
     key_dir = tmp_path / "cache" / "calibration"
     key_dir.mkdir(parents=True)
     kw = dict(num_trajectories=1, num_timesteps=1, num_steps=2, rows_per_timestep=4)
-    path = key_dir / f"{analysis.calibration_key(tiny, seed=0, **kw)}.pt"
+    path = key_dir / f"{experiments.calibration_key(tiny, seed=0, **kw)}.pt"
     shutil.copy(evil, path)
     path.with_suffix(".sha256").write_text(_sha(path))
-    analysis.cached_calibrate(tiny, seed=0, cache_dir=tmp_path / "cache", **kw)
+    experiments.cached_calibrate(tiny, seed=0, cache_dir=tmp_path / "cache", **kw)
     assert not marker.exists()
     # the payload is live: an unrestricted load would have run it. This is the suite's one deliberate
     # unrestricted load, of a file this test wrote itself (its payload only creates `marker` in tmp_path).

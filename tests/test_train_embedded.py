@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from hqdit_utils import digits
 from hqdit_utils import train_embedded as te
 from hqdit_utils.metrics.proxy_net import POOL_DIM, ProxyNet, load_proxy_net, preprocess
 from hqdit_utils.models import default_embedded_dir, load_dit
@@ -17,14 +18,14 @@ TINY = dict(width=72, num_layers=1, batch_size=16, steps=24, warmup_steps=4, log
 
 @pytest.fixture(scope="module")
 def data():
-    return te.load_digits16()
+    return digits.load_digits16()
 
 
 def test_data_and_split(data):
     assert data.images.shape == (1797, 1, 16, 16) and data.images.min() == -1 and data.images.max() == 1
     assert len(data.train_idx) + len(data.heldout_idx) == 1797
     assert not set(data.train_idx.tolist()) & set(data.heldout_idx.tolist())
-    again = te.load_digits16()
+    again = digits.load_digits16()
     assert torch.equal(again.heldout_idx, data.heldout_idx)  # fixed split
     counts = torch.bincount(data.labels[data.heldout_idx], minlength=10)
     assert counts.min() >= 34 and counts.max() <= 38  # stratified: ~36 per class
@@ -83,7 +84,7 @@ def test_shared_embedder_saved_untied(tmp_path):
 
 def test_proxy_interface_and_training(data):
     net = ProxyNet()
-    imgs = te.to_uint8_nhwc(data.images[:5])
+    imgs = digits.to_uint8_nhwc(data.images[:5])
     assert imgs.dtype == torch.uint8 and imgs.shape == (5, 16, 16, 1)
     assert torch.allclose(preprocess(imgs), data.images[:5], atol=1 / 127.5)
     out = net(imgs)
@@ -103,7 +104,7 @@ def test_shipped_proxy_and_manifest(data):
     assert man["dataset"]["heldout_indices"] == data.heldout_idx.tolist()
     assert man["class_consistency"]["fraction"] >= 0.9
     net = load_proxy_net()
-    acc = (net.predict(te.to_uint8_nhwc(data.images[data.heldout_idx])) == data.labels[data.heldout_idx]).float().mean()
+    acc = (net.predict(digits.to_uint8_nhwc(data.images[data.heldout_idx])) == data.labels[data.heldout_idx]).float().mean()
     assert acc.item() == pytest.approx(man["proxy_classifier"]["heldout_accuracy"], abs=1e-6)
     assert acc.item() >= 0.95
 

@@ -24,9 +24,9 @@ PAGES = {
     "primer": ("FP primer\nExMy grids, scale = bias", 0, 0.5, "foundation"),
     "model": ("The embedded model\na small DiT, trained here", 0, 2.5, "foundation"),
     "c1": ("1  Activations\ncalibration, outliers", 1, 2.5, "chapter"),
-    "c3": ("3  Clipping\nsearch over γ", 2, 0.5, "chapter"),
+    "c2": ("2  Clipping\nsearch over γ", 2, 0.5, "chapter"),
     "c4": ("4  Rotation\nHadamard Q = DH/√n", 2, 3.5, "chapter"),
-    "c2": ("2  Hybrid formats\none FP4 grid per layer", 3, 0.5, "chapter"),
+    "c3": ("3  Hybrid formats\none FP4 grid per layer", 3, 0.5, "chapter"),
     "c5": ("5  GPTQ on FP grids\nerror feedback", 3, 3.5, "chapter"),
     "c6": ("6  End to end\nimages, per-step error", 4, 2.0, "chapter"),
     "c7": ("7  sFID tables\nseeds, verdicts", 5, 2.0, "chapter"),
@@ -34,9 +34,9 @@ PAGES = {
     "full": ("Full scale\nDiT-XL/2 on GPUs", 6, 3.1, "foundation"),
 }
 EDGES = [
-    ("model", "c1"), ("primer", "c3"), ("c1", "c3"), ("c1", "c4"), ("c3", "c2"),
-    ("c4", "c5"), ("c2", "c6"), ("c5", "c6"), ("c6", "c7"), ("c7", "c8"), ("c7", "full"),
-]  # transitive edges are left out (primer → 2 runs through 3, rotation → 6 through 5)
+    ("model", "c1"), ("primer", "c2"), ("c1", "c2"), ("c1", "c4"), ("c2", "c3"),
+    ("c4", "c5"), ("c3", "c6"), ("c5", "c6"), ("c6", "c7"), ("c7", "c8"), ("c7", "full"),
+]  # transitive edges are left out (primer → 3 runs through 2, rotation → 6 through 5)
 COLORS = {"foundation": ("#eef3f8", "#4a6f94"), "chapter": ("#fdf3e7", "#c2791c")}
 BOX_W, BOX_H, ROW_H = 1.75, 0.62, 1.0
 

@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
 
-from ..atomic import atomic_path
+from ..files import atomic_path
 from .features import FeatureExtractor, check_images
 from .frechet import FeatureStats, frechet_distance
 from .inception_score import inception_score
@@ -179,7 +181,7 @@ def load_reference(path: str | Path) -> ReferenceBatch:
             f"reference batch not found: {path}. For ImageNet 256x256 (the paper's FID/sFID protocol) download the "
             f"ADM reference batch on a machine with internet:\n    curl -L -o VIRTUAL_imagenet256_labeled.npz "
             f"{ADM_REFERENCE_URL}\nand pass its path (--reference PATH or $HQDIT_ADM_REFERENCE). For the embedded "
-            "model use metrics.adm.embedded_reference('heldout') (or `hqdit reproduce --proxy` without --reference).")
+            "model use digits.embedded_reference('heldout') (or `hqdit reproduce --proxy` without --reference).")
     _check_npz(path)
     with np.load(path, allow_pickle=False) as npz:
         keys = set(npz.files)
@@ -220,26 +222,6 @@ def save_samples(path: str | Path, images, labels=None) -> Path:
     return path
 
 
-def embedded_reference(split: str = "heldout") -> np.ndarray:
-    """The embedded data set's images of ``split`` as a reference batch: uint8 ``[N, 16, 16, 1]``.
-
-    Args:
-        split: ``"heldout"`` (360 images, never seen by the DiT or the proxy network) or ``"train"`` (1,437).
-
-    The data (scikit-learn's digits upsampled to 16×16, fixed stratified split, seed 0) and its
-    conversion to uint8 (the sampler's ``round((x + 1) * 127.5)``) are those of
-    :mod:`hqdit_utils.train_embedded`, so reference and samples are quantized to pixels the same way.
-    """
-    from .. import train_embedded
-
-    data = train_embedded.load_digits16()
-    indices = {"heldout": data.heldout_idx, "train": data.train_idx}
-    if split not in indices:
-        raise ValueError(f"split must be one of {sorted(indices)}; got {split!r}")
-    images = train_embedded.to_uint8_nhwc(data.images[indices[split]]).numpy()
-    return check_images(images, channels=1, what=f"embedded {split!r} images")
-
-
 @dataclass
 class MetricReport:
     """The metrics of one sample batch against one reference.
@@ -276,8 +258,6 @@ class MetricReport:
 
     def to_frame(self):
         """One-row ``pandas.DataFrame``: the five metrics (starred names if proxy), counts, network, checksum."""
-        import pandas as pd
-
         row = {name: getattr(self, field) for field, name in self.metric_names().items()}
         row.update({"samples": self.n_samples, "reference": self.n_reference, "extractor": self.extractor,
                     "weights sha256": self.weights_checksum})
@@ -313,8 +293,6 @@ def _batches(images, batch_size: int) -> Iterator[np.ndarray]:
 
 def _features(images, extractor: FeatureExtractor, batch_size: int, progress: bool, desc: str):
     """Stream ``images`` through ``extractor``: (pool [N, D] float32, pool stats, spatial stats or None, logits or None)."""
-    from tqdm.auto import tqdm
-
     pool, logits = [], []
     pool_stats, spatial_stats = FeatureStats(), None
     total = math.ceil(len(images) / batch_size)

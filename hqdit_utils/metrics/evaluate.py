@@ -16,6 +16,9 @@ import json
 import sys
 from pathlib import Path
 
+from .adm import evaluate
+from .features import InceptionExtractor, ProxyExtractor
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``evaluate`` on the ``hqdit`` sub-command parser."""
@@ -44,9 +47,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate, print the table; returns the exit code (0 ok, 1 bad input or missing weights)."""
-    from .adm import evaluate
-    from .features import InceptionExtractor, ProxyExtractor
-
     if args.proxy_path is not None and not args.proxy:
         print("hqdit evaluate: --proxy-path needs --proxy", file=sys.stderr)
         return 1

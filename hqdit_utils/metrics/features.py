@@ -34,6 +34,9 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
+from ..files import load_error_reason, sha256_file
+from ..models import check_device
+from .proxy_net import WEIGHTS_FILE, default_proxy_dir, load_proxy_net
 from .sfid import TORCH_FIDELITY_SPATIAL_MODULE
 
 #: File name of torch-fidelity's Inception-v3 weights (a re-upload of pytorch-fid's
@@ -93,15 +96,6 @@ def check_images(images, channels: int | None = None, what: str = "images") -> n
         hint = "; it looks like NCHW — transpose with x.transpose(0, 2, 3, 1)" if nchw else ""
         raise ValueError(f"{what} must be NHWC with {' or '.join(map(str, allowed))} channels; got shape {x.shape}{hint}")
     return x
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def state_dict_sha256(module: torch.nn.Module) -> str:
@@ -206,7 +200,7 @@ def _build_inception(state_dict: dict | None) -> torch.nn.Module:
     torch-fidelity reads weights itself, by unpickling them without restriction (or from the internet);
     we hand it an empty dict instead and load the (safely read) state dict ourselves, strictly.
     """
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3  # deferred: optional, heavy (TensorFlow-compatible Inception)
 
     class _Inception(FeatureExtractorInceptionV3):
         def load_state_dict(self, state, strict=True, assign=False):  # called by the parent's __init__
@@ -248,15 +242,13 @@ class InceptionExtractor(FeatureExtractor):
         path = Path(weights) if weights is not None else default_inception_weights()
         if not path.is_file():
             raise FileNotFoundError(_missing_weights_message(path))
-        checksum = file_sha256(path)
+        checksum = sha256_file(path)
         if checksum != INCEPTION_WEIGHTS_SHA256 and verify:
             raise ValueError(
                 f"{path} has sha256 {checksum}, not the expected {INCEPTION_WEIGHTS_SHA256} of {INCEPTION_WEIGHTS_FILE} "
                 f"({INCEPTION_WEIGHTS_SIZE:,} bytes; this file has {path.stat().st_size:,}). Re-download it from "
                 f"{INCEPTION_WEIGHTS_URL}, or pass verify=False to use these weights with starred (non-ADM) metrics."
             )
-        from ..models import load_error_reason
-
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # truncated file, or pickled objects other than tensors: refused unread
@@ -276,8 +268,6 @@ class InceptionExtractor(FeatureExtractor):
         return self
 
     def _init(self, net: torch.nn.Module, device, checksum: str, proxy: bool) -> None:
-        from ..models import check_device
-
         self.device = check_device(device)
         self.net = net.to(self.device).eval()
         self.weights_checksum = checksum
@@ -297,11 +287,9 @@ class InceptionExtractor(FeatureExtractor):
 
 
 def _proxy_weights_file(path: str | Path | None) -> Path:
-    """The safetensors file :func:`proxy_net.load_proxy_net` reads for ``path``."""
-    from . import proxy_net
-
-    p = Path(path) if path is not None else proxy_net.default_proxy_dir()
-    return p if p.suffix == ".safetensors" else p / proxy_net.WEIGHTS_FILE
+    """The safetensors file :func:`~.proxy_net.load_proxy_net` reads for ``path``."""
+    p = Path(path) if path is not None else default_proxy_dir()
+    return p if p.suffix == ".safetensors" else p / WEIGHTS_FILE
 
 
 class ProxyExtractor(FeatureExtractor):
@@ -331,14 +319,10 @@ class ProxyExtractor(FeatureExtractor):
                  device: str | torch.device = "cpu", name: str = "proxy-digits-cnn"):
         if net is not None and path is not None:
             raise ValueError("give either `net` or `path`, not both")
-        from ..models import check_device
-
         self.device = check_device(device)
         if net is None:
-            from .proxy_net import load_proxy_net
-
             net = load_proxy_net(path, device=self.device)
-            self.weights_checksum = file_sha256(_proxy_weights_file(path))
+            self.weights_checksum = sha256_file(_proxy_weights_file(path))
         else:
             self.weights_checksum = state_dict_sha256(net)
         self.net = net.to(self.device).eval()

@@ -27,8 +27,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
-from ..atomic import atomic_path, write_text_atomic
+from ..config import DATA_DIR
+from ..files import atomic_path, write_text_atomic
 
 #: Image side (pixels) the network expects.
 IMAGE_SIZE = 16
@@ -50,8 +53,6 @@ def default_proxy_dir() -> Path:
     env = os.environ.get("HQDIT_PROXY")
     if env:
         return Path(env)
-    from ..config import DATA_DIR
-
     return Path(DATA_DIR) / "embedded" / "proxy"
 
 
@@ -133,8 +134,6 @@ class ProxyNet(nn.Module):
 
 def save_proxy_net(net: ProxyNet, directory: str | Path, extra: dict | None = None) -> Path:
     """Write ``proxy_net.safetensors`` + ``config.json`` into ``directory`` (atomically per file)."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
@@ -155,9 +154,6 @@ def load_proxy_net(path: str | Path | None = None, device: str | torch.device = 
         FileNotFoundError: naming the file and the command that (re)creates it.
         RuntimeError: when the file is unreadable or its tensors do not fit the architecture.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path) if path is not None else default_proxy_dir()
     weights = path if path.suffix == ".safetensors" else path / WEIGHTS_FILE
     if not weights.is_file():

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from hqdit_utils.atomic import atomic_path, write_text_atomic
+from hqdit_utils.files import atomic_path, write_text_atomic
 
 
 def test_atomic_path_replaces_only_on_success(tmp_path):

@@ -1,0 +1,346 @@
+"""Real 4-bit execution on the CPU (issue 16): the exact integer path against FP32, one and two threads.
+
+All ratios are against the FP32 forward measured in the same process with the same thread count; the cases
+are timed round-robin (``_timing.interleaved_medians``). ``int8`` = weight codes held as int8 [out, in];
+``packed`` = two 4-bit codes per byte, unpacked per call; ``sim`` = the same quantized model on the simulated
+(fake-quantized float) path.
+
+1. DiT-XL/2-shaped block (width 1152, MLP 4608, 1024 tokens = 4 images × 256), ``hqdit-w4a4`` (online
+   Hadamard rotation, static FP4 activations, per-layer FP4 formats, GPTQ) — quantized by ``quantize_`` on a
+   one-block XL-shaped model with a small calibration (2 trajectories × 2 timesteps; 10-point γ grid: the
+   forward computes the same operations whatever the calibration). Target ≤ 0.5×.
+2. Whole XL-shaped transformer forward, batch 2, same recipe and calibration protocol but round-to-nearest
+   weights instead of GPTQ (GPTQ takes ~1 min per XL block here and changes weight values, not the forward's
+   operations) (``--blocks``, default 28; ``--quick`` 2). Target ≤ 0.6×.
+3. Embedded model, batch 64, ``hqdit-w4a4`` (``ci``-profile calibration). Target ≤ 0.8×. Also ``fp4-hybrid``
+   on the integer path (no rotation): what the online rotation costs.
+4. Breakdown of the XL block's quantized linears (1024 rows): online rotation, activation rounding to codes,
+   unpacking (packed only), int8 GEMM, float rescale + bias, against FP32 ``F.linear`` of the same shapes.
+5. Memory, in fresh subprocesses (one thread): peak RSS of a full 28-block XL-shaped model doing one forward
+   at batch 2, FP32 against the same model whose quantized linears hold only packed 4-bit codes + row scales
+   (built layer by layer from a meta-device skeleton, so no FP32 copy of those layers ever exists; the values
+   are random, the shapes and the run-time structure are hqdit-w4a4's). Both processes: glibc returns freed
+   blocks ≥ 64 KiB to the system (:data:`MEMORY_ENV`). Two layer selections: the recipe's
+   block linears, and every FC layer incl. adaLN (``*-all-fc``). Targets: peak ≤ 0.4× FP32 (block linears),
+   weight bytes of the quantized layers ≤ 0.135× FP32.
+
+    python benchmarks/bench_lowbit.py [--quick] [--threads-list 1,2] [--blocks N] [--json out.json]
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _dit import calibration_protocol, denoiser_inputs, forward_medians, quantized_copy  # noqa: E402
+from _report import check, finish, parser, peak_rss_gb  # noqa: E402
+from _timing import interleaved_medians  # noqa: E402
+
+from hqdit_utils import lowbit  # noqa: E402
+from hqdit_utils.calibration import calibrate  # noqa: E402
+from hqdit_utils.layers import ALL_FC_LAYERS, DEFAULT_LAYERS, select_linears  # noqa: E402
+from hqdit_utils.models import dit_xl2_shaped_random, load_dit  # noqa: E402
+from hqdit_utils.qlinear import QuantLinear  # noqa: E402
+from hqdit_utils.recipes import get_recipe  # noqa: E402
+
+RECIPE = "hqdit-w4a4"
+#: The memory subprocesses return every freed block of 64 KiB or more to the system (a fixed mmap threshold), so
+#: that peak RSS counts live tensors, not the allocator's kept free blocks (run_all.py's settings keep up to
+#: 1 GB of them for speed, which would count in whichever process frees most temporaries).
+MEMORY_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 16), "MALLOC_TRIM_THRESHOLD_": str(1 << 16)}
+XL_CONFIG = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                 sample_size=32, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero",
+                 activation_fn="gelu-approximate", norm_elementwise_affine=False)
+
+
+def _variants(q) -> dict:
+    """The quantized model ``q`` (integer path, int8 codes) plus a packed-codes copy (float weights dropped)
+    and a simulated-path copy."""
+    packed = copy.deepcopy(q)
+    lowbit.set_execution(packed, "auto", weights="packed")
+    lowbit.drop_float_weights_(packed)
+    sim = copy.deepcopy(q)
+    lowbit.set_execution(sim, "sim")
+    return {"int8": q, "packed": packed, "sim": sim}
+
+
+def _xl_quantized(blocks: int, gptq: bool = True):
+    """A ``blocks``-block XL-shaped random model and its hqdit-w4a4 copy (small calibration, 10-point γ grid;
+    ``gptq=False`` rounds to nearest: other weight values, the same forward operations)."""
+    bundle = dit_xl2_shaped_random(seed=0, num_layers=blocks)
+    calib = calibrate(bundle, seed=0, **calibration_protocol(2, 2, 2, 2))
+    recipe = get_recipe(RECIPE).replace(clip_grid=(10, 0.3, 1.0), gptq=gptq)
+    q, t_q = quantized_copy(bundle.transformer, recipe, calib)
+    return bundle, q, t_q
+
+
+def _block_call(model, inputs):
+    """(block, args, kwargs) of the first transformer block's call inside ``model(*inputs)``."""
+    seen = {}
+
+    def hook(mod, args, kwargs):
+        seen["args"], seen["kwargs"] = args, kwargs
+    h = model.transformer_blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    x, t, y = inputs
+    with torch.no_grad():
+        model(x, timestep=t, class_labels=y)
+    h.remove()
+    return seen["args"], seen["kwargs"]
+
+
+def _timed_blocks(models: dict, args, kwargs, repeats: int) -> dict:
+    def call(m):
+        blk = m.transformer_blocks[0]
+
+        @torch.no_grad()
+        def run():
+            return blk(*args, **kwargs)
+        return run
+    return interleaved_medians({n: call(m) for n, m in models.items()}, repeats=repeats, warmup=1)
+
+
+def _breakdown(fp32_model, q, packed, hidden: torch.Tensor, repeats: int) -> list[dict]:
+    """Milliseconds of each stage of block 0's quantized linears, on random inputs with ``hidden``'s number of
+    rows (the values do not change the cost): one row per layer."""
+    rows = []
+    names = [n for n, m in q.named_modules() if isinstance(m, QuantLinear) and n.startswith("transformer_blocks.0.")]
+    g = torch.Generator().manual_seed(0)
+    for name in names:
+        layer, player = q.get_submodule(name), packed.get_submodule(name)
+        lin = fp32_model.get_submodule(name)
+        st, pst = layer._lowbit, player._lowbit
+        x = torch.randn(hidden.shape[0], layer.in_features, generator=g)
+        xr = layer.transform_input(x)
+        a, s = st.act_codes(layer, x)
+        acc = lowbit.int_matmul(a, st.codes)
+        scale = st.w_scale * s
+        b = layer.bias.to(torch.float32)
+
+        def rescale():
+            return torch.addcmul(b, acc, scale) if s.dim() == 0 else torch.addcmul(b, torch.mul(acc, s), st.w_scale)
+        fns = {"fp32 linear": lambda: F.linear(x, lin.weight, lin.bias),
+               "rotate": lambda: layer.transform_input(x),
+               "quantize": lambda: lowbit.quantize_to_codes(xr, s, layer._act_fmt),
+               "unpack": lambda: pst.int8_codes(),
+               "gemm": lambda: lowbit.int_matmul(a, st.codes),
+               "rescale": rescale,
+               "int8 layer": lambda: layer(x),
+               "packed layer": lambda: player(x)}
+        with torch.no_grad():
+            t = interleaved_medians(fns, repeats=repeats, warmup=1)
+        rows.append({"layer": name.split("transformer_blocks.0.")[1], "shape": f"{layer.in_features}->{layer.out_features}",
+                     "format": f"W {layer.weight_format} / A {layer.act_format}",
+                     **{k: v * 1e3 for k, v in t.items()}})
+    return rows
+
+
+def _print_breakdown(rows: list[dict]) -> None:
+    keys = ["fp32 linear", "rotate", "quantize", "unpack", "gemm", "rescale", "int8 layer", "packed layer"]
+    print(f"  {'layer (1024 rows)':18s} {'shape':>10s} " + " ".join(f"{k:>12s}" for k in keys) + "   (ms)")
+    tot = {k: 0.0 for k in keys}
+    for r in rows:
+        print(f"  {r['layer']:18s} {r['shape']:>10s} " + " ".join(f"{r[k]:12.2f}" for k in keys))
+        for k in keys:
+            tot[k] += r[k]
+    print(f"  {'sum':18s} {'':>10s} " + " ".join(f"{tot[k]:12.2f}" for k in keys))
+    share = tot["rotate"] + tot["quantize"] + tot["gemm"] + tot["rescale"]
+    print(f"  int8 path = rotate {tot['rotate'] / share:.0%} + quantize {tot['quantize'] / share:.0%} + GEMM "
+          f"{tot['gemm'] / share:.0%} + rescale {tot['rescale'] / share:.0%} (of the stages' sum {share:.1f} ms; "
+          f"q/k/v share one rotation and quantization in the model, here each layer does its own)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory (subprocesses)
+# --------------------------------------------------------------------------------------------------
+def _memory_child(kind: str, layers: str, blocks: int) -> dict:
+    """Build an XL-shaped model from a meta skeleton (FP32, or with packed 4-bit quantized linears), run one
+    forward at batch 2, return peak RSS and weight bytes."""
+    from diffusers import DiTTransformer2DModel
+    from torch import nn
+
+    from hqdit_utils.export import PackedWeight
+    from hqdit_utils.hadamard import HadamardSpec
+
+    torch.set_num_threads(1)
+    rss0 = peak_rss_gb()
+    with torch.device("meta"):
+        model = DiTTransformer2DModel(**{**XL_CONFIG, "num_layers": blocks}).eval()
+    g = torch.Generator().manual_seed(0)
+    q_bytes = fp32_bytes = 0
+    if kind == "packed":
+        patterns = DEFAULT_LAYERS if layers == "block" else ALL_FC_LAYERS
+        for name, lin in select_linears(model, patterns).items():
+            # random codes (every byte is two valid FP4 patterns) and row scales, straight into a codes-only
+            # layer, as load_quantized does with a packed file: no float weight of the layer ever exists
+            n_in, n_out = lin.in_features, lin.out_features
+            codes = torch.randint(0, 256, (n_out, n_in // 2), dtype=torch.uint8, generator=g)
+            p = PackedWeight(codes, torch.rand(n_out, 1, generator=g) * 0.01, "fp4_e2m1", (n_out, n_in))
+            ql = QuantLinear(n_in, n_out, weight=lowbit.placeholder_weight(n_out, n_in), bias=torch.zeros(n_out),
+                             weight_format="fp4_e2m1", act_format="fp4_e2m1", act_mode="static",
+                             act_scale=torch.tensor([0.5]), rotation=HadamardSpec(n_in, seed=0), name=name)
+            lowbit.install_packed(ql, p)
+            lowbit.set_execution(ql, "int")
+            q_bytes += ql._lowbit.nbytes
+            fp32_bytes += 4 * n_in * n_out
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, ql)
+    for mod in model.modules():  # everything still on the meta device: random FP32 values, one tensor at a time
+        for pname, p in list(mod.named_parameters(recurse=False)):
+            if p.is_meta:
+                setattr(mod, pname, nn.Parameter(torch.randn(p.shape, generator=g) * 0.02, requires_grad=False))
+        for bname, buf in list(mod.named_buffers(recurse=False)):
+            if buf is not None and buf.is_meta:
+                mod._buffers[bname] = torch.randn(buf.shape, generator=g) * 0.02
+    rss_built = peak_rss_gb()
+    x = torch.randn(2, 4, 32, 32, generator=g)
+    with torch.no_grad():
+        out = model(x, timestep=torch.tensor([500, 500]), class_labels=torch.tensor([1, 2])).sample
+    assert torch.isfinite(out).all()
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"kind": kind, "layers": layers, "rss_import_gb": rss0, "rss_built_gb": rss_built,
+            "peak_rss_gb": peak_rss_gb(), "quantized_bytes": q_bytes, "quantized_fp32_bytes": fp32_bytes,
+            "float_param_bytes": params}
+
+
+def _memory(blocks: int) -> dict:
+    out = {}
+    for kind, layers in (("fp32", "-"), ("packed", "block"), ("packed", "all-fc")):
+        cmd = [sys.executable, __file__, "--memory-child", kind, "--memory-layers", layers, "--blocks", str(blocks)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=MEMORY_ENV)
+        out[f"{kind} {layers}".strip(" -")] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def main(argv=None) -> list[dict]:
+    ap = parser(__doc__.split("\n")[0])
+    ap.add_argument("--threads-list", default="1,2", help="thread counts to measure (comma-separated)")
+    ap.add_argument("--blocks", type=int, default=None, help="blocks of the whole XL-shaped model (default 28)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["block", "xl", "embedded", "breakdown", "memory"])
+    ap.add_argument("--memory-child", choices=["fp32", "packed"], help=argparse_hidden())
+    ap.add_argument("--memory-layers", default="block", help=argparse_hidden())
+    args = ap.parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(_memory_child(args.memory_child, args.memory_layers, args.blocks or 28)))
+        return []
+    threads = [int(t) for t in args.threads_list.split(",")]
+    repeats = 3 if args.quick else 7
+    blocks = args.blocks or (2 if args.quick else 28)
+    checks, details = [], {"threads": threads, "repeats": repeats, "blocks": blocks}
+    if not lowbit.int_mm_available():
+        print("torch._int_mm is not available: nothing to measure")
+        finish(args, "lowbit", [check("lowbit", "integer path", "—", None, note="torch._int_mm unavailable")])
+        return []
+
+    # 1 + 4: one XL block, 1024 tokens
+    if "block" not in args.skip or "breakdown" not in args.skip:
+        t0 = time.perf_counter()
+        bundle1, q1, t_q1 = _xl_quantized(1)
+        paths = lowbit.execution_paths(q1)
+        print(f"XL-shaped block: {RECIPE} quantized in {t_q1:.0f} s (setup {time.perf_counter() - t0:.0f} s); "
+              f"paths {sorted(set(paths.values()))}")
+        inputs = denoiser_inputs(bundle1, 4)
+        bargs, bkw = _block_call(bundle1.transformer, inputs)
+        models = {"fp32": bundle1.transformer, **_variants(q1)}
+        for nt in threads:
+            torch.set_num_threads(nt)
+            if "block" not in args.skip:
+                t = _timed_blocks(models, bargs, bkw, repeats)
+                print(f"\n[{nt} thread(s)] XL block, 1024 tokens, median of {repeats}:")
+                for n, sec in t.items():
+                    print(f"  {n:8s} {sec * 1e3:8.1f} ms  {sec / t['fp32']:6.3f}x")
+                details[f"block_s_{nt}t"] = t
+                checks += [check("lowbit", f"XL block 1024 tok {RECIPE} int8 codes, {nt}t", "FP32 block",
+                                 t["int8"] / t["fp32"], 0.5, t["int8"]),
+                           check("lowbit", f"XL block 1024 tok {RECIPE} packed codes, {nt}t", "FP32 block",
+                                 t["packed"] / t["fp32"], None, t["packed"]),
+                           check("lowbit", f"XL block 1024 tok {RECIPE} simulated, {nt}t", "FP32 block",
+                                 t["sim"] / t["fp32"], None, t["sim"])]
+            if "breakdown" not in args.skip:
+                print(f"\n[{nt} thread(s)] where the time goes, block 0's quantized linears, 1024 rows:")
+                rows = _breakdown(bundle1.transformer, q1, models["packed"], bargs[0].reshape(-1, 1152), repeats)
+                _print_breakdown(rows)
+                details[f"breakdown_ms_{nt}t"] = rows
+        del models, q1, bundle1
+
+    # 2: whole XL-shaped transformer, batch 2
+    if "xl" not in args.skip:
+        t0 = time.perf_counter()
+        bundle, q, t_q = _xl_quantized(blocks, gptq=False)
+        print(f"\nXL-shaped model, {blocks} blocks: {RECIPE} quantized in {t_q:.0f} s "
+              f"(setup {time.perf_counter() - t0:.0f} s)")
+        models = {"fp32": bundle.transformer, **_variants(q)}
+        inputs = denoiser_inputs(bundle, 2)
+        for nt in threads:
+            torch.set_num_threads(nt)
+            t = forward_medians(models, inputs, max(2, repeats - 4), warmup=1)
+            print(f"[{nt} thread(s)] whole forward, batch 2:")
+            for n, sec in t.items():
+                print(f"  {n:8s} {sec:8.3f} s  {sec / t['fp32']:6.3f}x")
+            details[f"xl_forward_s_{nt}t"] = t
+            checks += [check("lowbit", f"XL ({blocks} blocks) forward b2 int8 codes, {nt}t", "FP32 forward",
+                             t["int8"] / t["fp32"], 0.6, t["int8"]),
+                       check("lowbit", f"XL ({blocks} blocks) forward b2 packed codes, {nt}t", "FP32 forward",
+                             t["packed"] / t["fp32"], None, t["packed"]),
+                       check("lowbit", f"XL ({blocks} blocks) forward b2 simulated, {nt}t", "FP32 forward",
+                             t["sim"] / t["fp32"], None, t["sim"])]
+        del models, q, bundle
+
+    # 3: embedded model, batch 64
+    if "embedded" not in args.skip:
+        bundle = load_dit("embedded")
+        calib = calibrate(bundle, profile="ci")
+        q, _ = quantized_copy(bundle.transformer, RECIPE, calib)
+        norot, _ = quantized_copy(bundle.transformer, "fp4-hybrid", calib)
+        models = {"fp32": bundle.transformer, **_variants(q), "fp4-hybrid int8": norot}
+        inputs = denoiser_inputs(bundle, 64)
+        for nt in threads:
+            torch.set_num_threads(nt)
+            t = forward_medians(models, inputs, repeats)
+            print(f"\n[{nt} thread(s)] embedded model forward, batch 64:")
+            for n, sec in t.items():
+                print(f"  {n:16s} {sec * 1e3:8.1f} ms  {sec / t['fp32']:6.3f}x")
+            details[f"embedded_forward_s_{nt}t"] = t
+            checks += [check("lowbit", f"embedded forward b64 {RECIPE} int8 codes, {nt}t", "FP32 forward",
+                             t["int8"] / t["fp32"], 0.8, t["int8"]),
+                       check("lowbit", f"embedded forward b64 {RECIPE} simulated, {nt}t", "FP32 forward",
+                             t["sim"] / t["fp32"], None, t["sim"]),
+                       check("lowbit", f"embedded forward b64 fp4-hybrid (no rotation) int8, {nt}t", "FP32 forward",
+                             t["fp4-hybrid int8"] / t["fp32"], None, t["fp4-hybrid int8"])]
+
+    # 5: memory
+    if "memory" not in args.skip:
+        mem = _memory(28)
+        details["memory"] = mem
+        base = mem["fp32"]["peak_rss_gb"]
+        print("\nMemory, full 28-block XL-shaped model, one forward at batch 2 (fresh processes, 1 thread):")
+        for key, r in mem.items():
+            qb = f", quantized layers {r['quantized_bytes'] / 1e9:.3f} GB = " \
+                 f"{r['quantized_bytes'] / r['quantized_fp32_bytes']:.4f}x their FP32" if r["quantized_bytes"] else ""
+            print(f"  {key:14s} peak RSS {r['peak_rss_gb']:.2f} GB ({r['peak_rss_gb'] / base:.3f}x), after build "
+                  f"{r['rss_built_gb']:.2f} GB, after imports {r['rss_import_gb']:.2f} GB{qb}")
+        for key, target in (("packed block", 0.4), ("packed all-fc", None)):
+            r = mem[key]
+            checks += [check("memory", f"XL {key} 4-bit: peak RSS b2", "FP32 process", r["peak_rss_gb"] / base,
+                             target, r["peak_rss_gb"] * 1e9, "GB"),
+                       check("memory", f"XL {key} 4-bit: weight bytes of quantized layers", "their FP32 bytes",
+                             r["quantized_bytes"] / r["quantized_fp32_bytes"], 0.135, r["quantized_bytes"], "B")]
+    finish(args, "lowbit", checks, details)
+    return checks
+
+
+def argparse_hidden():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    main()

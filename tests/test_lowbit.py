@@ -1,0 +1,326 @@
+"""Tests of the integer execution path (lowbit.py): codes, packing, exactness per layer, the switch."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+from hqdit_utils import lowbit
+from hqdit_utils.calibration import calibrate
+from hqdit_utils.layers import ALL_FC_LAYERS
+from hqdit_utils.export import decode, unpack_nibbles
+from hqdit_utils.formats import parse_format
+from hqdit_utils.hadamard import HadamardSpec
+from hqdit_utils.lowbit import (LowbitError, codes_to_grid, drop_float_weights_, execution, execution_paths,
+                                grid_to_codes, integer_grid, pack_codes, quantize_to_codes, set_execution,
+                                unpack_codes, weight_codes)
+from hqdit_utils.models import tiny_dit
+from hqdit_utils.qlinear import QuantLinear
+from hqdit_utils.qmodel import load_quantized, quantize_, save_quantized
+from hqdit_utils.quantizer import fake_quantize
+from hqdit_utils.recipes import get_recipe, list_recipes
+
+FORMATS = ["fp4_e2m1", "fp4_e1m2", "fp4_e3m0", "int4", "int8"]
+#: Recipes the integer path cannot compute exactly, with the start of the reason it gives.
+SIMULATED = {"fp32": "activations are not quantized", "mxfp4": "block scales", "nvfp4": "block scales"}
+
+
+def _simulated_reason(name):
+    if name in SIMULATED:
+        return SIMULATED[name]
+    r = get_recipe(name)
+    if "fp8" in r.act_format or any("fp8" in c for c in r.act_candidates if r.act_format == "auto") or \
+            "fp8" in r.weight_format:
+        return "more than int8 holds"
+    return None
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return tiny_dit(0, width=72, heads=1, num_layers=2)
+
+
+@pytest.fixture(scope="module")
+def calib(bundle):
+    return calibrate(bundle, layers=ALL_FC_LAYERS, num_trajectories=2, num_timesteps=3, num_steps=4,
+                     rows_per_timestep=32, attention=True)
+
+
+def _inputs(batch=2):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(batch, 1, 8, 8, generator=g), torch.full((batch,), 500), torch.arange(batch) % 4)
+
+
+def _run(m, batch=2):
+    x, t, y = _inputs(batch)
+    with torch.no_grad():
+        return m(x, timestep=t, class_labels=y).sample
+
+
+def _reference(layer, x):
+    """float64 evaluation of the codes the integer path uses: (c_a · s_a / m_a) (c_w · s_w)ᵀ + b."""
+    st = layer.lowbit
+    a, s = st.act_codes(layer, x.reshape(-1, x.shape[-1]))
+    ref = (a.double() @ st.int8_codes().double().T) * s.double() / st.a_grid.multiplier * st.row_scale.double()
+    if layer.bias is not None:
+        ref = ref + layer.bias.double()
+    return ref.reshape(*x.shape[:-1], -1)
+
+
+def _rel(out, ref):
+    return float((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+# --------------------------------------------------------------------------------------------------
+# Grids and codes
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt, m, qmax", [("fp4_e2m1", 2, 12), ("fp4_e1m2", 2, 7), ("fp4_e3m0", 4, 64),
+                                          ("int4", 1, 7), ("int8", 1, 127), ("fp6_e2m3", 8, 60)])
+def test_integer_grids(fmt, m, qmax):
+    g = integer_grid(fmt)
+    assert (g.multiplier, g.qmax) == (m, qmax)
+    assert torch.equal(torch.tensor(g.levels, dtype=torch.float64), parse_format(fmt).grid().double() * m)
+
+
+@pytest.mark.parametrize("fmt, why", [("fp8_e4m3", "more than int8 holds"), ("fp8_e5m2", "not saturating"),
+                                      ("uint4", "unsigned"), ("fp32", "not quantized")])
+def test_formats_without_an_int8_grid_say_why(fmt, why):
+    with pytest.raises(LowbitError, match=why):
+        integer_grid(fmt)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_grid_point_maps_to_its_code_and_back(fmt):
+    grid = parse_format(fmt).grid()
+    g = integer_grid(fmt)
+    codes = grid_to_codes(grid, fmt)
+    assert codes.tolist() == list(g.levels)  # the code of a grid value is the value times the multiplier
+    assert torch.equal(codes_to_grid(codes, fmt), grid)
+    for s in (0.37, 3.0e-3):  # rounding a scaled grid point gives its code back
+        assert torch.equal(quantize_to_codes(grid * s, s, fmt), codes)
+    if g.bits <= 4:  # packed: the OCP/two's-complement bit patterns of export.encode, decoded by one look-up
+        c = torch.cat([codes, codes.flip(0)])  # every code in both nibble positions
+        packed = pack_codes(c, fmt)
+        assert packed.dtype == torch.uint8 and packed.shape == (len(c) // 2,)
+        assert torch.equal(unpack_codes(packed, fmt), c)
+        assert torch.equal(decode(unpack_nibbles(packed), fmt) * g.multiplier, c.float())
+    with pytest.raises(LowbitError, match="not on the"):
+        grid_to_codes(grid[-2:] * 0.9 if fmt != "int8" else torch.tensor([0.5]), fmt)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_weight_codes_reproduce_the_fake_quantized_weight(fmt):
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(40, 72, generator=g)
+    W[3] = 0.0  # an all-zero row
+    scale = torch.rand(40, 1, generator=g) * 0.1 + 1e-3  # clipped (γ < 1) per-row scales
+    Wq = fake_quantize(W, fmt, scale)
+    codes, s = weight_codes(Wq, fmt)
+    assert codes.dtype == torch.int8 and s.shape == (40,)
+    assert torch.allclose(codes.double() * s.double()[:, None], Wq.double(), rtol=2 ** -21, atol=0)
+    with pytest.raises(LowbitError, match="row 0 is not an integer"):
+        weight_codes(W, fmt)  # not quantized
+
+
+# --------------------------------------------------------------------------------------------------
+# Exactness per layer, every recipe
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list_recipes())
+def test_every_recipe_runs_exactly_or_says_why(bundle, calib, name):
+    m = copy.deepcopy(bundle.transformer)
+    rep = quantize_(m, get_recipe(name).replace(clip_grid=(20, 0.3, 1.0)), calib)
+    paths = {r.layer: r.execution for r in rep.layers}
+    why = _simulated_reason(name)
+    if why is not None:
+        assert all(p.startswith("sim: ") and why in p for p in paths.values()), paths
+        return
+    assert set(paths.values()) == {"int"}
+    inputs = {}
+    hooks = [mod.register_forward_pre_hook(lambda mod, a, n=n: inputs.__setitem__(n, a[0]))
+             for n, mod in m.named_modules() if isinstance(mod, QuantLinear)]
+    with execution(m, "sim"):
+        _run(m)
+    for h in hooks:
+        h.remove()
+    assert set(inputs) == set(paths)
+    with torch.no_grad():
+        for n, x in inputs.items():
+            layer = m.get_submodule(n)
+            ref = _reference(layer, x)
+            out = layer(x)
+            with execution(layer, "sim"):
+                sim = layer(x)
+            assert _rel(out, ref) <= 1e-5, n  # the integer path: the codes' exact result, one float rescale
+            assert _rel(sim, ref) <= 1e-5, n  # the simulation computes the same numbers (up to fp32 rounding)
+
+
+@pytest.mark.parametrize("width", [72, 144, 1152, 4608])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_odd_shapes_batch_one_rotation_and_token_scales(width, fmt):
+    g = torch.Generator().manual_seed(width)
+    out_f = 3 * 72 if width > 144 else 5 * width // 4
+    W = torch.randn(out_f, width, generator=g) / width ** 0.5
+    rot = HadamardSpec(width, seed=0)
+    from hqdit_utils.hadamard import rotate_weight
+
+    Wq = fake_quantize(rotate_weight(W, rot), fmt, axis=0)
+    for mode in ("static", "token"):
+        kw = {"act_scale": torch.tensor([0.9 / parse_format(fmt).max_value])} if mode == "static" else {}
+        layer = QuantLinear(width, out_f, weight=Wq, bias=torch.randn(out_f, generator=g), weight_format=fmt,
+                            act_format=fmt, act_mode=mode, rotation=rot, **kw)
+        assert set_execution(layer, "auto") == {"": "int"}
+        for shape in ((1, width), (1, 3, width), (7, width)):
+            x = torch.randn(*shape, generator=g)
+            with torch.no_grad():
+                ref, out = _reference(layer, x), layer(x)
+                with execution(layer, "sim"):
+                    sim = layer(x)
+            assert out.shape == (*shape[:-1], out_f) and out.dtype == torch.float32
+            assert _rel(out, ref) <= 1e-5 and _rel(sim, ref) <= 1e-5
+            # without the bias the integer path is exact to float32 rounding element by element
+            acc = layer.lowbit.act_codes(layer, x.reshape(-1, width))
+            bias, layer.bias = layer.bias, None
+            with torch.no_grad():
+                nb = layer(x).double().reshape(-1, out_f)
+            layer.bias = bias
+            refnb = (ref - bias.double()).reshape(-1, out_f)
+            assert float(((nb - refnb).abs() / refnb.abs().clamp_min(1e-30)).max()) <= 1e-5
+            assert acc[0].dtype == torch.int8
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs(dtype):
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(144, 144, generator=g) / 12
+    act = torch.tensor([0.5])
+    layer = QuantLinear(144, 144, weight=fake_quantize(W, "fp4_e2m1", axis=0), bias=torch.randn(144, generator=g),
+                        weight_format="fp4_e2m1", act_format="fp4_e2m1", act_mode="static", act_scale=act,
+                        rotation=HadamardSpec(144))
+    eps = torch.finfo(dtype).eps
+    x = torch.randn(4, 144, generator=g)
+    # (a) a model cast to the half dtype: codes and scales from the half weight
+    lh = copy.deepcopy(layer).to(dtype)
+    assert set_execution(lh, "auto") == {"": "int"}
+    xh = x.to(dtype)
+    with torch.no_grad():
+        out, ref = lh(xh), _reference(lh, xh)
+        with execution(lh, "sim"):
+            sim = lh(xh)
+    assert out.dtype == dtype and _rel(out, ref) <= eps  # exact up to the output's rounding
+    assert _rel(sim, ref) <= 8 * eps  # the simulation rounds activations, weights and products to `dtype`
+    # (b) a float32 model under CPU autocast: the output takes the autocast dtype like F.linear's
+    set_execution(layer, "auto")
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):  # (the rotation's matmul runs in `dtype` too)
+        out, ref = layer(xh), _reference(layer, xh)
+        with execution(layer, "sim"):
+            sim = layer(xh)
+    assert ref.dtype == torch.float64
+    assert out.dtype == sim.dtype == dtype and _rel(out, ref) <= eps
+
+
+# --------------------------------------------------------------------------------------------------
+# The switch, packed weights, fallbacks, files
+# --------------------------------------------------------------------------------------------------
+def test_switch_forces_either_path_and_restores(bundle, calib):
+    m = copy.deepcopy(bundle.transformer)
+    quantize_(m, get_recipe("hqdit-w4a4").replace(clip_grid=(20, 0.3, 1.0)), calib)
+    out_int = _run(m)
+    with execution(m, "sim") as paths:
+        assert set(paths.values()) == {"sim: forced"}
+        out_sim = _run(m)
+        assert set(execution_paths(m).values()) == {"sim: forced"}
+    assert set(execution_paths(m).values()) == {"int"}
+    assert torch.equal(_run(m), out_int) and not torch.equal(out_int, out_sim)
+    assert _rel(out_int, out_sim.double()) < 1e-3  # end to end: a rare code may flip at a rounding tie
+    with pytest.raises(ValueError, match="execution mode must be one of"):
+        set_execution(m, "fast")
+    mx = copy.deepcopy(bundle.transformer)
+    quantize_(mx, "mxfp4")
+    with pytest.raises(LowbitError, match="12 layer.*block scales"):
+        set_execution(mx, "int")
+
+
+def test_packed_weights_and_codes_only_model_give_the_same_output(bundle, calib):
+    m = copy.deepcopy(bundle.transformer)
+    quantize_(m, get_recipe("fp4-hybrid").replace(clip_grid=(20, 0.3, 1.0)), calib)
+    out = _run(m)
+    set_execution(m, "auto", weights="packed")
+    assert torch.equal(_run(m), out)
+    layers = [mod for mod in m.modules() if isinstance(mod, QuantLinear)]
+    w_sim = {id(q): q.weight.clone() for q in layers}
+    freed = drop_float_weights_(m)
+    assert freed == sum(4 * w.numel() for w in w_sim.values())
+    assert all(q.weight is None and q.lowbit.codes is None and q.lowbit.packed.dtype == torch.uint8
+               for q in layers)
+    assert torch.equal(_run(m), out)
+    for q in layers:  # the decoded weight is the simulated one (to float32 rounding of code · scale)
+        assert torch.allclose(q.lowbit.float_weight(), w_sim[id(q)], rtol=2 ** -21, atol=0)
+    with execution(m, "sim"):
+        assert torch.isfinite(_run(m)).all()
+
+
+def test_a_changed_weight_is_planned_again(bundle, calib):
+    m = copy.deepcopy(bundle.transformer)
+    quantize_(m, "int4-rtn", calib)
+    q = m.get_submodule("transformer_blocks.0.ff.net.2")
+    x = torch.randn(3, q.in_features)
+    with torch.no_grad():
+        y = q(x)
+        q.weight.mul_(2)  # still a scaled int4 grid: new codes, doubled output (minus the bias)
+        assert q.lowbit is not None
+        torch.testing.assert_close(q(x) - q.bias, 2 * (y - q.bias), rtol=1e-5, atol=1e-6)
+        q.weight.add_(1e-3 * torch.randn_like(q.weight))  # no longer on a grid: back to the simulation
+        q(x)
+    assert q.lowbit is None and "is not an integer int4 grid" in execution_paths(q)[q.name]
+
+
+def test_without_int_mm_the_layers_stay_simulated_with_a_warning(bundle, calib, monkeypatch):
+    def broken(a, b):
+        raise RuntimeError("_int_mm not compiled")
+    monkeypatch.setattr(torch, "_int_mm", broken)
+    monkeypatch.setattr(lowbit, "_INT_MM", {})
+    m = copy.deepcopy(bundle.transformer)
+    with pytest.warns(RuntimeWarning, match="simulated"):
+        rep = quantize_(m, "int4-rtn", calib)
+    assert {r.execution for r in rep.layers} == {"sim: torch._int_mm is not available on this CPU build"}
+    assert torch.isfinite(_run(m)).all()
+
+
+def test_saved_and_loaded_model_runs_the_integer_path_identically(bundle, calib, tmp_path):
+    m = copy.deepcopy(bundle.transformer)
+    quantize_(m, get_recipe("hqdit-w4a4-dyn").replace(clip_grid=(20, 0.3, 1.0)), calib)
+    save_quantized(m, tmp_path)
+    m2 = load_quantized(copy.deepcopy(bundle.transformer), tmp_path)
+    assert set(execution_paths(m2).values()) == {"int"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(_run(m2), _run(m))
+
+
+def test_packed_files_load_back_bit_identically(bundle, calib, tmp_path):
+    from hqdit_utils.export import load_packed, save_packed, unpack_weight
+    from hqdit_utils.qmodel import QuantizationError
+
+    m = copy.deepcopy(bundle.transformer)
+    quantize_(m, get_recipe("fp4-hybrid-dyn").replace(clip_grid=(20, 0.3, 1.0)), calib)
+    out = _run(m)
+    save_quantized(m, tmp_path / "q", packed=True)
+    files = {f.name: f.stat().st_size for f in (tmp_path / "q").iterdir()}
+    plain = save_quantized(m, tmp_path / "f") / "quant_state.safetensors"
+    weights = sum(4 * q.weight.numel() for q in m.modules() if isinstance(q, QuantLinear))
+    # the float weights are gone from the state; the codes take 1/8 of their bytes (+ one scale per row)
+    assert plain.stat().st_size - files["quant_state.safetensors"] >= weights
+    assert files[lowbit.PACKED_FILE] < weights / 8 + 16 * 1024
+    m2 = load_quantized(copy.deepcopy(bundle.transformer), tmp_path / "q")
+    layers2 = [q for q in m2.modules() if isinstance(q, QuantLinear)]
+    assert all(q.weight is None and q.lowbit.packed is not None for q in layers2)
+    assert set(execution_paths(m2).values()) == {"int"} and torch.equal(_run(m2), out)
+    # export.save_packed takes the model directly; its file decodes to the simulated weights
+    save_packed(m, tmp_path / "p.safetensors")
+    for name, p in load_packed(tmp_path / "p.safetensors").items():
+        assert torch.allclose(unpack_weight(p), m.get_submodule(name).weight, rtol=2 ** -21, atol=0)
+    with pytest.raises(QuantizationError, match="holds codes only; save with packed=True"):
+        save_quantized(m2, tmp_path / "g")
+    (tmp_path / "q" / lowbit.PACKED_FILE).unlink()
+    with pytest.raises(QuantizationError, match="missing tensors"):
+        load_quantized(copy.deepcopy(bundle.transformer), tmp_path / "q")
