@@ -13,7 +13,9 @@ G = torch.Generator().manual_seed(0)
 DATA = {
     "gauss": torch.randn(32, 64, generator=G),
     "uniform": torch.rand(32, 64, generator=G) * 2 - 1,
-    "laplace": torch.distributions.Laplace(0.0, 1.0).sample((32, 64)),
+    # seeded (the global RNG made this tensor, and the 1/8-octave test below, depend on test order)
+    "laplace": torch.distributions.Laplace(0.0, 1.0).icdf(
+        torch.rand(32, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64).clamp(1e-6, 1 - 1e-6)).float(),
     "loguniform": torch.sign(torch.randn(32, 64, generator=G)) * 2.0 ** (-8 * torch.rand(32, 64, generator=G)),
     "pow2": torch.sign(torch.randn(32, 64, generator=G)) * 2.0 ** -torch.randint(0, 7, (32, 64), generator=G).float(),
 }
