@@ -36,7 +36,7 @@ from .quantizer import fake_quantize, round_to_grid, sqnr_db
 __all__ = [
     "BlockLinear", "block_linears", "crest_factor", "outlier_profile", "Rotation", "rotation_spec", "rotate_pair",
     "w4a4_errors", "rotation_table", "time_call", "rotation_cost", "split_rows", "output_error",
-    "gptq_rtn_table", "energy_rank", "damping_sweep", "error_feedback_2d",
+    "gptq_rtn_table", "energy_rank", "damping_sweep", "error_feedback_2d", "quantized_share", "ATTENTION_MATMULS",
 ]
 
 @dataclass
@@ -446,3 +446,133 @@ def error_feedback_2d(w: Sequence[float], hessian: torch.Tensor, fmt: str, scale
 
     pts = {"w": w, "rtn": rtn, "updated": updated, "gptq": gptq, "best": best}
     return {**pts, "loss": {k: loss(v) for k, v in pts.items()}}
+
+
+# --------------------------------------------------------------------------------------------------
+# what "W4A4" covers: share of weights and of multiply-adds in 4 bits
+# --------------------------------------------------------------------------------------------------
+#: Kinds of computation in a diffusers DiT, by module name (first match wins).
+_KINDS = (("attn1.to_", "block linears (qkv, proj)"), ("ff.net.", "block linears (fc1, fc2)"),
+          ("norm1.linear", "adaLN modulation linears"), ("norm1.emb", "embedders (timestep, class, patch)"),
+          ("pos_embed", "embedders (timestep, class, patch)"), ("proj_out", "final layer"))
+ATTENTION_MATMULS = "attention matmuls (QKᵀ, PV)"
+
+
+def _kind(name: str) -> str:
+    return next((k for pat, k in _KINDS if pat in name), "other")
+
+
+def quantized_share(transformer, recipe="hqdit-w4a4", *, shared_embedders: bool = True):
+    """Which share of a DiT's weights and of its multiply-adds a recipe puts in 4 (or its) bits.
+
+    Counted, not typed: a weight-free twin of ``transformer`` (same diffusers config, built on the meta
+    device, so DiT-XL/2's shapes cost nothing) runs one forward for one image at the model's own token
+    count, with hooks that count every ``nn.Linear`` / ``nn.Conv2d`` multiply-add (``in · out`` per token)
+    and the attention matmuls QKᵀ and PV (``2 · tokens² · width`` per block). A linear counts as
+    quantized when ``recipe`` selects it (:func:`~hqdit_utils.layers.select_linears`); the attention
+    matmuls when the recipe sets ``quantize_attention``. Weights are the linears' weight matrices
+    (their biases, norms and embedding tables stay FP32 and count as FP32 parameters).
+
+    ``shared_embedders``: count the timestep/class embedder once, as the original DiT has it (diffusers
+    keeps one copy per block; the embedded model ties them in training).
+
+    Returns a ``pandas.DataFrame`` indexed by kind (block linears, adaLN modulation linears, embedders,
+    final layer, attention matmuls) with ``parameters``, ``MACs``, ``quantized parameters``, ``quantized
+    MACs``, plus a ``total`` row; ``df.attrs`` holds ``weight share``, ``MAC share`` and ``tokens``.
+    """
+    import pandas as pd
+    import torch.nn as nn
+
+    from .layers import select_linears
+    from .recipes import get_recipe
+
+    recipe = get_recipe(recipe)
+    cls = type(transformer)
+    with torch.device("meta"):
+        twin = cls.from_config(transformer.config).eval()
+    if recipe.is_identity and not recipe.quantize_attention:
+        quantized = set()
+    else:
+        quantized = set(select_linears(twin, recipe.layers, recipe.exclude))
+    attn_q = recipe.quantize_attention and recipe.attn_format != "fp32"
+
+    def skip(name: str) -> bool:  # per-block embedder copies beyond the first
+        return (shared_embedders and ".norm1.emb" in name
+                and not name.startswith("transformer_blocks.0."))
+
+    rows: dict = {}
+
+    def add(kind, params=0, macs=0, q=False):
+        r = rows.setdefault(kind, {"parameters": 0, "MACs": 0, "quantized parameters": 0, "quantized MACs": 0})
+        r["parameters"] += params
+        r["MACs"] += macs
+        if q:
+            r["quantized parameters"] += params
+            r["quantized MACs"] += macs
+
+    counted_params: set = set()
+    hooks = []
+    for name, mod in twin.named_modules():
+        if skip(name):
+            continue
+        if isinstance(mod, nn.Linear):
+            def hook(m, inp, out, name=name):
+                tokens = int(torch.tensor(inp[0].shape[:-1]).prod())
+                add(_kind(name), 0, tokens * m.in_features * m.out_features, name in quantized)
+            hooks.append(mod.register_forward_hook(hook))
+            add(_kind(name), mod.weight.numel(), 0, name in quantized)
+            counted_params.add(id(mod.weight))
+        elif isinstance(mod, nn.Conv2d):
+            def hook(m, inp, out):
+                k = m.kernel_size[0] * m.kernel_size[1] * m.in_channels // m.groups
+                add(_kind("pos_embed"), 0, out[0].numel() * k, False)
+            hooks.append(mod.register_forward_hook(hook))
+        elif hasattr(mod, "heads") and hasattr(mod, "to_q") and hasattr(mod, "inner_dim"):
+            def hook(m, inp, out):
+                x = inp[0] if inp else None
+                tokens = x.shape[1] if x is not None else 0
+                add(ATTENTION_MATMULS, 0, 2 * tokens * tokens * m.inner_dim, attn_q)
+            hooks.append(mod.register_forward_hook(hook))
+    # every other parameter (biases, norms, embedding tables) stays FP32
+    for name, p in twin.named_parameters():
+        if id(p) not in counted_params and not skip(name):
+            add(_kind(name), p.numel(), 0, False)
+    cfg = transformer.config
+    size, ch = cfg.sample_size, cfg.in_channels
+    with torch.no_grad():
+        twin(torch.empty(1, ch, size, size, device="meta"), timestep=torch.zeros(1, dtype=torch.long, device="meta"),
+             class_labels=torch.zeros(1, dtype=torch.long, device="meta"))
+    for h in hooks:
+        h.remove()
+    df = pd.DataFrame(rows).T
+    order = [k for _, k in _KINDS] + [ATTENTION_MATMULS, "other"]
+    df = df.loc[[k for k in dict.fromkeys(order) if k in df.index]]
+    df.loc["total"] = df.sum()
+    df = df.astype("int64")
+    df.attrs["weight share"] = float(df.loc["total", "quantized parameters"] / df.loc["total", "parameters"])
+    df.attrs["MAC share"] = float(df.loc["total", "quantized MACs"] / df.loc["total", "MACs"])
+    df.attrs["tokens"] = (size // cfg.patch_size) ** 2
+    return df
+
+
+def w4a4_scope(transformer, recipe="hqdit-w4a4") -> str:
+    """The text of the book's "W4A4 here means …" box, with every share computed by :func:`quantized_share`
+    for ``transformer`` (the model on the page) and for DiT-XL/2 (shapes only). Markdown, one paragraph."""
+    from .models import dit_xl2_meta
+
+    here = quantized_share(transformer, recipe)
+    xl = quantized_share(dit_xl2_meta(), recipe)
+    ada = lambda d: d.loc["adaLN modulation linears", "parameters"] / d.loc["total", "parameters"]  # noqa: E731
+    att = lambda d: d.loc[ATTENTION_MATMULS, "MACs"] / d.loc["total", "MACs"]  # noqa: E731
+    return (
+        "**4-bit**: the weights and the input activations of the four token-wise linears of every block "
+        "(`qkv`, `proj`, `fc1`, `fc2`; the HQ-DiT recipe also rotates their inputs). **FP32**: the adaLN "
+        "modulation linears, the timestep/class/patch embedders, the final layer, all biases and norms, and "
+        "the attention matmuls QKᵀ and PV (their inputs Q, K, V, P are not quantized unless a row says so). "
+        f"Counted by `analysis.quantized_share`: on the embedded model ({here.attrs['tokens']} tokens) that is "
+        f"**{here.attrs['weight share']:.0%} of the parameters and {here.attrs['MAC share']:.0%} of the "
+        f"multiply-adds** of one forward pass (adaLN linears: {ada(here):.0%} of the parameters; attention "
+        f"matmuls: {att(here):.0%} of the multiply-adds); on DiT-XL/2 at 256 px ({xl.attrs['tokens']} tokens) "
+        f"**{xl.attrs['weight share']:.0%} of the parameters and {xl.attrs['MAC share']:.0%} of the "
+        f"multiply-adds** (adaLN linears: {ada(xl):.0%} of the parameters; attention matmuls: {att(xl):.0%} "
+        "of the multiply-adds). The VAE decoder of DiT-XL/2 is not counted.")

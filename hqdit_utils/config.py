@@ -9,7 +9,7 @@ Chapters read sizes from :func:`profile`; they never hard-code a sample count.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 #: Root of the repository (the folder that holds ``data/``), when the package is used from a checkout.
@@ -28,7 +28,11 @@ class Profile:
     calib_timesteps:    number of timesteps (uniformly spread over the sampling schedule) recorded.
     eval_samples:       images generated per evaluated run.
     sampling_steps:     denoising steps of the respaced DDPM schedule.
-    seeds:              how many independent seeds each measured table row averages over.
+    seeds:              how many independent seeds the small tables of chapters 1–6 and 8 average over.
+    table_seeds:        how many paired seeds *every* row of chapter 7's comparison runs (each seed =
+                        calibration trajectories + sample labels + noise); override with
+                        ``$HQDIT_TABLE_SEEDS`` (e.g. ``HQDIT_TABLE_SEEDS=5`` for the full design).
+    sample_check_factor: chapter 7's sample-count check runs its rows at this many times ``eval_samples``.
     """
 
     name: str
@@ -38,22 +42,45 @@ class Profile:
     sampling_steps: int
     seeds: int
     batch_size: int
+    table_seeds: int = 2
+    sample_check_factor: int = 4
+
+    #: Fields that size a table's *design* (how many runs), not any one run: left out of :meth:`as_dict`,
+    #: which is the cache-key material of a run, so that ``$HQDIT_TABLE_SEEDS=5`` reuses the cached seeds.
+    DESIGN_FIELDS = ("table_seeds", "sample_check_factor")
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The sizes that determine one run's numbers (every field but :attr:`DESIGN_FIELDS`)."""
+        return {k: v for k, v in asdict(self).items() if k not in self.DESIGN_FIELDS}
 
 
 PROFILES = {
-    "ci": Profile("ci", calib_trajectories=4, calib_timesteps=4, eval_samples=32, sampling_steps=10, seeds=1, batch_size=32),
-    "book": Profile("book", calib_trajectories=32, calib_timesteps=10, eval_samples=256, sampling_steps=25, seeds=3, batch_size=128),
-    "full": Profile("full", calib_trajectories=32, calib_timesteps=25, eval_samples=50_000, sampling_steps=100, seeds=1, batch_size=32),
+    "ci": Profile("ci", calib_trajectories=4, calib_timesteps=4, eval_samples=32, sampling_steps=10, seeds=1, batch_size=32,
+                  table_seeds=2),
+    "book": Profile("book", calib_trajectories=32, calib_timesteps=10, eval_samples=256, sampling_steps=25, seeds=3, batch_size=128,
+                    table_seeds=3),
+    "full": Profile("full", calib_trajectories=32, calib_timesteps=25, eval_samples=50_000, sampling_steps=100, seeds=1, batch_size=32,
+                    table_seeds=5),
 }
+
+#: Environment variable overriding the active profile's ``table_seeds``.
+ENV_TABLE_SEEDS = "HQDIT_TABLE_SEEDS"
 
 
 def profile(name: str | None = None) -> Profile:
     """The active profile: ``name`` if given, else ``$HQDIT_PROFILE``, else ``"book"``."""
     name = name or os.environ.get("HQDIT_PROFILE", "book")
     try:
-        return PROFILES[name]
+        prof = PROFILES[name]
     except KeyError:
         raise ValueError(f"unknown HQDIT_PROFILE {name!r}; choose one of {sorted(PROFILES)}") from None
+    override = os.environ.get(ENV_TABLE_SEEDS)
+    if override:
+        try:
+            n = int(override)
+        except ValueError:
+            raise ValueError(f"${ENV_TABLE_SEEDS} must be an integer >= 2; got {override!r}") from None
+        if n < 2:
+            raise ValueError(f"${ENV_TABLE_SEEDS} must be >= 2 (a paired interval needs two seeds); got {n}")
+        prof = replace(prof, table_seeds=n)
+    return prof

@@ -557,6 +557,20 @@ def _random_bundle(config: dict, seed: int, name: str, image_channels: int | Non
     return b
 
 
+#: ``DiTTransformer2DModel`` config of DiT-XL/2-256 (diffusers port): 28 blocks × 1152 (16 heads × 72), patch 2.
+DIT_XL2_256_CONFIG = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                          sample_size=32, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero",
+                          activation_fn="gelu-approximate", norm_elementwise_affine=False)
+
+
+def dit_xl2_meta():
+    """DiT-XL/2-256's transformer on the meta device: shapes only, no weights, no memory (for counting)."""
+    from diffusers import DiTTransformer2DModel
+
+    with torch.device("meta"):
+        return DiTTransformer2DModel(**DIT_XL2_256_CONFIG).eval()
+
+
 def dit_xl2_shaped_random(seed: int = 0, num_layers: int = 28) -> DiTBundle:
     """An **untrained, random** model with DiT-XL/2-256's shapes: 28 blocks, width 1152, 16 heads × 72,
     patch 2, 4 latent channels, 32×32 latents, 1000 classes + null class 1000, learned-sigma output
@@ -567,9 +581,7 @@ def dit_xl2_shaped_random(seed: int = 0, num_layers: int = 28) -> DiTBundle:
     Its decoder is the identity on the 4 latent channels (there is no VAE): use it for shapes, memory
     and timing, never for images. ``num_layers`` can be lowered for quicker shape checks.
     """
-    cfg = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=num_layers,
-               sample_size=32, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero",
-               activation_fn="gelu-approximate", norm_elementwise_affine=False)
+    cfg = dict(DIT_XL2_256_CONFIG, num_layers=num_layers)
     return _random_bundle(cfg, seed, f"RANDOM untrained DiT-XL/2-shaped model (seed {seed}, {num_layers} blocks)")
 
 

@@ -43,7 +43,8 @@ from .gptq import GPTQ
 from .hadamard import HadamardSpec, rotate_input, rotate_weight
 from .layers import LayerSelectionError, select_linears
 from .qlinear import QuantAttnProcessor, QuantLinear, SharedInput, TimestepContext
-from .quantizer import block_fake_quantize, fake_quantize, round_to_grid, sqnr_db, token_fake_quantize
+from .quantizer import (block_fake_quantize, block_weight_scales, fake_quantize, round_to_grid, sqnr_db,
+                        token_fake_quantize)
 from .recipes import AUTO, QuantRecipe, get_recipe
 
 __all__ = ["QuantizationError", "LayerReport", "QuantReport", "quantize_", "is_quantized", "save_quantized",
@@ -297,13 +298,9 @@ def _weight_format(W: torch.Tensor, X: torch.Tensor, setting: _Setting, stats: d
     return choice, choice.clip if choice.clip is not None else clip(choice.format)
 
 
-def _round_weight(W: torch.Tensor, X: torch.Tensor, fmt, cr: ClipResult, setting: _Setting, shared: bool):
-    """Step 5: round ``W`` onto ``fmt``'s grid with the per-row scales of ``cr`` — GPTQ (Hessian of ``X``,
-    shared by layers reading the same input) or round-to-nearest. Returns (W_q, GPTQ info)."""
-    recipe, cache = setting.recipe, setting.cache
-    scale = cr.scale(fmt)
-    if not recipe.gptq or isinstance(fmt, NoFormat):
-        return fake_quantize(W, fmt, scale), {}
+def _gptq_with_hessian(W: torch.Tensor, X: torch.Tensor, setting: _Setting, shared: bool) -> GPTQ:
+    """A :class:`GPTQ` for ``W`` with the Hessian of ``X`` (shared by layers reading the same input)."""
+    cache = setting.cache
     g = GPTQ(W)
     if shared and cache.hessian is not None:
         g.set_hessian(*cache.hessian)  # to_q/to_k/to_v share their input, hence their Hessian
@@ -311,6 +308,17 @@ def _round_weight(W: torch.Tensor, X: torch.Tensor, fmt, cr: ClipResult, setting
         g.add_batch(X)
         if shared:
             cache.hessian = (g.hessian, g.nsamples)
+    return g
+
+
+def _round_weight(W: torch.Tensor, X: torch.Tensor, fmt, cr: ClipResult, setting: _Setting, shared: bool):
+    """Step 5: round ``W`` onto ``fmt``'s grid with the per-row scales of ``cr`` — GPTQ (Hessian of ``X``,
+    shared by layers reading the same input) or round-to-nearest. Returns (W_q, GPTQ info)."""
+    recipe = setting.recipe
+    scale = cr.scale(fmt)
+    if not recipe.gptq or isinstance(fmt, NoFormat):
+        return fake_quantize(W, fmt, scale), {}
+    g = _gptq_with_hessian(W, X, setting, shared)
     res = g.quantize(fmt, scale.reshape(-1) if scale.dim() else scale.expand(W.shape[0]),
                      blocksize=recipe.gptq_blocksize, percdamp=recipe.gptq_percdamp)
     return res.weight, {k: v for k, v in vars(res).items() if k != "weight" and isinstance(v, (int, float, str, bool))}
@@ -322,7 +330,16 @@ def _quantize_weight(W: torch.Tensor, X: torch.Tensor, setting: _Setting, shared
     stats = ratio_statistics(W, channel_axis=0)
     if recipe.weight_granularity == "block":
         wf = recipe.weight_format
-        return QuantizedWeight(block_fake_quantize(W, parse_format(wf), recipe.block_size, recipe.scale_format),
+        fmt = parse_format(wf)
+        if recipe.gptq and not isinstance(fmt, NoFormat):
+            # GPTQ with block scales (ours): the scales of block_fake_quantize (E8M0 / E4M3-rounded) are
+            # fixed first from the weight, then GPTQ rounds each block onto them (groupsize = block).
+            res = _gptq_with_hessian(W, X, setting, shared).quantize(
+                fmt, block_weight_scales(W, fmt, recipe.block_size, recipe.scale_format),
+                groupsize=recipe.block_size, blocksize=recipe.gptq_blocksize, percdamp=recipe.gptq_percdamp)
+            info = {k: v for k, v in vars(res).items() if k != "weight" and isinstance(v, (int, float, str, bool))}
+            return QuantizedWeight(res.weight, wf, 1.0, {}, stats, info)
+        return QuantizedWeight(block_fake_quantize(W, fmt, recipe.block_size, recipe.scale_format),
                                wf, 1.0, {}, stats)
     choice, cr = _weight_format(W, X, setting, stats)
     Wq, info = _round_weight(W, X, parse_format(choice.format), cr, setting, shared)

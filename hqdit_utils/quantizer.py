@@ -256,3 +256,12 @@ def sqnr_db(x: torch.Tensor, x_q: torch.Tensor) -> float:
     if noise == 0:
         return math.inf
     return float(10 * torch.log10(signal / noise))
+
+
+def block_weight_scales(W: torch.Tensor, fmt, block_size: int, scale_format) -> torch.Tensor:
+    """The block scales ``[out, ceil(in / block_size)]`` that :func:`block_fake_quantize` uses for ``W``
+    (zero padding of the last block does not change a block's max, nor NVFP4's tensor scale)."""
+    pad = (-W.shape[1]) % block_size
+    Wp = F.pad(W.to(torch.float32), (0, pad)) if pad else W.to(torch.float32)
+    xb = Wp.reshape(W.shape[0], Wp.shape[1] // block_size, block_size)
+    return _block_scales(xb, parse_format(fmt), scale_format).squeeze(-1)

@@ -25,7 +25,7 @@ from .clipping import CLIP_METHODS, SEARCHES
 from .format_select import DEFAULT_CANDIDATES, STATISTICS
 
 __all__ = ["QuantRecipe", "RECIPES", "get_recipe", "list_recipes", "register_recipe", "AUTO",
-           "FP8_CANDIDATES"]
+           "FP8_CANDIDATES", "ADD_ONE", "REMOVE_ONE"]
 
 AUTO = "auto"
 #: Our FP8 candidate set for the hybrid recipes at 8 bits (all-finite grammar variants).
@@ -66,7 +66,8 @@ class QuantRecipe:
     Method components:
         rotation: random Hadamard rotation of every quantized linear (``rotation_seed``, ``rotation_block``
             None = full order); weights rotated offline, activations online, before selection/clipping.
-        gptq: GPTQ weight rounding (``gptq_blocksize``, ``gptq_percdamp``) with per-row α fixed first.
+        gptq: GPTQ weight rounding (``gptq_blocksize``, ``gptq_percdamp``) with per-row α fixed first (with
+            block granularity: the block scales, fixed first, one GPTQ group per block).
         smoothquant_alpha: SmoothQuant migration strength (None = off): x/s, W·s with
             s_j = max|x_j|^a / max|W_j|^(1-a).
         max_calib_rows: calibration rows used per layer (a deterministic subsample of the reservoir).
@@ -127,8 +128,6 @@ class QuantRecipe:
             raise ValueError("timestep_groups must be >= 1")
         if self.timestep_groups > 1 and self.act_granularity != "tensor":
             raise ValueError("timestep_groups applies to static per-tensor activations only")
-        if self.gptq and self.weight_granularity == "block":
-            raise ValueError("GPTQ with block scales is not supported here")
 
     # convenience ---------------------------------------------------------------------------------
     def replace(self, **changes) -> "QuantRecipe":
@@ -294,3 +293,34 @@ register_recipe(QuantRecipe(
              "scale, weights and (dynamic) activations.",
     weight_format="fp4_e2m1", act_format="fp4_e2m1", weight_granularity="block", act_granularity="block",
     block_size=16, scale_format="fp8_e4m3fn"))
+
+
+# Chapter 7's missing rows (issue 18): block formats with HQ-DiT's components, HQ-DiT with the attention
+# matmuls quantized too, and add-one ablations (FP4 round-to-nearest + one HQ-DiT component). Ours.
+register_recipe(RECIPES["nvfp4"].replace(
+    name="nvfp4-rot-gptq", rotation=True, gptq=True,
+    description="NVFP4 (W4A4) + random Hadamard rotation (full order, online activations) + GPTQ on the "
+                "block-scaled grid (block scales fixed first, one GPTQ group per block of 16). Our combination."))
+register_recipe(RECIPES["mxfp4"].replace(
+    name="mxfp4-rot", rotation=True,
+    description="MXFP4 (W4A4) + random Hadamard rotation (full order, online activations). Our combination."))
+register_recipe(RECIPES["hqdit-w4a4"].replace(
+    name="hqdit-w4a4-attn", quantize_attention=True, attn_format="fp4_e2m1",
+    description="hqdit-w4a4 with the attention-matmul inputs Q, K, V and the softmax output P quantized to "
+                "fp4_e2m1 too (per-tensor static α from calibration for Q/K/V, α = 1 for P; no rotation "
+                "there). Our choice of format and scales."))
+register_recipe(RECIPES["fp4-minmax"].replace(
+    name="fp4-rtn-plus-rotation", rotation=True,
+    description="Add-one ablation: fp4-minmax (E2M1 round-to-nearest, α = max) + the Hadamard rotation only."))
+register_recipe(RECIPES["fp4-minmax"].replace(
+    name="fp4-rtn-plus-select", weight_format=AUTO, act_format=AUTO,
+    description="Add-one ablation: fp4-minmax + per-layer format selection (MSE) only, α = max."))
+register_recipe(RECIPES["fp4-minmax"].replace(
+    name="fp4-rtn-plus-gptq", gptq=True,
+    description="Add-one ablation: fp4-minmax + GPTQ weight rounding only (E2M1, α = max)."))
+#: FP4 round-to-nearest + one HQ-DiT component (chapter 7's add-one ablations; clipping alone is fp4-clip).
+ADD_ONE = {"rotation": "fp4-rtn-plus-rotation", "format selection": "fp4-rtn-plus-select",
+           "clipping search": "fp4-clip", "GPTQ": "fp4-rtn-plus-gptq"}
+#: HQ-DiT W4A4 minus one component (chapter 7's remove-one ablations).
+REMOVE_ONE = {"rotation": "hqdit-no-rotation", "format selection": "hqdit-no-select",
+              "clipping search": "hqdit-no-clip", "GPTQ": "hqdit-no-gptq"}

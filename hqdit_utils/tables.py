@@ -6,9 +6,12 @@
 * :data:`METHODS`, :func:`bit_recipe` — the paper's comparison (INT-RTN, MinMax-FP, SmoothQuant, FPQ,
   GPTQ-INT, HQ-DiT) at W8A8 / W4A8 / W4A4. Registered recipes are used where they exist; the missing
   bit settings of a baseline are derived from its W4A4 recipe by changing the bit widths only.
-* :func:`mean_std`, :func:`noise_level`, :func:`paired_difference`, :func:`claim_verdict` — statistics
-  over seeds of a :func:`~hqdit_utils.experiments.run_table` frame (runs of one seed share labels and
-  noise, so differences between recipes are paired) and the verdict rule of chapter 7.
+* :func:`mean_std`, :func:`noise_level`, :func:`paired_difference` — statistics over seeds of a
+  :func:`~hqdit_utils.experiments.run_table` frame (runs of one seed share calibration trajectories,
+  labels and noise, so differences between recipes are paired).
+* :func:`paired_interval`, :func:`compare`, :func:`claim_verdict`, :func:`require_same_seeds` — chapter 7's
+  rule: a paired t-interval (t quantile for the actual degrees of freedom) on the primary metric
+  (:data:`PRIMARY`, sFID*) decides; the secondary metrics (:data:`SECONDARY`) are reported as "k of m agree".
 * :func:`full_scale_results` — the results of ``hqdit reproduce`` runs in ``data/results/<run-id>/``.
 """
 from __future__ import annotations
@@ -25,7 +28,8 @@ from .config import DATA_DIR
 from .recipes import FP8_CANDIDATES, get_recipe
 
 __all__ = ["METHODS", "SETTINGS", "bit_recipe", "load_paper", "paper_sources", "mean_std", "noise_level",
-           "paired_difference", "claim_verdict", "full_scale_results", "LOWER_IS_BETTER", "RESULTS_DIR"]
+           "paired_difference", "paired_interval", "compare", "compare_frame", "claim_verdict", "require_same_seeds",
+           "full_scale_results", "LOWER_IS_BETTER", "RESULTS_DIR", "PRIMARY", "SECONDARY", "LEVEL"]
 
 #: Where ``hqdit reproduce`` writes full-scale results (one folder per run id).
 RESULTS_DIR = DATA_DIR / "results"
@@ -46,7 +50,14 @@ METHODS: dict[str, dict[str, str | None]] = {
 }
 
 #: Metrics where smaller is better (FID-like); the others (IS, precision, recall, consistency) are larger-better.
-LOWER_IS_BETTER = {"FID*", "sFID*", "FID", "sFID"}
+LOWER_IS_BETTER = {"FID*", "sFID*", "FID", "sFID", "KID*", "KID"}
+
+#: Chapter 7's declared primary metric (the paper's headline metric): it alone decides a verdict.
+PRIMARY = "sFID*"
+#: The secondary metrics: reported next to every verdict as "k of m agree", never deciding it.
+SECONDARY = ("FID*", "IS*", "P*", "R*", "class-consistency", "KID*")
+#: Confidence level of the paired t-intervals.
+LEVEL = 0.95
 
 _BITS = {"w4a4": (4, 4), "w4a8": (4, 8), "w8a8": (8, 8)}
 
@@ -85,11 +96,12 @@ def bit_recipe(method: str, setting: str):
 # the paper's numbers
 # --------------------------------------------------------------------------------------------------
 def paper_sources(readme: "str | Path | None" = None) -> pd.DataFrame:
-    """The source abbreviations of ``data/paper`` and what they stand for (parsed from its README)."""
+    """The source abbreviations of ``data/paper``, what they stand for and their address (``link``, empty
+    when none was recorded), parsed from its README (``- `name` (URL): text``)."""
     text = Path(readme or PAPER_DIR / "README.md").read_text()
     rows = []
-    for m in re.finditer(r"^- `([^`]+)`: (.+?)(?=^- `|^\s*$|\Z)", text, flags=re.M | re.S):
-        rows.append({"source": m.group(1), "what it is": " ".join(m.group(2).split())})
+    for m in re.finditer(r"^- `([^`]+)`(?: \((https?://[^)\s]+)\))?: (.+?)(?=^- `|^\s*$|\Z)", text, flags=re.M | re.S):
+        rows.append({"source": m.group(1), "what it is": " ".join(m.group(3).split()), "link": m.group(2) or ""})
     return pd.DataFrame(rows).set_index("source")
 
 
@@ -172,41 +184,125 @@ def full_scale_results(root: "str | Path | None" = None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
-def claim_verdict(table: pd.DataFrame, better: str, worse: str, metrics: Sequence[str],
-                  noise: "pd.Series | None" = None) -> dict:
-    """Does recipe ``better`` beat recipe ``worse`` on every metric in ``metrics``? The rule of chapter 7.
+# --------------------------------------------------------------------------------------------------
+# chapter 7's rule: paired t-intervals, one primary metric
+# --------------------------------------------------------------------------------------------------
+def require_same_seeds(table: pd.DataFrame, recipes: Sequence[str] | None = None) -> list[int]:
+    """The seeds every recipe of ``table`` (or of ``recipes``) ran — identical for all of them, each once —
+    else ``ValueError`` naming the recipe whose seeds differ. Paired comparisons are valid only then."""
+    recipes = list(dict.fromkeys(table["recipe"])) if recipes is None else list(recipes)
+    seeds = None
+    for r in recipes:
+        s = table.loc[table["recipe"] == r, "seed"].tolist()
+        if not s:
+            raise ValueError(f"recipe {r!r} has no run in this table")
+        if len(set(s)) != len(s):
+            raise ValueError(f"recipe {r!r} ran a seed twice: {sorted(s)}")
+        if seeds is None:
+            seeds, first = sorted(s), r
+        elif sorted(s) != seeds:
+            raise ValueError(f"recipe {r!r} ran seeds {sorted(s)} but {first!r} ran {seeds}: rows are not paired")
+    return seeds
 
-    Each metric's paired difference (:func:`paired_difference`) counts as a win (loss) when it favours
-    ``better`` (``worse``) by more than two standard errors. With a single common seed the standard
-    error is taken as ``√2 ×`` the seed-to-seed ``noise`` of that metric (conservative: paired runs
-    share their noise). Verdict: ``"reproduced"`` if every metric is a win, ``"not reproduced"`` if any
-    is a loss or if none is a win, otherwise ``"inconclusive (within noise)"``; ``"cannot be judged (no
-    noise estimate)"`` when no metric has a standard error (one seed and no ``noise``).
 
-    Returns ``{"verdict", "evidence"}``; the evidence lists each metric's difference ± standard error.
+def paired_interval(table: pd.DataFrame, a: str, b: str, metric: str, level: float = LEVEL) -> dict:
+    """Paired t-interval for the mean of ``metric(a) − metric(b)`` over the seeds both recipes ran.
+
+    ``n`` paired differences give ``n − 1`` degrees of freedom; the interval is
+    ``mean ± t_{(1+level)/2, n−1} · sd / √n`` with Student's t quantile for exactly those degrees of
+    freedom (e.g. 12.71 for 1, 4.30 for 2, 2.78 for 4). ``direction``: ``"a better"`` / ``"b better"``
+    when the whole interval lies on one side of zero (lower is better for FID-like metrics,
+    :data:`LOWER_IS_BETTER`), ``"no difference detected"`` when it contains zero, ``None`` with one seed
+    (no interval exists). A zero spread with a non-zero mean gives a zero-width interval.
     """
-    wins = losses = judged = 0
-    parts = []
-    for m in metrics:
-        d = paired_difference(table, better, worse, m)
-        se = d["stderr"]
-        if not np.isfinite(se) and noise is not None and m in noise and np.isfinite(noise[m]):
-            se = float(np.sqrt(2.0) * noise[m])
-        sign = -1.0 if m in LOWER_IS_BETTER else 1.0
-        gain = sign * d["difference"]
-        if np.isfinite(se):
-            judged += 1
-            wins += gain > 2 * se
-            losses += gain < -2 * se
-        parts.append(f"{m}: {d['difference']:+.3g} ± {se:.2g}" if np.isfinite(se) else f"{m}: {d['difference']:+.3g}")
-    if not judged:
-        verdict = "cannot be judged (no noise estimate)"
-    elif wins == len(metrics):
-        verdict = "reproduced"
-    elif losses or not wins:
-        verdict = "not reproduced"
+    from scipy import stats
+
+    d = paired_difference(table, a, b, metric)
+    x = table[table["recipe"] == a].set_index("seed")[metric]
+    y = table[table["recipe"] == b].set_index("seed")[metric]
+    common = x.index.intersection(y.index)
+    diffs = (x.loc[common] - y.loc[common]).astype(float).to_numpy()
+    n, mean = len(diffs), float(diffs.mean())
+    if n < 2 or not np.isfinite(diffs).all():
+        lo = hi = t = float("nan")
+        direction = None
     else:
-        verdict = "inconclusive (within noise)"
-    seeds = paired_difference(table, better, worse, metrics[0])["seeds"]
-    return {"verdict": verdict,
-            "evidence": f"{better} − {worse} ({seeds} paired seed{'s' if seeds > 1 else ''}): " + "; ".join(parts)}
+        t = float(stats.t.ppf(0.5 + level / 2, df=n - 1))
+        half = t * float(diffs.std(ddof=1)) / np.sqrt(n)
+        lo, hi = mean - half, mean + half
+        sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+        glo, ghi = sorted((sign * lo, sign * hi))
+        direction = "a better" if glo > 0 else "b better" if ghi < 0 else "no difference detected"
+    return {"metric": metric, "a": a, "b": b, "difference": mean, "low": lo, "high": hi, "stderr": d["stderr"],
+            "t": t, "df": n - 1, "seeds": n, "level": level, "direction": direction}
+
+
+def _fmt(iv: dict, digits: int = 3) -> str:
+    if not np.isfinite(iv["low"]):
+        return f"{iv['difference']:+.{digits}g} (one seed: no interval)"
+    return f"{iv['difference']:+.{digits}g} [{iv['low']:+.{digits}g}, {iv['high']:+.{digits}g}]"
+
+
+def compare(table: pd.DataFrame, a: str, b: str, *, primary: str = PRIMARY,
+            secondary: Sequence[str] = SECONDARY, level: float = LEVEL) -> dict:
+    """Chapter 7's comparison of recipe ``a`` with recipe ``b`` (both on the same paired seeds).
+
+    The ``primary`` metric's paired t-interval decides (``outcome``: ``"better"``, ``"worse"``, ``"no
+    difference detected"``, or ``"cannot be judged"`` with one seed). Each secondary metric whose interval
+    excludes zero on the same side as the primary outcome *agrees*, on the other side *contradicts*;
+    when the primary detects no difference, the secondary metrics are counted by the side they detect.
+    ``label`` says it in words, e.g. ``"better on sFID*: −0.26 [−0.35, −0.17]; 3 of 6 secondary metrics
+    agree, 0 contradict"``.
+    """
+    require_same_seeds(table, [a, b])
+    p = paired_interval(table, a, b, primary, level)
+    sec = [paired_interval(table, a, b, m, level) for m in secondary if m in table.columns]
+    outcome = {"a better": "better", "b better": "worse", "no difference detected": "no difference detected",
+               None: "cannot be judged"}[p["direction"]]
+    a_side = sum(s["direction"] == "a better" for s in sec)
+    b_side = sum(s["direction"] == "b better" for s in sec)
+    m = len(sec)
+    if outcome == "better":
+        agree, contra = a_side, b_side
+        label = f"better on {primary}: {_fmt(p)}; {agree} of {m} secondary metrics agree, {contra} contradict"
+    elif outcome == "worse":
+        agree, contra = b_side, a_side
+        label = f"worse on {primary}: {_fmt(p)}; {agree} of {m} secondary metrics agree, {contra} contradict"
+    elif outcome == "no difference detected":
+        agree = contra = 0
+        label = (f"no {primary} difference detected: {_fmt(p)}; secondary metrics: {a_side} of {m} favour "
+                 f"{a}, {b_side} favour {b}")
+    else:
+        agree = contra = 0
+        label = f"cannot be judged (one seed): {primary} {_fmt(p)}"
+    return {"a": a, "b": b, "outcome": outcome, "label": label, "primary": p,
+            "interval": _fmt(p), "agree": agree, "contradict": contra, "secondary": m,
+            "favour a": a_side, "favour b": b_side, "seeds": p["seeds"]}
+
+
+def claim_verdict(table: pd.DataFrame, better: str, worse: str, **kwargs) -> dict:
+    """The verdict on a claim "``better`` is better than ``worse``" by chapter 7's rule (:func:`compare`):
+    ``"reproduced"`` when the primary metric's interval shows ``better`` ahead, ``"not reproduced"`` when
+    it shows ``better`` behind, ``"inconclusive"`` when it contains zero, ``"cannot be judged"`` with one
+    seed. Returns ``{"verdict", "evidence"}`` (the evidence is :func:`compare`'s label)."""
+    c = compare(table, better, worse, **kwargs)
+    verdict = {"better": "reproduced", "worse": "not reproduced", "no difference detected": "inconclusive",
+               "cannot be judged": "cannot be judged"}[c["outcome"]]
+    return {"verdict": verdict, "evidence": f"{better} − {worse}, {c['seeds']} paired seeds: {c['label']}"}
+
+
+def compare_frame(table: pd.DataFrame, pairs: Sequence[tuple[str, str]], names: dict | None = None,
+                  **kwargs) -> pd.DataFrame:
+    """:func:`compare` for each ``(a, b)`` in ``pairs``: one row per pair with the primary metric's paired
+    interval, the outcome, the secondary counts and the label (``names`` maps recipe names for display)."""
+    names = names or {}
+    rows = []
+    for a, b in pairs:
+        c = compare(table, a, b, **kwargs)
+        p = c["primary"]
+        rows.append({"A": names.get(a, a), "B": names.get(b, b),
+                     f"{p['metric']}(A) − {p['metric']}(B)": p["difference"], "95 % low": p["low"],
+                     "95 % high": p["high"], "outcome": c["outcome"],
+                     "secondary agree": c["agree"], "secondary contradict": c["contradict"],
+                     "label": c["label"]})
+    return pd.DataFrame(rows)

@@ -176,7 +176,9 @@ def test_rotated_model_runs_with_autograd_enabled(bundle, calib, dtype):
 
 
 @pytest.mark.parametrize("name", ["int8", "fp4-hybrid-dyn", "smoothquant-int", "mxfp4", "nvfp4",
-                                  "fp4-hybrid-ratio", "fp4-hybrid-all-fc"])
+                                  "fp4-hybrid-ratio", "fp4-hybrid-all-fc", "nvfp4-rot-gptq", "mxfp4-rot",
+                                  "hqdit-w4a4-attn", "hqdit-w4a4-dyn", "hqdit-w4a4-all-fc",
+                                  "fp4-rtn-plus-rotation", "fp4-rtn-plus-select", "fp4-rtn-plus-gptq"])
 
 def test_other_recipes_run(bundle, calib, name):
     m = _fresh(bundle)
@@ -268,3 +270,24 @@ def test_layers_reading_one_tensor_share_its_quantized_input(bundle, calib):
         k = attn.to_k(x)
     assert torch.equal(k, unshared.transformer_blocks[0].attn1.to_k(x))
     assert torch.equal(a, unshared.transformer_blocks[0].attn1.to_q(x / 2))
+
+
+def test_gptq_with_block_scales_uses_the_block_grid():
+    """NVFP4/MXFP4 + GPTQ: with a diagonal Hessian GPTQ has nothing to propagate, so it must give exactly the
+    block round-to-nearest weights; with correlated inputs it must lower the layer-output error."""
+    from hqdit_utils.gptq import GPTQ
+    from hqdit_utils.quantizer import block_fake_quantize, block_weight_scales
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(24, 48, generator=g)
+    for fmt, block, sf in (("fp4_e2m1", 16, "fp8_e4m3fn"), ("fp4_e2m1", 32, "e8m0")):
+        rtn = block_fake_quantize(W, parse_format(fmt), block, sf)
+        s = block_weight_scales(W, fmt, block, sf)
+        assert s.shape == (24, math.ceil(48 / block))
+        gq = GPTQ(W).set_hessian(torch.diag(torch.rand(48, generator=g) + 0.5))
+        assert torch.equal(gq.quantize(fmt, s, groupsize=block, percdamp=0.0).weight, rtn)
+        X = torch.randn(512, 8, generator=g) @ torch.randn(8, 48, generator=g) + 0.1 * torch.randn(512, 48, generator=g)
+        gq = GPTQ(W)
+        gq.add_batch(X)
+        wq = gq.quantize(fmt, s, groupsize=block).weight
+        assert ((X @ (wq - W).T) ** 2).mean() < ((X @ (rtn - W).T) ** 2).mean()

@@ -78,15 +78,90 @@ def test_full_scale_results_discovery(tmp_path):
     assert len(df) == 1 and df.loc[0, "FID"] == 5.0 and df.loc[0, "samples"] == 10000
 
 
-def test_claim_verdict_rule():
-    t = _table()
-    from hqdit_utils.tables import claim_verdict
-    v = claim_verdict(t, "fp32", "q", ["FID*", "IS*"])
-    assert v["verdict"] == "reproduced" and "3 paired seeds" in v["evidence"]
-    assert claim_verdict(t, "q", "fp32", ["FID*", "IS*"])["verdict"] == "not reproduced"
-    # one seed: judged against the noise level
-    noise = pd.Series({"FID*": 1.0, "IS*": 1.0})
-    assert claim_verdict(t, "fp32", "one-seed", ["FID*"], noise)["verdict"] == "reproduced"  # 10 vs 20
-    assert claim_verdict(t, "fp32", "one-seed", ["FID*"], noise * 10)["verdict"] == "not reproduced"  # no win
-    assert claim_verdict(t, "fp32", "one-seed", ["FID*", "IS*"], noise)["verdict"] == "reproduced"
-    assert claim_verdict(t, "fp32", "one-seed", ["FID*"])["verdict"].startswith("cannot be judged")
+# --------------------------------------------------------------------------------------------------
+# chapter 7's rule: paired t-intervals on the primary metric
+# --------------------------------------------------------------------------------------------------
+from hqdit_utils.tables import PRIMARY, SECONDARY, claim_verdict, compare, paired_interval, require_same_seeds  # noqa: E402
+
+
+def _paired(diffs_primary, diffs_fid=None, base=10.0):
+    rows = []
+    for seed, d in enumerate(diffs_primary):
+        f = diffs_fid[seed] if diffs_fid is not None else 0.0
+        rows += [{"recipe": "b", "seed": seed, "sFID*": base + 0.1 * seed, "FID*": 5.0 + seed, "IS*": 3.0},
+                 {"recipe": "a", "seed": seed, "sFID*": base + 0.1 * seed + d, "FID*": 5.0 + seed + f, "IS*": 3.0}]
+    return pd.DataFrame(rows)
+
+
+def test_paired_interval_uses_t_for_the_actual_degrees_of_freedom():
+    from scipy import stats
+
+    diffs = [-0.3, -0.25, -0.2]
+    iv = paired_interval(_paired(diffs), "a", "b", "sFID*")
+    sd = np.std(diffs, ddof=1)
+    assert iv["df"] == 2 and iv["t"] == pytest.approx(4.302653, rel=1e-6)
+    assert iv["t"] == pytest.approx(stats.t.ppf(0.975, 2))
+    assert iv["low"] == pytest.approx(-0.25 - 4.302653 * sd / np.sqrt(3), rel=1e-6)
+    assert iv["high"] == pytest.approx(-0.25 + 4.302653 * sd / np.sqrt(3), rel=1e-6)
+    assert iv["direction"] == "a better"  # lower sFID* is better, interval below zero
+    # two standard errors would call this one; the t-interval with 2 df (t = 4.30) does not
+    wide = paired_interval(_paired([-0.2, -0.4, -0.1]), "a", "b", "sFID*")
+    assert abs(wide["difference"]) > 2 * wide["stderr"]
+    assert wide["direction"] == "no difference detected"
+    assert paired_interval(_paired([-0.3]), "a", "b", "sFID*")["direction"] is None
+
+
+def test_compare_decides_on_the_primary_metric_only():
+    assert PRIMARY == "sFID*" and "FID*" in SECONDARY and "KID*" in SECONDARY
+    # primary clearly better, FID* clearly worse: the verdict follows sFID*, FID* is reported as contradicting
+    t = _paired([-0.3, -0.25, -0.35, -0.3], diffs_fid=[0.5, 0.6, 0.55, 0.5])
+    c = compare(t, "a", "b")
+    assert c["outcome"] == "better" and c["agree"] == 0 and c["contradict"] == 1 and c["secondary"] == 2
+    assert c["label"].startswith("better on sFID*: -0.3 [") and "0 of 2 secondary metrics agree, 1 contradict" in c["label"]
+    assert claim_verdict(t, "a", "b")["verdict"] == "reproduced"
+    assert claim_verdict(t, "b", "a")["verdict"] == "not reproduced"
+    noisy = _paired([0.3, -0.3, 0.1, -0.1])
+    assert claim_verdict(noisy, "a", "b")["verdict"] == "inconclusive"
+    assert claim_verdict(_paired([-0.3]), "a", "b")["verdict"] == "cannot be judged"
+
+
+def test_rows_must_share_their_seeds():
+    t = _paired([-0.3, -0.2, -0.1])
+    assert require_same_seeds(t) == [0, 1, 2]
+    with pytest.raises(ValueError, match="not paired"):
+        compare(t[~((t.recipe == "a") & (t.seed == 2))], "a", "b")
+    with pytest.raises(ValueError, match="twice"):
+        require_same_seeds(pd.concat([t, t.iloc[:1]]))
+
+
+def test_table_seeds_is_a_profile_setting_with_an_override(monkeypatch):
+    from hqdit_utils.config import ENV_TABLE_SEEDS, profile
+
+    monkeypatch.delenv(ENV_TABLE_SEEDS, raising=False)
+    assert profile("ci").table_seeds == 2 and profile("book").table_seeds >= 2
+    monkeypatch.setenv(ENV_TABLE_SEEDS, "5")
+    p = profile("ci")
+    assert p.table_seeds == 5
+    # the design size is not part of a run's cache key: the overridden profile reuses the same runs
+    monkeypatch.delenv(ENV_TABLE_SEEDS)
+    assert p.as_dict() == profile("ci").as_dict() and "table_seeds" not in p.as_dict()
+    for bad in ("1", "x"):
+        monkeypatch.setenv(ENV_TABLE_SEEDS, bad)
+        with pytest.raises(ValueError):
+            profile("ci")
+
+
+def test_paper_sources_carry_their_links():
+    src = paper_sources()
+    assert src.loc["abstract", "link"] == "https://arxiv.org/abs/2405.19751"
+    assert src.loc["korean-notes", "link"] == ""  # none recorded: stays empty, never invented
+    assert src["what it is"].str.len().min() > 10
+
+
+def test_compare_frame_one_row_per_pair():
+    from hqdit_utils.tables import compare_frame
+
+    t = _paired([-0.3, -0.25, -0.35, -0.3])
+    f = compare_frame(t, [("a", "b"), ("b", "a")], names={"a": "A!"})
+    assert list(f["outcome"]) == ["better", "worse"] and f.loc[0, "A"] == "A!"
+    assert f.loc[0, "95 % high"] < 0 < f.loc[1, "95 % low"]

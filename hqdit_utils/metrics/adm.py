@@ -28,6 +28,7 @@ from ..files import atomic_path
 from .features import FeatureExtractor, check_images
 from .frechet import FeatureStats, frechet_distance
 from .inception_score import inception_score
+from .kid import kernel_inception_distance
 from .precision_recall import precision_recall
 from .sfid import spatial_features
 
@@ -233,6 +234,8 @@ class MetricReport:
         n_samples, n_reference: image counts (``n_reference`` is 0 for statistics-only references).
         extractor: feature network name; weights_checksum: its sha256.
         proxy: ``True`` when the network is not the ADM Inception — the names then carry a star.
+        kid: Kernel Inception Distance (unbiased MMD², cubic polynomial kernel, mean over subsets;
+            :mod:`.kid`) of the pooled features, or NaN without reference images.
     """
 
     fid: float
@@ -245,12 +248,13 @@ class MetricReport:
     extractor: str
     weights_checksum: str | None
     proxy: bool
+    kid: float = math.nan
 
     def metric_names(self) -> dict[str, str]:
-        """Field → display name: ``FID``, ``sFID``, ``IS``, ``P``, ``R`` (each with ``*`` if proxy)."""
+        """Field → display name: ``FID``, ``sFID``, ``IS``, ``P``, ``R``, ``KID`` (each with ``*`` if proxy)."""
         star = "*" if self.proxy else ""
         return {"fid": "FID" + star, "sfid": "sFID" + star, "inception_score": "IS" + star,
-                "precision": "P" + star, "recall": "R" + star}
+                "precision": "P" + star, "recall": "R" + star, "kid": "KID" + star}
 
     def to_frame(self):
         """One-row ``pandas.DataFrame``: the five metrics (starred names if proxy), counts, network, checksum."""
@@ -305,7 +309,7 @@ def _features(images, extractor: FeatureExtractor, batch_size: int, progress: bo
 
 def evaluate(samples, reference, extractor: FeatureExtractor, batch_size: int = DEFAULT_BATCH_SIZE,
              progress: bool = False) -> MetricReport:
-    """FID, sFID, IS, precision and recall of ``samples`` against ``reference``, with ``extractor``'s features.
+    """FID, sFID, IS, precision, recall and KID of ``samples`` against ``reference``, with ``extractor``'s features.
 
     Args:
         samples: uint8 ``[N, H, W, C]`` array, an ``.npz`` path, or :class:`NpzImages`.
@@ -350,6 +354,7 @@ def evaluate(samples, reference, extractor: FeatureExtractor, batch_size: int = 
         fid = gen_stats.frechet_distance(ref_stats)
         sfid = gen_spatial.frechet_distance(ref_spatial) if gen_spatial is not None else math.nan
     precision, recall = precision_recall(ref_pool, gen_pool) if ref_pool is not None else (math.nan, math.nan)
+    kid = kernel_inception_distance(gen_pool, ref_pool)[0] if ref_pool is not None else math.nan
     return MetricReport(
         fid=fid,
         sfid=sfid,
@@ -361,4 +366,5 @@ def evaluate(samples, reference, extractor: FeatureExtractor, batch_size: int = 
         extractor=extractor.name,
         weights_checksum=extractor.weights_checksum,
         proxy=extractor.proxy,
+        kid=kid,
     )
