@@ -37,9 +37,6 @@ def test_summary_thresholds_can_fail():
     assert summ["layers"] == 6 and not summ["meets_thresholds"]
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped embedded model's block linears are still random-like "
-                   "(see book/embedded-model.md); the retraining trials on the embedded-model page met the "
-                   "weight thresholds but lost class-consistency. Remove this mark with the retrained model.")
 def test_shipped_embedded_model_is_trained_not_random():
     stats = model_realism(load_dit("embedded").transformer)
     assert len(stats) == 36

@@ -3,6 +3,7 @@ the proxy classifier's interface, and the shipped manifest."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -117,3 +118,11 @@ def test_cli_registers_commands():
     assert args.steps == 3 and callable(args.func)
     args = p.parse_args(["sample", "--out", "x.npz", "--n", "4"])
     assert args.n == 4 and callable(args.func)
+
+
+def test_defaults_reproduce_the_shipped_model():
+    """`hqdit train-embedded` with no options trains the shipped model: its manifest's configuration is the
+    default TrainConfig (fails if a default or the shipped model changes without the other)."""
+    manifest = json.loads((default_embedded_dir() / "MANIFEST.json").read_text())
+    assert manifest["training"]["config"] == asdict(te.TrainConfig())
+    assert manifest["training"]["steps"] == te.TrainConfig().steps
