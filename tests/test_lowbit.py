@@ -22,13 +22,15 @@ from hqdit_utils.recipes import get_recipe, list_recipes
 
 FORMATS = ["fp4_e2m1", "fp4_e1m2", "fp4_e3m0", "int4", "int8"]
 #: Recipes the integer path cannot compute exactly, with the start of the reason it gives.
-SIMULATED = {"fp32": "activations are not quantized", "mxfp4": "block scales", "nvfp4": "block scales"}
+SIMULATED = {"fp32": "activations are not quantized"}
 
 
 def _simulated_reason(name):
     if name in SIMULATED:
         return SIMULATED[name]
     r = get_recipe(name)
+    if "block" in (r.weight_granularity, r.act_granularity):  # mxfp4, nvfp4 and their rotated/GPTQ variants
+        return "block scales"
     if "fp8" in r.act_format or any("fp8" in c for c in r.act_candidates if r.act_format == "auto") or \
             "fp8" in r.weight_format:
         return "more than int8 holds"
