@@ -14,7 +14,7 @@ from .cli_common import EXIT_ERROR, CommandParser, run_command
 COMMAND_MODULES = [
     "hqdit_utils.train_embedded",
     "hqdit_utils.quantize_cli",
-    "hqdit_utils.sampling",
+    "hqdit_utils.sample_cli",
     "hqdit_utils.metrics.evaluate",
     "hqdit_utils.reproduce",
 ]

@@ -17,7 +17,7 @@ import torch
 from .models import ENV_WEIGHTS, WeightsError, check_device, load_dit
 from .qmodel import QuantizationError
 
-__all__ = ["CliError", "EXIT_ERROR", "CommandParser", "one_line", "run_command", "require_device",
+__all__ = ["CliError", "EXIT_ERROR", "CommandParser", "one_line", "with_fix", "run_command", "require_device",
            "weights_source", "load_model"]
 
 #: Exit code of every expected error (argparse's own code for usage errors).
@@ -39,6 +39,12 @@ EXPECTED_ERRORS = (CliError, WeightsError, QuantizationError, FileNotFoundError)
 def one_line(err: BaseException | str) -> str:
     """The message of ``err`` on one line (line breaks and indentation collapsed to single spaces)."""
     return " ".join(str(err).split())
+
+
+def with_fix(err: BaseException | str, fix: str) -> CliError:
+    """A :class:`CliError` of ``err``'s one-line message, ``(fix)`` appended unless it already ends with one."""
+    msg = one_line(err)
+    return CliError(msg if msg.endswith(")") else f"{msg} ({fix})")
 
 
 class CommandParser(argparse.ArgumentParser):

@@ -14,17 +14,18 @@ unless ``--force`` is given.
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import sys
 import time
 from pathlib import Path
 
 from .calibration import calibrate
-from .cli_common import CliError, load_model, require_device
-from .files import write_json_atomic
+from .cli_common import CliError, load_model, one_line, require_device
+from .files import sha256_file, write_json_atomic
 from .hadamard import is_supported
 from .layers import select_linears
-from .qmodel import quantize_, save_quantized
+from .qmodel import load_quantized, quantize_, save_quantized
 from .recipes import RECIPES, QuantRecipe, get_recipe
 
 #: The file ``hqdit quantize`` writes last; ``hqdit sample --quantized`` reads the model source from it.
@@ -101,6 +102,44 @@ def run(recipe_name: "str | QuantRecipe", out: str | Path, *, model: str | None 
     write_json_atomic(out / RUN_FILE, info)
     log(f"saved to {out}", time.perf_counter() - t2)
     return info
+
+
+def load_quantized_folder(folder: "str | Path", model: str | None = None, device: str = "cpu"):
+    """``(bundle, tag)``: the model recorded in ``folder/run.json`` (or ``model``, when given) with the quantized
+    state of ``folder`` loaded into its transformer (packed 4-bit weights included); ``tag`` names the recipe
+    and the state file's sha256, for :func:`~hqdit_utils.sampling.write_samples`. Expected problems raise
+    :class:`CliError` (or the ``FileNotFoundError`` / ``QuantizationError`` of ``load_quantized``)."""
+    folder = Path(folder)
+    redo = f"re-create it with hqdit quantize --recipe NAME --out {folder} --force"
+    if not folder.is_dir():
+        raise CliError(f"--quantized {folder} is not a folder (create one with hqdit quantize --recipe NAME "
+                       f"--out {folder})")
+    run_file = folder / RUN_FILE
+    recorded = None
+    if run_file.is_file():
+        try:
+            recorded = json.loads(run_file.read_text())["model"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise CliError(f"{run_file} is damaged ({type(err).__name__}: {one_line(err)}) ({redo})") from None
+    elif model is None:
+        raise CliError(f"{run_file} not found, so the model {folder} was quantized from is unknown (pass --model "
+                       f"SOURCE, or {redo})")
+    bundle, _ = load_model(model or recorded, "--model", device=device)
+    load_quantized(bundle.transformer, folder)
+    recipe = getattr(bundle.transformer, "_hqdit_recipe", None)
+    return bundle, f"quantized {recipe} sha256 {sha256_file(folder / 'quant_state.safetensors')[:16]}"
+
+
+def unrestored_parts(folder: "str | Path") -> list[str]:
+    """What of the recipe saved in ``folder`` :func:`~hqdit_utils.qmodel.load_quantized` does not rebuild
+    (quantized attention matmuls, per-timestep-group activation ranges); empty when the reload is complete."""
+    fields = json.loads((Path(folder) / "quant_config.json").read_text()).get("recipe_fields") or {}
+    parts = []
+    if fields.get("quantize_attention"):
+        parts.append("quantized attention matmuls")
+    if (fields.get("timestep_groups") or 1) > 1:
+        parts.append("per-timestep-group activation ranges")
+    return parts
 
 
 def _log(stage: str, seconds: float) -> None:
