@@ -300,7 +300,7 @@ def _cmd(args: argparse.Namespace) -> int:
     bundle = None
     if not args.no_measure or not args.dry_run:
         try:
-            bundle, _ = load_model(weights, "--weights", vae=args.vae, device=args.device)
+            bundle, _ = load_model(args.weights, "--weights", default=None, vae=args.vae, device=args.device)
         except (CliError, WeightsError, FileNotFoundError) as err:
             if not args.dry_run:
                 raise
