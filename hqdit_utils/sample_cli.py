@@ -62,7 +62,7 @@ def _cmd(args: argparse.Namespace) -> int:
         meta = json.loads(path.with_name(path.name[:-4] + ".json").read_text())
         s = meta.get("last_invocation_sampling_s") or dt
         print(strict_json({"out": str(path), "n": args.n, "seconds": round(dt, 2),
-                          "images_per_s_this_invocation": round(args.n / s, 3) if s else None}), flush=True)
+                            "images_per_s_this_invocation": round(args.n / s, 3) if s else None}, indent=None), flush=True)
     return 0
 
 
