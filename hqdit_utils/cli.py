@@ -9,18 +9,19 @@ import argparse
 import importlib
 import sys
 
+from .cli_common import EXIT_ERROR, CommandParser, run_command
 #: module name -> it defines ``add_parser(subparsers)`` that registers one or more sub-commands.
 COMMAND_MODULES = [
     "hqdit_utils.train_embedded",
     "hqdit_utils.quantize_cli",
-    "hqdit_utils.sampling",
+    "hqdit_utils.sample_cli",
     "hqdit_utils.metrics.evaluate",
     "hqdit_utils.reproduce",
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="hqdit",
         description=(
             "FP4 post-training quantization of Diffusion Transformers (HQ-DiT, reproduced). "
@@ -34,12 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``hqdit`` with ``argv`` (default: the process's); returns the exit code (2: an expected error,
+    printed as one line on stderr)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a usage error, already printed as one line (2)
+        return int(stop.code or 0)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
-    return int(args.func(args) or 0)
+        return EXIT_ERROR
+    return run_command(f"hqdit {args.command}", args.func, args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "write_text_atomic", "write_json_atomic", "sha256_file", "load_error_reason"]
+__all__ = ["atomic_path", "write_text_atomic", "strict_json", "write_json_atomic", "sha256_file", "load_error_reason"]
 
 
 @contextmanager
@@ -38,9 +40,26 @@ def write_text_atomic(path: "str | os.PathLike", text: str) -> None:
         tmp.write_text(text)
 
 
+def _finite_or_none(v):
+    """``v`` with every non-finite float (NaN, ±inf) replaced by ``None``, in nested dicts, lists and tuples."""
+    if isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral):
+        return float(v) if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite_or_none(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite_or_none(x) for x in v]
+    return v
+
+
+def strict_json(obj, indent: int | None = 1) -> str:
+    """``obj`` as strict JSON (RFC 8259): NaN and ±inf written as ``null``, other non-JSON values with ``str``.
+    Every JSON file and JSON line the package writes goes through here, so none holds a bare ``NaN``."""
+    return json.dumps(_finite_or_none(obj), indent=indent, default=str, allow_nan=False)
+
+
 def write_json_atomic(path: "str | os.PathLike", obj) -> None:
-    """``obj`` as indented JSON (non-JSON values written with ``str``), atomically."""
-    write_text_atomic(path, json.dumps(obj, indent=1, default=str))
+    """``obj`` as indented strict JSON (:func:`strict_json`), atomically."""
+    write_text_atomic(path, strict_json(obj))
 
 
 def sha256_file(path: "str | os.PathLike", chunk: int = 1 << 20) -> str:

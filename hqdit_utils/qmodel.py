@@ -37,6 +37,7 @@ from . import lowbit
 from .calibration import Calibration, LayerCalibration
 from .clipping import ClipResult, alpha_to_scale, clip_activation, clip_weight, gamma_grid
 from .export import load_packed, save_packed
+from .files import strict_json
 from .format_select import FormatChoice, FormatPlan, LayerFormat, choose_format, ratio_statistics
 from .formats import NoFormat, parse_format
 from .gptq import GPTQ
@@ -584,7 +585,7 @@ def save_quantized(model: nn.Module, out_dir, report: QuantReport | None = None,
         meta["recipe_fields"] = report.recipe.to_dict()
         report.plan.save(out / "plan.json")
         report.to_pandas().to_csv(out / "report.csv")
-    (out / "quant_config.json").write_text(json.dumps(meta, indent=1))
+    (out / "quant_config.json").write_text(strict_json(meta))
     return out
 
 

@@ -33,7 +33,6 @@ import copy
 import dataclasses
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,13 +40,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .cli_common import CliError, load_model, one_line, require_device, weights_source, with_fix
 from .config import DATA_DIR, profile as get_profile
 from .digits import embedded_reference
 from .experiments import calibration_for, model_checksum
 from .files import sha256_file, write_json_atomic
 from .metrics.adm import evaluate
 from .metrics.features import InceptionExtractor, ProxyExtractor
-from .models import WeightsError, load_dit
+from .models import WeightsError
 from .provenance import run_versions
 from .qmodel import is_quantized, load_quantized, quantize_, save_quantized
 from .recipes import get_recipe
@@ -289,45 +289,47 @@ def _cmd(args: argparse.Namespace) -> int:
     out = Path(args.out or DATA_DIR / "results")
     rank = int(os.environ.get("RANK", "0"))
     say = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)  # noqa: E731
+    require_device(args.device)
+    weights, _ = weights_source(args.weights, "--weights", default=None)
     try:
-        plan = make_plan(args.table, args.weights, samples=args.samples, steps=args.steps, cfg=args.cfg, out=out,
+        plan = make_plan(args.table, weights, samples=args.samples, steps=args.steps, cfg=args.cfg, out=out,
                          seed_offset=args.seed_offset, batch_size=args.batch_size,
                          recipes=args.recipes.split(",") if args.recipes else None)
     except (ValueError, KeyError) as err:
-        print(f"hqdit reproduce: {err}", file=sys.stderr)
-        return 1
+        raise with_fix(err.args[0] if isinstance(err, KeyError) else err, "fix --recipes or the flags named") from None
     bundle = None
     if not args.no_measure or not args.dry_run:
         try:
-            bundle = load_dit(args.weights, vae=args.vae, device=args.device)
-        except (WeightsError, FileNotFoundError) as err:
+            bundle, _ = load_model(args.weights, "--weights", default=None, vae=args.vae, device=args.device)
+        except (CliError, WeightsError, FileNotFoundError) as err:
             if not args.dry_run:
-                print(f"hqdit reproduce: {err}", file=sys.stderr)
-                return 1
-            say(f"(model not loaded, so the cost is not measured: {str(err).splitlines()[0]})")
+                raise
+            say(f"(model not loaded, so the cost is not measured: {one_line(err)})")
         if bundle is not None and not args.no_measure:
             measure_cost(bundle, plan)
     say(plan.describe())
     if args.dry_run:
         return 0
     reference = args.reference or os.environ.get(ENV_REFERENCE)
-    try:
-        if args.proxy:
-            extractor = ProxyExtractor(device=args.device)
-            if reference is None:
-                reference, ref_name = embedded_reference("heldout"), "embedded-heldout"
-            else:
-                ref_name = Path(reference).name
+    if reference is not None and not Path(reference).is_file():
+        raise CliError(f"reference batch {reference} not found (pass --reference PATH or set ${ENV_REFERENCE} to "
+                       "an existing .npz)")
+    if args.proxy:
+        extractor = ProxyExtractor(device=args.device)
+        if reference is None:
+            reference, ref_name = embedded_reference("heldout"), "embedded-heldout"
         else:
-            if reference is None:
-                raise FileNotFoundError(
-                    f"no reference batch: pass --reference VIRTUAL_imagenet256_labeled.npz (or set ${ENV_REFERENCE}); "
-                    "download it from the ADM evaluation suite (github.com/openai/guided-diffusion, evaluations/)")
+            ref_name = Path(reference).name
+    else:
+        if reference is None:
+            raise CliError(f"no reference batch (pass --reference VIRTUAL_imagenet256_labeled.npz or set "
+                           f"${ENV_REFERENCE}; download it from the ADM evaluation suite, "
+                           "github.com/openai/guided-diffusion, evaluations/)")
+        try:
             extractor = InceptionExtractor(args.inception_weights, device=args.device)
-            ref_name = f"{Path(reference).name} sha256 {sha256_file(Path(reference))[:16]}"
-    except (FileNotFoundError, ValueError) as err:
-        print(f"hqdit reproduce: {err}", file=sys.stderr)
-        return 1
+        except ValueError as err:
+            raise with_fix(err, "pass --inception-weights PATH to an intact file") from None
+        ref_name = f"{Path(reference).name} sha256 {sha256_file(Path(reference))[:16]}"
     execute(plan, bundle, extractor=extractor, reference=reference, reference_name=ref_name,
             progress=not args.no_progress, log=say)
     say(f"[reproduce] done; results in {out}")
@@ -342,7 +344,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "(runs, time from a measured per-image cost, disk) and executes it; rerun to resume.")
     p.add_argument("--table", choices=sorted(TABLES), default="sfid",
                    help="sfid: the W4A4 comparison (FP32, HQ-DiT, baselines); ablation; bits (W8A8/W4A8/W4A4)")
-    p.add_argument("--weights", required=True, help="DiT-XL-2-256x256.pt or a diffusers DiT-XL-2-256 folder")
+    p.add_argument("--weights", default=None,
+                   help="DiT-XL-2-256x256.pt or a diffusers DiT-XL-2-256 folder (default: $HQDIT_DIT_WEIGHTS)")
     p.add_argument("--vae", default=None, help="sd-vae-ft-ema folder for an original .pt (default $HQDIT_VAE)")
     p.add_argument("--samples", type=int, default=50_000, help="images per run (paper: 50000; PTQ4DiT/Q-DiT: 10000)")
     p.add_argument("--steps", type=int, default=100, help="DDPM steps (paper at 256 px: 100; at 512 px: 20)")

@@ -5,7 +5,7 @@
 * :func:`write_samples` — the ADM evaluation ``.npz`` (``arr_0`` NHWC uint8, ``arr_1`` labels): written
   in shards (atomically: temporary file, then rename), a restarted run skips finished shards, and under
   ``torchrun --nproc-per-node N`` each rank writes its own shards (gloo on CPU, nccl on GPU).
-* ``hqdit sample`` — the command line of :func:`write_samples`.
+* ``hqdit sample`` — the command line of :func:`write_samples` (in :mod:`.sample_cli`).
 
 The guided loop (own code; diffusers' ``DiTPipeline`` hard-codes 1000 classes)
 -------------------------------------------------------------------------------
@@ -42,7 +42,6 @@ tensor ``[2B, 2C, s, s]``.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -56,8 +55,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .files import atomic_path, write_text_atomic
-from .models import load_dit
+from .files import atomic_path, strict_json, write_text_atomic
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -367,7 +365,7 @@ def _write_samples(bundle, out_npz: Path, n: int, rank: int, world: int, *, num_
             if old != spec:
                 raise RuntimeError(f"{shard_dir} holds shards of another protocol {old}; delete it or choose another output")
         else:
-            write_text_atomic(spec_file, json.dumps(spec, indent=1))
+            write_text_atomic(spec_file, strict_json(spec))
     barrier()
     mine = [k for k in range(nshards) if k % world == rank]
     image_shape = (bundle.image_size, bundle.image_size, bundle.image_channels)
@@ -414,58 +412,11 @@ def _write_samples(bundle, out_npz: Path, n: int, rank: int, world: int, *, num_
         raise RuntimeError(f"assembled {arr.shape[0]} samples, expected {n}")
     out_npz.parent.mkdir(parents=True, exist_ok=True)
     _atomic_savez(out_npz, arr_0=arr, arr_1=lab)
-    write_text_atomic(meta_file, json.dumps({"spec": spec, "world_size": world,
-                                             "sha256": hashlib.sha256(arr.tobytes()).hexdigest(),
-                                             "last_invocation_sampling_s": round(elapsed, 2)}, indent=1))
+    write_text_atomic(meta_file, strict_json({"spec": spec, "world_size": world,
+                                               "sha256": hashlib.sha256(arr.tobytes()).hexdigest(),
+                                               "last_invocation_sampling_s": round(elapsed, 2)}, indent=1))
     if not keep_shards:
         for p in shard_dir.iterdir():
             p.unlink()
         shard_dir.rmdir()
     return out_npz
-
-
-# --------------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------------
-def _cmd(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    bundle = load_dit(args.model, vae=args.vae, device=args.device)
-    rank = int(os.environ.get("RANK", "0"))
-    if rank == 0:
-        print(f"[hqdit sample] {bundle.name}: {args.n} samples, {args.sampler}-{args.steps}, cfg {args.cfg}, "
-              f"batch {args.batch_size} -> {args.out}", file=sys.stderr, flush=True)
-    t0 = time.time()
-    path = write_samples(bundle, args.out, args.n, num_steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler,
-                         seed_offset=args.seed_offset, batch_size=args.batch_size, shard_size=args.shard_size,
-                         progress=not args.no_progress, keep_shards=args.keep_shards, eta=args.eta)
-    dt = time.time() - t0
-    if path is not None:
-        meta = json.loads(path.with_name(path.name[:-4] + ".json").read_text())
-        s = meta.get("last_invocation_sampling_s") or dt
-        print(json.dumps({"out": str(path), "n": args.n, "seconds": round(dt, 2),
-                          "images_per_s_this_invocation": round(args.n / s, 3) if s else None}), flush=True)
-    return 0
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``hqdit sample``."""
-    p = subparsers.add_parser("sample", help="write class-conditional samples to an ADM .npz (resumable, torchrun-aware)",
-                              description=write_samples.__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="'embedded' (default, or $HQDIT_DIT_WEIGHTS), a diffusers folder, or an original .pt")
-    p.add_argument("--vae", default=None, help="sd-vae-ft-ema folder for an original .pt (default $HQDIT_VAE)")
-    p.add_argument("--out", required=True, help="output .npz")
-    p.add_argument("--n", type=int, default=256, help="number of samples")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--cfg", type=float, default=1.5, help="guidance scale (1 = none)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    p.add_argument("--seed-offset", type=int, default=0, help="sample i uses seed offset+i")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--shard-size", type=int, default=None, help="samples per shard (default: batch size)")
-    p.add_argument("--keep-shards", action="store_true")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_cmd)
-    return p

@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from .config import CACHE_DIR
 from .digits import DATASET_NAME, IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, DigitsData, load_digits16, to_uint8_nhwc
-from .files import atomic_path, load_error_reason, sha256_file, write_text_atomic
+from .files import atomic_path, load_error_reason, sha256_file, strict_json, write_text_atomic
 from .metrics.proxy_net import ProxyNet, load_proxy_net, save_proxy_net
 from .models import load_dit
 from .provenance import package_versions
@@ -595,7 +595,7 @@ def write_manifest(out: Path, record: dict) -> dict:
     record = dict(record)
     record["files"] = files
     record["total_bytes"] = sum(f["bytes"] for f in files.values())
-    _atomic_write_text(out / "MANIFEST.json", json.dumps(record, indent=1) + "\n")
+    _atomic_write_text(out / "MANIFEST.json", strict_json(record) + "\n")
     return record
 
 
@@ -725,10 +725,10 @@ def _cmd(args: argparse.Namespace) -> int:
     rec = run(cfg, args.out, ckdir, command, progress=not args.no_progress, skip_consistency=args.skip_consistency,
               stop_after_steps=args.stop_after)
     cc = rec.get("class_consistency", {}).get("fraction")
-    print(json.dumps({"steps": rec["training"]["steps"], "wall_time_s": rec["training"]["wall_time_s"],
-                      "final_loss": rec["training"]["final_loss"],
-                      "proxy_heldout_accuracy": rec["proxy_classifier"]["heldout_accuracy"],
-                      "class_consistency": cc, "total_bytes": rec["total_bytes"]}, indent=1))
+    print(strict_json({"steps": rec["training"]["steps"], "wall_time_s": rec["training"]["wall_time_s"],
+                        "final_loss": rec["training"]["final_loss"],
+                        "proxy_heldout_accuracy": rec["proxy_classifier"]["heldout_accuracy"],
+                        "class_consistency": cc, "total_bytes": rec["total_bytes"]}, indent=1))
     return 0
 
 

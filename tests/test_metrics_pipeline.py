@@ -10,6 +10,7 @@ import torch.nn as nn
 import argparse
 
 from hqdit_utils.digits import embedded_reference
+from hqdit_utils.cli_common import run_command
 from hqdit_utils.metrics import evaluate as evaluate_cli
 from hqdit_utils.metrics import adm
 from hqdit_utils.metrics.adm import MetricReport, evaluate, load_reference, load_samples, save_samples
@@ -48,7 +49,7 @@ def hqdit(argv):
     parser = argparse.ArgumentParser(prog="hqdit")
     evaluate_cli.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(argv)
-    return args.func(args)
+    return run_command("hqdit evaluate", args.func, args)
 
 
 def digits(n, seed=0):
@@ -331,5 +332,6 @@ def test_cli_evaluate_reports_missing_inception_weights(tmp_path, capsys, monkey
     save_samples(tmp_path / "s.npz", np.zeros((2, 8, 8, 3), np.uint8))
     code = hqdit(["evaluate", str(tmp_path / "s.npz"), "--reference", str(tmp_path / "s.npz"),
                   "--inception-weights", str(tmp_path / "nope.pth")])
-    assert code == 1
-    assert INCEPTION_WEIGHTS_FILE in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("hqdit evaluate: error: ") and len(err.strip().splitlines()) == 1
+    assert INCEPTION_WEIGHTS_FILE in err

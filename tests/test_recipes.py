@@ -80,6 +80,7 @@ def test_recipe_contents_match_their_definitions():
 
 def test_quantize_cli_parser(capsys):
     from hqdit_utils import quantize_cli
+    from hqdit_utils.cli_common import run_command
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
@@ -88,7 +89,8 @@ def test_quantize_cli_parser(capsys):
     assert args.recipe == "fp4-hybrid" and args.model == "embedded" and args.func is quantize_cli._cmd
     assert quantize_cli._cmd(parser.parse_args(["quantize", "--list"])) == 0
     assert "fp4-hybrid" in capsys.readouterr().out
-    assert quantize_cli._cmd(parser.parse_args(["quantize", "--recipe", "nope", "--out", "x"])) == 2
+    args = parser.parse_args(["quantize", "--recipe", "nope", "--out", "x"])
+    assert run_command("hqdit quantize", args.func, args) == 2
     assert "Known recipes" in capsys.readouterr().err
 
 

@@ -3,21 +3,27 @@
 ::
 
     hqdit evaluate SAMPLES.npz --reference VIRTUAL_imagenet256_labeled.npz --inception-weights PATH
-    hqdit evaluate SAMPLES.npz --reference heldout.npz --proxy          # embedded model: FID*, sFID*, ...
+    hqdit evaluate SAMPLES.npz --reference embedded --proxy             # embedded model: FID*, sFID*, ...
 
 Without ``--proxy`` the ADM Inception-v3 is used, its weights read from ``--inception-weights``,
-``$HQDIT_INCEPTION_WEIGHTS`` or torch's hub cache (see :mod:`.features`). The table is printed to
-stdout (proxy metrics starred, with a footnote naming the network); ``--json`` also writes the report.
+``$HQDIT_INCEPTION_WEIGHTS`` or torch's hub cache (see :mod:`.features`). ``--reference embedded`` (with
+``--proxy``) is the embedded data set's held-out split (:func:`~hqdit_utils.digits.embedded_reference`), the
+reference of every metric of the book. The table is printed to stdout (proxy metrics starred, with a
+footnote naming the network); ``--json`` also writes the report (strict JSON: NaN written as null).
 """
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
+from ..cli_common import CliError, require_device, with_fix
+from ..digits import embedded_reference
+from ..files import write_json_atomic
 from .adm import evaluate
 from .features import InceptionExtractor, ProxyExtractor
+
+#: ``--reference`` value that names the embedded data set's held-out images.
+EMBEDDED_REFERENCE = "embedded"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -29,8 +35,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "batch, both ADM .npz files (arr_0: uint8 NHWC images). Proxy metrics are starred.",
     )
     p.add_argument("samples", type=Path, metavar="SAMPLES.npz", help="ADM sample batch (arr_0: uint8 NHWC)")
-    p.add_argument("--reference", type=Path, required=True, metavar="REF.npz",
-                   help="ADM reference batch: arr_0 images and/or mu, sigma, mu_s, sigma_s")
+    p.add_argument("--reference", required=True, metavar="REF.npz",
+                   help="ADM reference batch: arr_0 images and/or mu, sigma, mu_s, sigma_s; or 'embedded' (with "
+                        "--proxy): the embedded data set's held-out images")
     net = p.add_mutually_exclusive_group()
     net.add_argument("--inception-weights", type=Path, metavar="PATH",
                      help="weights-inception-2015-12-05-6726825d.pth (default: $HQDIT_INCEPTION_WEIGHTS or torch hub cache)")
@@ -45,24 +52,41 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _reference(args: argparse.Namespace):
+    """The reference batch ``--reference`` names: the embedded held-out images, or a ``.npz`` path."""
+    if args.reference == EMBEDDED_REFERENCE:
+        if not args.proxy:
+            raise CliError("--reference embedded is the embedded model's digits, which only the proxy network "
+                           "measures (add --proxy)")
+        return embedded_reference("heldout")
+    path = Path(args.reference)
+    if not path.is_file():
+        raise CliError(f"reference batch {path} not found (pass --reference REF.npz, or --reference embedded "
+                       "--proxy for the embedded model)")
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
-    """Evaluate, print the table; returns the exit code (0 ok, 1 bad input or missing weights)."""
+    """Evaluate, print the table; returns 0 (expected errors raise :class:`~hqdit_utils.cli_common.CliError`)."""
     if args.proxy_path is not None and not args.proxy:
-        print("hqdit evaluate: --proxy-path needs --proxy", file=sys.stderr)
-        return 1
+        raise CliError("--proxy-path needs --proxy (add --proxy, or drop --proxy-path)")
+    if not args.samples.is_file():
+        raise CliError(f"sample batch {args.samples} not found (write one with hqdit sample --out {args.samples})")
+    require_device(args.device)
+    reference = _reference(args)
     try:
         if args.proxy:
             extractor = ProxyExtractor(path=args.proxy_path, device=args.device)
         else:
             extractor = InceptionExtractor(args.inception_weights, device=args.device)
-        report = evaluate(args.samples, args.reference, extractor, batch_size=args.batch_size, progress=True)
-    except (FileNotFoundError, ValueError, TypeError, KeyError, RuntimeError) as err:
-        print(f"hqdit evaluate: {err}", file=sys.stderr)
-        return 1
+        report = evaluate(args.samples, reference, extractor, batch_size=args.batch_size, progress=True)
+    except (ValueError, TypeError, KeyError) as err:  # bad images or batches (adm.evaluate's documented errors)
+        raise with_fix(err, "check the files named: samples and reference are ADM .npz batches of uint8 NHWC "
+                            "images") from None
     # 4 decimals; a rounding-level negative distance (-1e-12) prints as 0.0000, not -0.0000.
     print(report.to_frame().to_string(index=False, float_format=lambda v: f"{v:.4f}".replace("-0.0000", "0.0000")))
     print(report.footnote())
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        write_json_atomic(args.json, report.to_dict())
     return 0

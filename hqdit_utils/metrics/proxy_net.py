@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import DATA_DIR
-from ..files import atomic_path, write_text_atomic
+from ..files import atomic_path, strict_json, write_text_atomic
 
 #: Image side (pixels) the network expects.
 IMAGE_SIZE = 16
@@ -140,7 +140,7 @@ def save_proxy_net(net: ProxyNet, directory: str | Path, extra: dict | None = No
         save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
     cfg = {"class": "ProxyNet", "num_classes": net.num_classes, "width": net.width, "image_size": IMAGE_SIZE}
     cfg.update(extra or {})
-    write_text_atomic(directory / CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")
+    write_text_atomic(directory / CONFIG_FILE, strict_json(cfg, indent=2) + "\n")
     return directory / WEIGHTS_FILE
 
 
