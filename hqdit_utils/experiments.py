@@ -221,6 +221,11 @@ def _cached_entry(result_file: Path, samples_file: Path, material: dict) -> dict
         return None
     if cached.get("samples_sha256") != sha256_file(samples_file):
         return None
+    # strict JSON stores a non-finite number as null; a metric or SQNR read back is a float again (NaN)
+    for part in ("metrics", "quant"):
+        values = cached["result"].get(part)
+        if isinstance(values, dict):
+            cached["result"][part] = {k: float("nan") if v is None else v for k, v in values.items()}
     return cached
 
 
