@@ -19,6 +19,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .recipes import changed_ingredients, get_recipe
+from .tables import paired_interval
+
 NOT_ANSWERED = Ellipsis
 
 
@@ -94,3 +97,38 @@ def check_function(label: str, fn, reference: Callable, inputs: Sequence[tuple],
             raise WrongAnswer(f"Exercise {label}: wrong result on test input {i}: {got!r} vs {want!r}.")
     print(f"Exercise {label}: correct on {len(inputs)} test inputs.")
     return True
+
+
+def check_assignment(table, baseline: str, changed: "str | object", *, metric: str = "sFID*",
+                     min_seeds: int = 3) -> dict:
+    """The end-of-book assignment's automatic checks on a run table (one row per run: ``recipe``, ``seed``,
+    metrics — what :func:`hqdit_utils.experiments.run_table` returns).
+
+    Raises :class:`WrongAnswer` (saying what to fix) unless: ``changed`` (a registered name or a
+    :class:`~hqdit_utils.recipes.QuantRecipe`) differs from ``baseline`` in exactly one ingredient
+    (:data:`~hqdit_utils.recipes.INGREDIENT_FIELDS`) and in nothing else; both ran on the same seeds, at least
+    ``min_seeds`` of them; ``metric`` is finite in every row. Returns the paired interval of
+    ``metric(changed) − metric(baseline)`` (:func:`hqdit_utils.tables.paired_interval`) plus ``"ingredient"``.
+    """
+    name = get_recipe(changed).name
+    diff = changed_ingredients(baseline, changed)
+    if "other" in diff:
+        raise WrongAnswer(f"{name} also changes {diff['other']}, which belong to no ingredient: change one "
+                          "ingredient of the recipe and nothing else")
+    if len(diff) != 1:
+        raise WrongAnswer(f"{name} changes {len(diff)} ingredients ({sorted(diff) or 'none'}) of {baseline}; "
+                          "the assignment changes exactly one")
+    seeds = {r: set(table.loc[table["recipe"] == r, "seed"]) for r in (baseline, name)}
+    if not seeds[baseline] or not seeds[name]:
+        missing = [r for r, s in seeds.items() if not s]
+        raise WrongAnswer(f"the table has no runs of {missing}: run both recipes with run_table")
+    if seeds[baseline] != seeds[name]:
+        raise WrongAnswer(f"the two recipes ran different seeds ({sorted(seeds[baseline])} vs {sorted(seeds[name])}); "
+                          "pair them: the same seeds for both")
+    if len(seeds[name]) < min_seeds:
+        raise WrongAnswer(f"{len(seeds[name])} paired seed(s); run at least {min_seeds} so that an interval exists "
+                          "and means something")
+    values = table.loc[table["recipe"].isin([baseline, name]), metric].astype(float)
+    if not values.map(math.isfinite).all():
+        raise WrongAnswer(f"{metric} is not finite in every run: check the runs before judging them")
+    return {**paired_interval(table, name, baseline, metric), "ingredient": next(iter(diff))}

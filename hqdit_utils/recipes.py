@@ -25,7 +25,8 @@ from .clipping import CLIP_METHODS, SEARCHES
 from .format_select import DEFAULT_CANDIDATES, STATISTICS
 
 __all__ = ["QuantRecipe", "RECIPES", "get_recipe", "list_recipes", "register_recipe", "AUTO",
-           "FP8_CANDIDATES", "ADD_ONE", "REMOVE_ONE"]
+           "FP8_CANDIDATES", "ADD_ONE", "REMOVE_ONE",
+           "INGREDIENT_FIELDS", "changed_ingredients"]
 
 AUTO = "auto"
 #: Our FP8 candidate set for the hybrid recipes at 8 bits (all-finite grammar variants).
@@ -324,3 +325,27 @@ ADD_ONE = {"rotation": "fp4-rtn-plus-rotation", "format selection": "fp4-rtn-plu
 #: HQ-DiT W4A4 minus one component (chapter 7's remove-one ablations).
 REMOVE_ONE = {"rotation": "hqdit-no-rotation", "format selection": "hqdit-no-select",
               "clipping search": "hqdit-no-clip", "GPTQ": "hqdit-no-gptq"}
+
+#: The recipe fields that make up each ingredient of HQ-DiT (our grouping; the end-of-book assignment changes
+#: exactly one of them). Fields in no group (layers, calibration size, attention, SmoothQuant …) count as "other".
+INGREDIENT_FIELDS = {
+    "clipping": ("weight_clip", "act_clip", "clip_grid", "clip_p", "clip_search", "clip_stride", "act_granularity",
+                 "timestep_groups"),
+    "format choice": ("weight_format", "act_format", "weight_candidates", "act_candidates", "format_rule",
+                      "ratio_statistic", "ratio_thresholds"),
+    "rotation": ("rotation", "rotation_seed", "rotation_block"),
+    "weight rounding": ("gptq", "gptq_blocksize", "gptq_percdamp"),
+}
+
+
+def changed_ingredients(base: "QuantRecipe | str", changed: "QuantRecipe | str") -> dict[str, list[str]]:
+    """``{ingredient: [fields that differ]}`` between two recipes (:data:`INGREDIENT_FIELDS`; differing fields
+    outside every group are listed under ``"other"``). ``name`` and ``description`` are ignored."""
+    a, b = get_recipe(base), get_recipe(changed)
+    grouped = {f: ing for ing, fields in INGREDIENT_FIELDS.items() for f in fields}
+    out: dict[str, list[str]] = {}
+    for f in dataclasses.fields(QuantRecipe):
+        if f.name in ("name", "description") or getattr(a, f.name) == getattr(b, f.name):
+            continue
+        out.setdefault(grouped.get(f.name, "other"), []).append(f.name)
+    return out
