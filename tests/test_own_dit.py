@@ -184,3 +184,15 @@ def test_unsupported_hadamard_width_names_the_layer_and_the_recipe_field():
                                                     r"recipe\.replace\(rotation_block=52\)"):
             quantize_(model, recipe, calib)
     assert _n_quant(model) == 0
+
+
+def test_quantized_model_deepcopies_after_a_forward_with_grad(dit192, calib192):
+    """The shared to_q/to_k/to_v input on the integer path was keyed on a fresh view per call, so it was never
+    reused and kept the last input (with its autograd graph) alive: deepcopy then failed."""
+    model = copy.deepcopy(dit192)
+    quantize_(model, RECIPE, calib192)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    model(x, timestep=torch.tensor([3, 3]), class_labels=torch.tensor([0, 1])).sample.sum().backward()
+    shared = model.transformer_blocks[0].attn1.to_q.shared
+    assert shared.x is None  # released after its three readers
+    copy.deepcopy(model)
