@@ -31,6 +31,7 @@ linears. The paper's exact layer set is unknown.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -43,12 +44,13 @@ from torch import nn
 from .config import profile as get_profile
 from .files import atomic_path, load_error_reason
 from .layers import DEFAULT_LAYERS, LayerSelectionError, select_linears
+from .models import as_bundle
 from .qlinear import QuantAttnProcessor
 from .sampling import denoise_batch, make_scheduler
 from .stats import TensorStats, hash_coefficients
 
 __all__ = ["CalibrationError", "LayerCalibration", "Calibration", "ActivationRecorder", "calibrate",
-           "calibration_timesteps"]
+           "calibration_timesteps", "weight_fingerprint"]
 
 
 class CalibrationError(ValueError):
@@ -97,6 +99,16 @@ class LayerCalibration:
         return torch.cat(rows), torch.cat(tags)
 
 
+def weight_fingerprint(linear: nn.Linear) -> list[float]:
+    """A cheap fingerprint of a linear's weight ``W`` [out, in]: ``[out, in, Σ W, Σ ±W, Σ |W|]`` (float64 sums;
+    ``±`` alternates the sign along the flattened weight). Two independently initialised or trained weights of
+    the same shape differ in the signed sums by about ``√(out·in)·σ``, a cast to float16/bfloat16 changes
+    them far less (the check in :meth:`Calibration.check_fits` allows 1e-3·Σ|W|, our choice)."""
+    w = linear.weight.detach().reshape(-1).to(torch.float64)
+    alt = w[0::2].sum() - w[1::2].sum()
+    return [int(linear.out_features), int(linear.in_features), float(w.sum()), float(alt), float(w.abs().sum())]
+
+
 @dataclass
 class Calibration:
     """Everything :func:`calibrate` / :class:`ActivationRecorder` recorded.
@@ -122,6 +134,38 @@ class Calibration:
 
     def __contains__(self, name: str) -> bool:
         return name in self.layers
+
+    def check_fits(self, modules: "dict[str, nn.Linear]") -> None:
+        """Check that this calibration was recorded on the model that holds ``modules`` ({name: linear}).
+
+        Raises:
+            CalibrationError: a layer's shape differs from the recorded one (names the layer and both shapes).
+        Warns:
+            UserWarning: same shapes, but the weights differ from those seen while recording (the weight
+            fingerprint of :func:`weight_fingerprint`, stored in ``meta["weights"]``), i.e. a calibration of
+            another model of the same architecture.
+        """
+        recorded = self.meta.get("weights", {})
+        other = []
+        for name, lin in modules.items():
+            fp = recorded.get(name)
+            was = tuple(fp[:2]) if fp is not None else (None, self.layers[name].in_features) if name in self else None
+            if was is not None and (was[1] != lin.in_features or was[0] not in (None, lin.out_features)):
+                shape = f"[{was[0]} x {was[1]}]" if was[0] is not None else f"[? x {was[1]}]"
+                raise CalibrationError(
+                    f"the calibration was recorded on another model: layer {name!r} is [{lin.out_features} x "
+                    f"{lin.in_features}] (out x in) here, {shape} in the calibration. Calibrate this model: "
+                    "calibrate(model, ...)")
+            if fp is not None:
+                now = weight_fingerprint(lin)
+                tol = 1e-3 * max(fp[4], now[4]) + 1e-30
+                if abs(now[2] - fp[2]) > tol or abs(now[3] - fp[3]) > tol or abs(now[4] - fp[4]) > 10 * tol:
+                    other.append(name)
+        if other:
+            warnings.warn(f"the calibration was recorded on a model with other weights ({len(other)} layer(s) differ, "
+                          f"e.g. {other[0]!r}; same shapes): its activation statistics belong to that model. "
+                          "Calibrate this model (calibrate(model, ...)) unless that is intended", UserWarning,
+                          stacklevel=3)
 
     def unique(self) -> list[LayerCalibration]:
         seen, out = set(), []
@@ -366,7 +410,8 @@ class ActivationRecorder:
         ordered.update({n: r for n, r in layers.items() if n not in ordered})  # attention pseudo-layers
         layers = ordered
         ts = sorted({t for rec in self._records.values() for t in rec.per_timestep}, reverse=True)
-        return Calibration(layers, ts, {"rows_per_timestep": self.rows_per_timestep})
+        weights = {n: weight_fingerprint(m) for n, m in self.modules.items() if n in layers}
+        return Calibration(layers, ts, {"rows_per_timestep": self.rows_per_timestep, "weights": weights})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -383,21 +428,32 @@ def calibration_timesteps(bundle, num_steps: int, num_timesteps: int, sampler: s
 
 
 @torch.no_grad()
-def calibrate(bundle, *, layers: Sequence[str] = DEFAULT_LAYERS, exclude: Sequence[str] = (),
+def calibrate(model, scheduler=None, *, conditioning: Callable[[int, torch.Generator], dict] | None = None,
+              layers: Sequence[str] = DEFAULT_LAYERS, exclude: Sequence[str] = (),
               num_trajectories: int | None = None, num_timesteps: int | None = None, num_steps: int | None = None,
-              cfg_scale: float = 1.5, seed: int = 0, batch_size: int | None = None, rows_per_timestep: int = 256,
-              attention: bool = False, sampler: str = "ddpm", profile: str | None = None) -> Calibration:
-    """Run FP32 sampling trajectories and record the selected layers' inputs (our defaults:
+              cfg_scale: float | None = None, seed: int = 0, batch_size: int | None = None,
+              rows_per_timestep: int = 256, attention: bool = False, sampler: str = "ddpm",
+              profile: str | None = None) -> Calibration:
+    """Run sampling trajectories and record the selected layers' inputs (our defaults:
     book/choices.md#choices-calibration).
 
     Args:
-        bundle: a ``models.DiTBundle`` (transformer, scheduler, num_classes, null_class, …).
+        model: a bare diffusers ``DiTTransformer2DModel`` or ``PixArtTransformer2DModel``, any other transformer
+            with ``conditioning``, or a ``models.DiTBundle`` (``load_dit``; it carries its own scheduler and
+            decoder). A bare transformer goes through :func:`~hqdit_utils.models.as_bundle`. The model runs in
+            its own dtype and device: float32, float16 and bfloat16 work (statistics are kept in float32; an
+            overflow to Inf raises :class:`CalibrationError` naming the layer).
+        scheduler: the diffusers scheduler of a bare transformer; default DDPM, 1000 steps, linear β 1e-4…0.02.
+        conditioning: ``callable(batch_size, generator) -> dict`` of the forward's keyword arguments besides the
+            latents and ``timestep`` — the one adapter for transformers that are neither DiT nor PixArt (DiT:
+            class labels; PixArt: random captions, :func:`~hqdit_utils.models.pixart_conditioning`).
         layers, exclude: layer patterns (:func:`~hqdit_utils.layers.select_linears`).
-        num_trajectories: class-conditional trajectories (labels ``i mod num_classes``, seeds ``seed + i``);
+        num_trajectories: trajectories (labels ``i mod num_classes`` for a DiT, seeds ``seed + i``);
             default ``profile().calib_trajectories``.
         num_timesteps: recorded timesteps spread over the schedule; default ``profile().calib_timesteps``.
         num_steps: sampling steps; default ``profile().sampling_steps``.
-        cfg_scale: classifier-free guidance scale (both CFG halves are recorded).
+        cfg_scale: classifier-free guidance scale (both CFG halves are recorded); default 1.5 for a model with
+            a null class (DiT), else 1.0 (no guidance).
         batch_size: trajectories per sampling call (does not change the statistics).
         sampler: "ddpm" (default) or "ddim" — trajectories come from ``sampling.denoise_batch``.
         rows_per_timestep: reservoir rows per input and timestep (memory bound in the module docstring).
@@ -406,6 +462,9 @@ def calibrate(bundle, *, layers: Sequence[str] = DEFAULT_LAYERS, exclude: Sequen
     Returns:
         a :class:`Calibration` whose ``meta`` holds the protocol and wall time.
     """
+    bundle = as_bundle(model, scheduler, conditioning=conditioning)
+    if cfg_scale is None:
+        cfg_scale = 1.5 if bundle.null_class is not None else 1.0
     prof = get_profile(profile)
     n = prof.calib_trajectories if num_trajectories is None else num_trajectories
     steps = prof.sampling_steps if num_steps is None else num_steps

@@ -354,7 +354,8 @@ class IntLinearState:
         if shared is None:
             a, s = self.act_codes(layer, x2)
         else:
-            a, s = shared.get(layer, x2, kind="int", compute=lambda t: self.act_codes(layer, t))
+            # keyed on the caller's tensor x (x2 is a new view object on every call, so it never matched)
+            a, s = shared.get(layer, x, kind="int", compute=lambda t: self.act_codes(layer, t.reshape(-1, k)))
         acc = int_matmul(a, self.int8_codes())
         if s.dim() == 0:  # static: one rescale vector for the whole output
             scale = self.w_scale * s

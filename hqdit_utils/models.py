@@ -27,6 +27,7 @@ repository's code — exactly as the official diffusers weights do.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -83,6 +84,10 @@ class DiTBundle:
     sha256:          sha256 of the weights file(s) when known (``{relative path: hex}``), else ``None``.
     source:          where the weights came from.
     image_channels:  channels of decoded images (1 embedded, 3 DiT-XL/2).
+    conditioning:    ``None`` for a class-conditional DiT (called with ``class_labels=y``); else
+                     ``conditioning(batch_size, generator) -> dict`` of the forward's keyword arguments
+                     besides the latents and ``timestep`` (PixArt's caption embeddings, …), drawn once per
+                     batch of trajectories; the model is then sampled without guidance (no null class).
     """
 
     transformer: torch.nn.Module
@@ -98,6 +103,7 @@ class DiTBundle:
     source: str = ""
     image_channels: int = 1
     vae: object | None = field(default=None, repr=False)
+    conditioning: Callable[[int, torch.Generator], dict] | None = field(default=None, repr=False)
 
     @property
     def learned_sigma(self) -> bool:
@@ -284,6 +290,78 @@ def _bundle_from_transformer(transformer, scheduler, *, vae=None, name: str, sou
                      null_class=null_class, image_size=image_size, latent_channels=latent_channels,
                      latent_size=latent_size, name=name, sha256=sha256, source=source,
                      image_channels=image_channels, vae=vae)
+
+
+#: Caption tokens of the random conditioning :func:`as_bundle` gives a PixArt transformer (our choice).
+PIXART_CAPTION_TOKENS = 8
+
+
+def pixart_conditioning(transformer) -> Callable[[int, torch.Generator], dict]:
+    """Random conditioning for a diffusers ``PixArtTransformer2DModel``: ``encoder_hidden_states``
+    [B, :data:`PIXART_CAPTION_TOKENS`, caption width] of standard normal values (the caption width is
+    ``config.caption_channels``, or ``cross_attention_dim`` without a caption projection) and
+    ``added_cond_kwargs`` (``resolution`` [B, 2] = the image side in pixels, 8 per latent pixel, and
+    ``aspect_ratio`` [B, 1] = 1 when the model uses them, else ``None``). Random captions are our choice:
+    they exercise every layer, not a text encoder's statistics."""
+    cfg = transformer.config
+    width = int(cfg.caption_channels or cfg.cross_attention_dim)
+    extra = bool(getattr(transformer, "use_additional_conditions", False))
+    side = 8.0 * int(cfg.sample_size)
+
+    def conditioning(batch_size: int, generator: torch.Generator) -> dict:
+        text = torch.randn((batch_size, PIXART_CAPTION_TOKENS, width), generator=generator)
+        added = ({"resolution": torch.full((batch_size, 2), side), "aspect_ratio": torch.ones(batch_size, 1)}
+                 if extra else {"resolution": None, "aspect_ratio": None})
+        return {"encoder_hidden_states": text, "added_cond_kwargs": added}
+    return conditioning
+
+
+def as_bundle(model, scheduler=None, *, conditioning: Callable[[int, torch.Generator], dict] | None = None
+              ) -> DiTBundle:
+    """What calibration and sampling need, from a bare diffusers transformer (a :class:`DiTBundle` passes
+    through, with ``scheduler``/``conditioning`` replaced when given).
+
+    Args:
+        model: a ``DiTTransformer2DModel`` (class-conditional: class labels ``0 .. num_embeds_ada_norm-1``,
+            guidance through its null class), a ``PixArtTransformer2DModel`` (random captions,
+            :func:`pixart_conditioning`), or any transformer called as ``model(x [B, C, s, s], timestep=t [B],
+            **conditioning(B, generator)).sample`` -> ``[B, C or 2C, s, s]`` whose config has ``in_channels``
+            and ``sample_size``. float32, float16 or bfloat16, on any device.
+        scheduler: the diffusers scheduler it was trained with; default a 1000-step DDPM scheduler with the
+            standard linear β from 1e-4 to 0.02 (DiT's).
+        conditioning: ``callable(batch_size, generator) -> dict`` of forward keyword arguments besides the
+            latents and ``timestep``; required for transformers other than DiT and PixArt.
+
+    The bundle decodes with the identity (its "images" are the latents); use it to calibrate and to sample
+    latents, not for pictures of a latent-space model.
+
+    Raises:
+        TypeError: a pipeline (pass ``pipe.transformer``), something that is no transformer, or a transformer
+            of an unknown kind without ``conditioning``.
+    """
+    if isinstance(model, DiTBundle):
+        changes = {k: v for k, v in (("scheduler", scheduler), ("conditioning", conditioning)) if v is not None}
+        return dataclasses.replace(model, **changes) if changes else model
+    kind = type(model).__name__
+    if not isinstance(model, torch.nn.Module):
+        hint = " — pass pipe.transformer" if hasattr(model, "transformer") else ""
+        raise TypeError(f"expected a diffusers transformer (a torch.nn.Module) or a DiTBundle, got a {kind}{hint}")
+    cfg = getattr(model, "config", None)
+    if cfg is None or not {"in_channels", "sample_size"} <= set(cfg):
+        raise TypeError(f"{kind} has no diffusers config with in_channels and sample_size; wrap it in a DiTBundle")
+    num_classes, null_class = 1, None
+    if conditioning is None and kind == "DiTTransformer2DModel":
+        num_classes, null_class = _null_class_of(model)
+    elif conditioning is None and kind == "PixArtTransformer2DModel":
+        conditioning = pixart_conditioning(model)
+    elif conditioning is None:
+        raise TypeError(f"no conditioning is known for a {kind}: pass conditioning=callable(batch_size, generator) "
+                        "-> dict of the forward's keyword arguments besides the latents and timestep")
+    channels, size = int(cfg.in_channels), int(cfg.sample_size)
+    return DiTBundle(transformer=model, scheduler=_ddpm_scheduler() if scheduler is None else scheduler,
+                     decoder=identity_decoder, num_classes=num_classes, null_class=null_class, image_size=size,
+                     latent_channels=channels, latent_size=size, name=f"given {kind}", source="given",
+                     image_channels=channels, conditioning=conditioning)
 
 
 # --------------------------------------------------------------------------------------------------

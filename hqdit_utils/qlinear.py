@@ -137,6 +137,26 @@ class QuantLinear(nn.Module):
         self.shared: SharedInput | None = None  # set by quantize_ for layers that read the same tensor
         self.lowbit = None  # lowbit.IntLinearState when the layer runs (or can run) on the exact integer path
 
+    def _apply(self, fn, recurse=True):
+        """``.to(device / dtype)``, ``.half()``, ``.double()``, ``.cuda()`` …: the weight and bias follow ``fn``;
+        the quantizer's own tensors (``act_scale``, ``smooth_inv`` float32, ``ts_edges`` float64) and the integer
+        codes move to the new device but keep their dtypes (a bfloat16 ``act_scale`` would be another scale).
+        Codes-only layers decode their weight in the new dtype; off the CPU they use the simulated path."""
+        keep = {k: b for k in ("act_scale", "smooth_inv", "ts_edges") if (b := self._buffers.get(k)) is not None}
+        super()._apply(fn, recurse)
+        probe = fn(torch.zeros(1))
+        for k, b in keep.items():
+            self._buffers[k] = b.to(probe.device)
+        st = self.lowbit
+        if st is not None:
+            for k in ("codes", "packed", "row_scale", "w_scale"):
+                if getattr(st, k) is not None:
+                    setattr(st, k, getattr(st, k).to(probe.device))
+            st.weight_dtype = fn(torch.zeros(1, dtype=st.weight_dtype)).dtype
+            if probe.device.type != "cpu":
+                st.enabled = False
+        return self
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, name: str = "") -> "QuantLinear":
         """An identity QuantLinear (no quantization): its output equals ``linear``'s bit for bit."""

@@ -41,7 +41,7 @@ from .files import strict_json
 from .format_select import FormatChoice, FormatPlan, LayerFormat, choose_format, ratio_statistics
 from .formats import NoFormat, parse_format
 from .gptq import GPTQ
-from .hadamard import HadamardSpec, rotate_input, rotate_weight
+from .hadamard import HadamardSpec, is_supported, rotate_input, rotate_weight
 from .layers import LayerSelectionError, select_linears
 from .qlinear import QuantAttnProcessor, QuantLinear, SharedInput, TimestepContext
 from .quantizer import (block_fake_quantize, block_weight_scales, fake_quantize, round_to_grid, sqnr_db,
@@ -216,6 +216,45 @@ def _grid(recipe: QuantRecipe) -> torch.Tensor:
     return gamma_grid(int(n), float(lo), float(hi))
 
 
+def _check_arguments(model, recipe, calibration) -> QuantRecipe:
+    """The recipe (resolved from its name), after checking that each argument is of the kind its place needs."""
+    usage = "call quantize_(model, recipe, calibration)"
+    if isinstance(recipe, Calibration) or isinstance(calibration, (QuantRecipe, str)):
+        raise QuantizationError(f"quantize_ got a {type(recipe).__name__} as recipe and a "
+                                f"{type(calibration).__name__} as calibration: the arguments are swapped; {usage}")
+    if not isinstance(model, nn.Module):
+        what = type(model).__name__
+        if hasattr(model, "transformer"):
+            raise QuantizationError(f"quantize_ quantizes the transformer (an nn.Module), got a {what}: pass "
+                                    "pipe.transformer / bundle.transformer")
+        raise QuantizationError(f"quantize_ needs the transformer (an nn.Module), got a {what}; {usage}")
+    if calibration is not None and not isinstance(calibration, Calibration):
+        raise QuantizationError(f"calibration must be a Calibration (from calibrate) or None, got a "
+                                f"{type(calibration).__name__}; {usage}")
+    return get_recipe(recipe)
+
+
+def _check_rotation(selected: dict[str, nn.Linear], recipe: QuantRecipe) -> None:
+    """Every selected layer's input width has the Hadamard rotation the recipe asks for, else an error naming
+    the layer and the recipe field to set (``rotation_block``: a supported order dividing every width)."""
+    if not recipe.rotation:
+        return
+    widths = sorted({lin.in_features for lin in selected.values()})
+    common = math.gcd(*widths)
+    fits = [d for d in range(common, 1, -1) if common % d == 0 and is_supported(d)]
+    for name, lin in selected.items():
+        try:
+            HadamardSpec(lin.in_features, seed=recipe.rotation_seed, block=recipe.rotation_block)
+        except ValueError as err:
+            fix = (f"set the recipe field rotation_block, e.g. recipe.replace(rotation_block={fits[0]}) (a Hadamard "
+                   f"order dividing every selected width {widths})" if fits else
+                   f"no Hadamard order > 1 divides every selected width {widths}: use a recipe without rotation")
+            raise QuantizationError(f"layer {name!r} (in_features={lin.in_features}): recipe {recipe.name!r} rotates "
+                                    f"with rotation_block={recipe.rotation_block}, which does not fit "
+                                    f"({str(err).split(':')[0]}); "
+                                    f"{fix}") from None
+
+
 def _check_call(model: nn.Module, recipe: QuantRecipe, calibration: Calibration | None) -> dict[str, nn.Linear]:
     """The layers ``recipe`` selects in ``model``, after checking that the call makes sense."""
     if is_quantized(model):
@@ -230,6 +269,9 @@ def _check_call(model: nn.Module, recipe: QuantRecipe, calibration: Calibration 
     if recipe.needs_calibration and calibration is None:
         raise QuantizationError(f"recipe {recipe.name!r} needs calibration data: pass calibrate(bundle, "
                                 f"layers={recipe.layers}) as `calibration`")
+    _check_rotation(selected, recipe)
+    if calibration is not None:
+        calibration.check_fits(selected)
     if calibration is not None and recipe.needs_calibration:
         missing = [n for n in selected if n not in calibration]
         if missing:
@@ -523,9 +565,19 @@ def quantize_(model: nn.Module, recipe: "QuantRecipe | str", calibration: Calibr
             (``recipe.needs_calibration``), and it must cover the recipe's layers.
     Raises:
         QuantizationError: the model is already quantized, the recipe selects no layer, a pattern matches
-            nothing, or calibration data are missing.
+            nothing, calibration data are missing, the arguments are of the wrong kind (a pipeline or a
+            ``DiTBundle`` instead of its ``.transformer``; recipe and calibration swapped), or a layer's width
+            has no Hadamard rotation of the recipe's ``rotation_block``.
+        CalibrationError: the calibration was recorded on a model of other shapes (names the layer and both).
+        Every check runs before any module is swapped: on error the model is unchanged.
+    Warns:
+        UserWarning: the calibration was recorded on a model with the same shapes but other weights.
+
+    dtypes and devices: the model may be float32, float16 or bfloat16 (weights are quantized in float32 and
+    stored in the model's dtype) and on any device; the exact integer path runs on the CPU only, other devices
+    use the simulated path. Forward works with autograd enabled; ``.to(device / dtype)`` moves every buffer.
     """
-    recipe = get_recipe(recipe)
+    recipe = _check_arguments(model, recipe, calibration)
     t_start = time.perf_counter()
     selected = _check_call(model, recipe, calibration)
     ts_ctx = TimestepContext() if recipe.timestep_groups > 1 else None

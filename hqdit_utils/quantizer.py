@@ -14,7 +14,10 @@ Granularity of ``scale=None`` (max-abs scaling, ``scale = amax / fmt.max_value``
 * ``block_size=b`` — one scale per block of ``b`` consecutive elements along the last dimension, the scale
   itself stored in ``scale_format``: ``"e8m0"`` (a power of two, OCP MX: MXFP4 = fp4_e2m1, b = 32) or
   ``"fp8_e4m3fn"`` (NVFP4: b = 16, plus one float32 per-tensor scale so the block scales use the
-  E4M3 range), or ``None`` (float32 block scales).
+  E4M3 range), or ``None`` (float32 block scales). Scales never underflow to zero: an E8M0 scale is at
+  least 2^-127 (a block of float32 subnormals stays finite, its zeros zero), and an E4M3 block scale that
+  would round to zero takes E4M3's smallest subnormal 2^-9 (times the tensor scale; our choice, see
+  ``_block_scales``).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from .formats import FloatFormat, Format, IntFormat, NoFormat, parse_format
 
 _EXP_MASK = 0x7F800000  # the 8 exponent bits of an IEEE float32
+_E8M0_MIN = 2.0 ** -127  # the smallest E8M0 (OCP MX) scale: a float32 subnormal
 
 
 def _check_finite(x: torch.Tensor, what: str = "input") -> None:
@@ -132,22 +136,26 @@ def _block_scales(xb: torch.Tensor, fmt: Format, scale_format: "str | Format | N
     if scale_format is None:
         return torch.where(amax > 0, amax / fmt.max_value, torch.ones_like(amax))
     if scale_format == "e8m0":
-        # OCP MX: shared exponent = floor(log2 amax) - emax(element format); elements above max saturate.
+        # OCP MX: shared exponent = floor(log2 amax) - emax(element format), at least E8M0's smallest exponent
+        # -127; elements above max saturate. A block whose max is a float32 subnormal (< 2^-126, where the
+        # exponent bits read 0) or just above it thus gets the scale 2^-127, not 0 (which made its zeros NaN).
         emax_elem = math.floor(math.log2(fmt.max_value))
         pow2 = (amax.view(torch.int32) & _EXP_MASK).view(torch.float32)
-        s = pow2 * 2.0 ** -emax_elem
+        s = (pow2 * 2.0 ** -emax_elem).clamp_(min=_E8M0_MIN)
         return torch.where(amax > 0, s, torch.ones_like(s))
     sfmt = parse_format(scale_format)
     if isinstance(sfmt, NoFormat):
         return torch.where(amax > 0, amax / fmt.max_value, torch.ones_like(amax))
     # Two-level scaling (NVFP4 for sfmt = fp8_e4m3fn): one float32 tensor scale maps the largest block
-    # scale onto the scale format's max; block scales are then rounded onto the scale format's grid.
+    # scale onto the scale format's max; block scales are then rounded onto the scale format's grid. A block
+    # scale that rounds to zero (block max below ~2^-10·6·s2, i.e. ≈ 2.2e-6 × the tensor max for NVFP4) takes
+    # the scale format's smallest positive value instead (our choice: the smallest scale a real encoder can
+    # store that is not zero; a zero scale would erase the block) — never a scale no stored code gives.
     tensor_amax = amax.amax()
     if tensor_amax == 0:
         return torch.ones_like(amax)
     s2 = tensor_amax / (fmt.max_value * sfmt.max_value)
-    sb = round_to_grid(amax / fmt.max_value / s2, sfmt) * s2
-    return torch.where(sb > 0, sb, torch.ones_like(sb))
+    return round_to_grid(amax / fmt.max_value / s2, sfmt).clamp_(min=sfmt.min_subnormal) * s2
 
 
 def fake_quantize(

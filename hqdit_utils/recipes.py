@@ -132,7 +132,16 @@ class QuantRecipe:
 
     # convenience ---------------------------------------------------------------------------------
     def replace(self, **changes) -> "QuantRecipe":
-        """A copy with some fields changed (``dataclasses.replace``)."""
+        """A copy with some fields changed (``dataclasses.replace``).
+
+        Without ``name=`` the copy's name records the changes, so a modified recipe is never saved or reported
+        under the name of the one it came from: ``get_recipe("hqdit-w4a4").replace(rotation_block=52).name ==
+        "hqdit-w4a4+rotation_block=52"`` (fields in the order given; ``description`` is not recorded, being
+        prose; a change to the same value records nothing). With ``name=`` that name is used as given."""
+        if "name" not in changes:
+            recorded = [f"{k}={v}" for k, v in changes.items() if k != "description" and getattr(self, k, v) != v]
+            if recorded:
+                changes["name"] = "+".join([self.name, *recorded])
         return dataclasses.replace(self, **changes)
 
     @property

@@ -1,6 +1,6 @@
 """Class-conditional sampling with classifier-free guidance (CFG), as DiT does it.
 
-* :func:`sample` — ``uint8`` images ``[N, H, W, C]`` from any :class:`~hqdit_utils.models.DiTBundle`.
+* :func:`sample` — a ``uint8`` tensor of images ``[N, H, W, C]`` from any :class:`~hqdit_utils.models.DiTBundle`.
 * :func:`sample_grid` — one row per class, for figures.
 * :func:`write_samples` — the ADM evaluation ``.npz`` (``arr_0`` NHWC uint8, ``arr_1`` labels): written
   in shards (atomically: temporary file, then rename), a restarted run skips finished shards, and under
@@ -90,11 +90,24 @@ def _as_long(x, n: int | None = None, what: str = "class_labels") -> torch.Tenso
     return t
 
 
+def _to_model(kwargs, device, dtype):
+    """``kwargs`` (nested dicts of tensors and other values) with every tensor on ``device`` and every floating
+    tensor in ``dtype``."""
+    if isinstance(kwargs, dict):
+        return {k: _to_model(v, device, dtype) for k, v in kwargs.items()}
+    if torch.is_tensor(kwargs):
+        return kwargs.to(device=device, dtype=dtype if kwargs.is_floating_point() else kwargs.dtype)
+    return kwargs
+
+
 @torch.no_grad()
 def denoise_batch(bundle, labels: torch.Tensor, seeds: Sequence[int], *, num_steps: int, cfg_scale: float,
                   sampler: str = "ddpm", eta: float = 0.0, guidance_channels: int | None = None,
                   transformer_fn: Callable | None = None, step_callback: Callable | None = None) -> torch.Tensor:
     """Run the guided reverse process for one batch; returns final latents ``[B, C, s, s]`` (float32).
+
+    A bundle with ``conditioning`` (PixArt, other transformers: :func:`~hqdit_utils.models.as_bundle`) is called
+    with ``conditioning(B, generator seeded with seeds[0])`` instead of class labels (``labels`` then only sets B).
 
     ``step_callback(i, t)`` is called after each of the ``num_steps`` steps (progress bars).
     """
@@ -115,7 +128,13 @@ def denoise_batch(bundle, labels: torch.Tensor, seeds: Sequence[int], *, num_ste
         y_in = torch.cat([y, torch.full_like(y, bundle.null_class)])
     else:
         y_in = y
-    call = transformer_fn or (lambda xx, tt, yy: model(xx, timestep=tt, class_labels=yy).sample)
+    conditioning = getattr(bundle, "conditioning", None)
+    if conditioning is None:
+        call = transformer_fn or (lambda xx, tt, yy: model(xx, timestep=tt, class_labels=yy).sample)
+    else:  # one draw per batch (from its first seed), held over the trajectory like a prompt
+        cond = _to_model(conditioning(B, torch.Generator(device="cpu").manual_seed(int(seeds[0]))),
+                         device, dtype)
+        call = transformer_fn or (lambda xx, tt, yy: model(xx, timestep=tt, **cond).sample)
     for i, t in enumerate(sched.timesteps):
         x_in = torch.cat([x, x]) if guided else x
         x_in = sched.scale_model_input(x_in, t)

@@ -152,3 +152,32 @@ def test_in_place_rounding_is_bit_identical(fmt):
     assert torch.equal(torch.isnan(got), torch.isnan(expect))
     assert torch.equal(torch.signbit(got), torch.signbit(expect))
     assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(expect))
+
+
+@pytest.mark.parametrize("amax", [1e-39, 2.0 ** -126 * 0.999, 2.0 ** -126, 1.5 * 2.0 ** -126, 2.0 ** -149])
+def test_mx_block_at_the_float32_subnormal_boundary_stays_finite(amax):
+    """A block whose max is a float32 subnormal (< 2^-126) read exponent 0, got scale 0 and turned its zeros
+    into NaN; the E8M0 scale is at least 2^-127, so the block stays finite and its zeros zero."""
+    x = torch.zeros(2, 32)
+    x[0, 3], x[0, 7] = amax, -amax / 2
+    x[1, 0] = 1.0  # a normal block beside it
+    q = fake_quantize(x, "fp4_e2m1", block_size=32, scale_format="e8m0")
+    assert torch.isfinite(q).all()
+    assert (q[x == 0] == 0).all()
+    assert q[1, 0] == 1.0
+    assert abs(float(q[0, 3]) - amax) <= 2.0 ** -127  # within one E8M0-minimum scale step of the value
+
+
+def test_nvfp4_block_whose_e4m3_scale_underflows_uses_the_smallest_e4m3_scale():
+    """Block max 20 beside a tensor max 1e8: 20 / 6 / s2 (s2 = 1e8 / (6·448)) is below half of E4M3's smallest
+    subnormal 2^-9, so the block scale rounds to zero. It used to fall back to 1.0 (20 → 6.0, a value no stored
+    scale gives); now the scale is 2^-9 · s2, the smallest an encoder can store."""
+    x = torch.zeros(2, 16)
+    x[0, 0] = 1e8
+    x[1, 0], x[1, 1] = 20.0, -5.0
+    q = fake_quantize(x, "fp4_e2m1", block_size=16, scale_format="fp8_e4m3fn")
+    s2 = 1e8 / (6 * 448)
+    scale = torch.tensor(2.0 ** -9 * s2, dtype=torch.float32)
+    expected = fake_quantize(x[1], "fp4_e2m1", scale)
+    assert torch.equal(q[1], expected)
+    assert float(q[1, 0]) != 6.0 and abs(float(q[1, 0]) - 20.0) <= float(scale)

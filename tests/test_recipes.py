@@ -113,3 +113,13 @@ def test_quantize_cli_end_to_end(tmp_path):
     assert json.loads((tmp_path / "q" / "run.json").read_text())["recipe"] == "fp4-minmax"
     m = load_quantized(load_dit(str(tmp_path / "m")).transformer, tmp_path / "q")
     assert sum(isinstance(x, QuantLinear) for x in m.modules()) == 6
+
+
+def test_replace_without_a_name_records_the_change_in_the_name():
+    """A modified recipe is never saved or reported under the name of the recipe it came from (issue 17)."""
+    base = get_recipe("hqdit-w4a4")
+    assert base.replace(rotation_block=52).name == "hqdit-w4a4+rotation_block=52"
+    assert base.replace(rotation_block=52, gptq=False).name == "hqdit-w4a4+rotation_block=52+gptq=False"
+    assert base.replace(name="mine", rotation_block=52).name == "mine"
+    assert base.replace(description="reworded").name == "hqdit-w4a4"  # prose is not a change of method
+    assert base.replace(gptq=True).name == "hqdit-w4a4"  # the same value: nothing changed
