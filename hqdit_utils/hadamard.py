@@ -441,7 +441,7 @@ def _sylvester_butterfly_(y: torch.Tensor, p: int, buf: torch.Tensor | None = No
     stretches were as short as the dense factor, 36 floats, and the passes several times slower). May reuse
     ``y``'s storage and that of ``buf`` (a scratch tensor of ``y``'s shape); returns the result."""
     L = y.shape[1]
-    if y.requires_grad and torch.is_grad_enabled():  # autograd records no out= ops: same sums, new tensors
+    if (y.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():  # no out= ops: same sums, new tensors
         h = 1
         while h < p:
             src = y.view(p // (2 * h), 2, h * L)
@@ -470,7 +470,8 @@ def _integer_transform(x4: torch.Tensor, signs: torch.Tensor | None, k: int, tra
     multiplies the contiguous last axis and the butterfly runs over the leading axis."""
     R, nb, p, b = x4.shape
     src = x4.permute(2, 0, 1, 3)
-    if x4.requires_grad and torch.is_grad_enabled():  # autograd records no out= ops: same products
+    # autograd records no out= ops, and torch.compile mis-lays out= results: both take the same products here
+    if (x4.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
         xt = (src * signs.permute(1, 0, 2).unsqueeze(1) if signs is not None else src).contiguous()
     elif signs is not None:
         xt = torch.empty((p, R, nb, b), dtype=x4.dtype, device=x4.device)
@@ -529,7 +530,7 @@ def fast_hadamard_transform(
     yt = _integer_transform(x4, None if transpose else signs.view(-1, p, b) if signs is not None else None,
                             k, transpose)
     yp = yt.permute(1, 2, 0, 3)  # back to [R, nb, p, b]: the last pass writes the caller's layout
-    if yp.requires_grad and torch.is_grad_enabled():  # autograd records no out= ops: same products
+    if (yp.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():  # no out= ops: same products
         if transpose and signs is not None:
             y = yp * (signs * scale if scale != 1.0 else signs).view(-1, p, b)
         else:

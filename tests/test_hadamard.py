@@ -273,3 +273,13 @@ def test_fast_transform_under_autograd_gives_the_same_values_and_gradients(n, se
     q = spec.matrix().to(torch.float64)
     expected = g @ (q if transpose else q.t())  # d(x Q)/dx applied to g is g Qᵀ
     assert torch.allclose(xg.grad, expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("n", [128, 144])
+def test_rotation_compiles_with_torch_compile(n):
+    """torch.compile (inductor) of the online rotation gives the eager result; it failed on the out= fast path
+    ("Cannot view a tensor with shape … as a tensor with shape …") before that path was skipped under compile."""
+    x = torch.randn(32, n, generator=torch.Generator().manual_seed(0))
+    eager = fast_hadamard_transform(x, n, seed=3)
+    compiled = torch.compile(lambda t: fast_hadamard_transform(t, n, seed=3), dynamic=False)(x)
+    assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-6)
