@@ -198,6 +198,15 @@ def _load_transformer_folder(folder: Path, torch_dtype):
 
     if not (folder / "config.json").is_file():
         raise MissingWeightsError(f"no transformer config.json in {folder}\n{DOWNLOAD_HELP}")
+    try:
+        class_name = json.loads((folder / "config.json").read_text()).get("_class_name", "DiTTransformer2DModel")
+    except (OSError, ValueError) as err:
+        raise WeightsError(f"{folder / 'config.json'} is unreadable ({err}); download the model again.") from err
+    if class_name != "DiTTransformer2DModel":
+        raise WeightsError(
+            f"{folder} holds a {class_name}; load_dit and the hqdit commands run class-conditional "
+            "DiTTransformer2DModel folders only (quantize other transformers through the Python API: "
+            "calibrate(transformer, conditioning=...), then quantize_ -- see the book page 'Quantize your own DiT')")
     weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
     if not weights:
         raise MissingWeightsError(f"no weights (*.safetensors) in {folder}\n{DOWNLOAD_HELP}")

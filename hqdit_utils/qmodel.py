@@ -48,7 +48,7 @@ from .quantizer import (block_fake_quantize, block_weight_scales, fake_quantize,
                         token_fake_quantize)
 from .recipes import AUTO, QuantRecipe, get_recipe
 
-__all__ = ["QuantizationError", "LayerReport", "QuantReport", "quantize_", "is_quantized", "save_quantized",
+__all__ = ["QuantizationError", "LayerReport", "QuantReport", "quantize_", "check_rotation", "is_quantized", "save_quantized",
            "load_quantized"]
 
 
@@ -246,13 +246,25 @@ def _check_rotation(selected: dict[str, nn.Linear], recipe: QuantRecipe) -> None
         try:
             HadamardSpec(lin.in_features, seed=recipe.rotation_seed, block=recipe.rotation_block)
         except ValueError as err:
-            fix = (f"set the recipe field rotation_block, e.g. recipe.replace(rotation_block={fits[0]}) (a Hadamard "
-                   f"order dividing every selected width {widths})" if fits else
+            fix = (f"set the recipe field rotation_block, e.g. recipe.replace(rotation_block={fits[0]}) or "
+                   f"hqdit quantize --rotation-block {fits[0]} (a Hadamard order dividing every selected width "
+                   f"{widths})" if fits else
                    f"no Hadamard order > 1 divides every selected width {widths}: use a recipe without rotation")
             raise QuantizationError(f"layer {name!r} (in_features={lin.in_features}): recipe {recipe.name!r} rotates "
                                     f"with rotation_block={recipe.rotation_block}, which does not fit "
                                     f"({str(err).split(':')[0]}); "
                                     f"{fix}") from None
+
+
+def check_rotation(model: nn.Module, recipe: "QuantRecipe | str") -> None:
+    """:class:`QuantizationError` naming the first layer of ``model`` that ``recipe`` selects whose input width
+    its rotation does not fit, and the ``rotation_block`` to set. Cheap: run it before a long calibration."""
+    recipe = get_recipe(recipe)
+    if recipe.rotation:
+        try:
+            _check_rotation(select_linears(model, recipe.layers, recipe.exclude), recipe)
+        except LayerSelectionError as err:
+            raise QuantizationError(f"recipe {recipe.name!r}: {err}") from None
 
 
 def _check_call(model: nn.Module, recipe: QuantRecipe, calibration: Calibration | None) -> dict[str, nn.Linear]:

@@ -24,8 +24,7 @@ from .calibration import calibrate
 from .cli_common import CliError, load_model, one_line, require_device
 from .files import sha256_file, write_json_atomic
 from .hadamard import is_supported
-from .layers import select_linears
-from .qmodel import load_quantized, quantize_, save_quantized
+from .qmodel import check_rotation, load_quantized, quantize_, save_quantized
 from .recipes import RECIPES, QuantRecipe, get_recipe
 
 #: The file ``hqdit quantize`` writes last; ``hqdit sample --quantized`` reads the model source from it.
@@ -49,17 +48,6 @@ def with_rotation_block(recipe: QuantRecipe, block: int) -> QuantRecipe:
     return recipe.replace(name=f"{recipe.name}-rb{block}", rotation_block=block)
 
 
-def check_rotation_block(model, recipe: QuantRecipe) -> None:
-    """:class:`CliError` naming the first layer whose input width ``recipe.rotation_block`` does not divide."""
-    block = recipe.rotation_block
-    if block is None or not recipe.rotation:
-        return
-    for name, lin in select_linears(model, recipe.layers, recipe.exclude).items():
-        if lin.in_features % block:
-            raise CliError(f"--rotation-block {block} does not divide the input width {lin.in_features} of layer "
-                           f"{name} (choose a block size that divides every quantized layer's input width)")
-
-
 def check_output_folder(out: Path, force: bool) -> None:
     """Refuse a file, or a non-empty folder unless ``force``."""
     if out.exists() and not out.is_dir():
@@ -81,7 +69,7 @@ def run(recipe_name: "str | QuantRecipe", out: str | Path, *, model: str | None 
     bundle, source = load_model(model, "--model", device=device)
     t_load = time.perf_counter()
     log(f"loaded {bundle.name}", t_load - t0)
-    check_rotation_block(bundle.transformer, recipe)
+    check_rotation(bundle.transformer, recipe)  # before the long calibration, not after it
     calib = None
     if recipe.needs_calibration:
         calib = calibrate(bundle, layers=recipe.layers, exclude=recipe.exclude, num_trajectories=trajectories,

@@ -127,7 +127,8 @@ def test_cuda_unavailable(argv, cmd, needle, tmp_path, capsys):
     (["quantize", "--recipe", "hqdit-w4a4", "--out", "{tmp}/q", "--rotation-block", "7"], "quantize",
      "no Hadamard matrix"),
     (["quantize", "--recipe", "hqdit-w4a4", "--out", "{tmp}/q", "--rotation-block", "52"], "quantize",
-     "does not divide the input width 144 of layer transformer_blocks.0.attn1.to_q"),
+     "layer 'transformer_blocks.0.attn1.to_q' (in_features=144): recipe 'hqdit-w4a4-rb52' rotates with "
+     "rotation_block=52, which does not fit (block size 52 must divide n = 144)"),
     (["quantize", "--recipe", "fp32", "--out", "{tmp}/q", "--model", "{tmp}/none"], "quantize",
      "(from --model) does not exist (pass --model PATH or set $HQDIT_DIT_WEIGHTS"),
     (["sample", "--quantized", "{tmp}/none", "--out", "{tmp}/s.npz"], "sample", "is not a folder"),
