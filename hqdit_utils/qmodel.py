@@ -644,7 +644,14 @@ def save_quantized(model: nn.Module, out_dir, report: QuantReport | None = None,
     if not configs:
         raise QuantizationError("save_quantized: the model holds no QuantLinear")
     save_file(tensors, str(out / "quant_state.safetensors"))
-    meta = {"recipe": getattr(model, "_hqdit_recipe", None), "layers": configs}
+    shared: dict[int, list[str]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear) and m.shared is not None:
+            shared.setdefault(id(m.shared), []).append(name)
+    attention = {name: {"format": str(m.processor.fmt), "scales": dict(m.processor.scales)}
+                 for name, m in model.named_modules() if isinstance(getattr(m, "processor", None), QuantAttnProcessor)}
+    meta = {"recipe": getattr(model, "_hqdit_recipe", None), "layers": configs,
+            "shared_inputs": list(shared.values()), "attention": attention}
     if report is not None:
         meta["recipe_fields"] = report.recipe.to_dict()
         report.plan.save(out / "plan.json")
@@ -653,10 +660,18 @@ def save_quantized(model: nn.Module, out_dir, report: QuantReport | None = None,
     return out
 
 
-def load_quantized(model: nn.Module, out_dir) -> nn.Module:
-    """Rebuild the QuantLinears saved by :func:`save_quantized` into a fresh FP32 ``model`` (in place).
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
-    Attention processors and timestep-group hooks are not restored (re-run quantize_ for those).
+
+def load_quantized(model: nn.Module, out_dir) -> nn.Module:
+    """Rebuild the quantized model saved by :func:`save_quantized` into a fresh FP32 ``model`` (in place): its
+    QuantLinears, the quantized attention processors (``quantize_attention``), the timestep hook of
+    per-timestep-group scales, and the shared input of ``to_q``/``to_k``/``to_v``. Folders written before
+    attention and shared inputs were recorded load their linears only.
 
     Raises:
         FileNotFoundError: ``quant_config.json`` or ``quant_state.safetensors`` is missing.
@@ -684,10 +699,7 @@ def load_quantized(model: nn.Module, out_dir) -> nn.Module:
         expected |= {f"{name}.{k}" for k, on in (("weight", name not in coded), ("bias", cfg["has_bias"]),
                      ("act_scale", cfg["act_groups"]), ("smooth_inv", cfg["has_smooth"]), ("ts_edges", cfg["ts_groups"]))
                      if on}
-        try:
-            lin = model.get_submodule(name)
-        except AttributeError:
-            lin = None
+        lin = _submodule(model, name)
         if not isinstance(lin, nn.Linear) or (lin.in_features, lin.out_features) != (cfg["in_features"], cfg["out_features"]):
             raise QuantizationError(f"{state_file} holds layer {name!r} [{cfg['out_features']}x{cfg['in_features']}], "
                                     f"which the model has not (found {type(lin).__name__}); load it into the model "
@@ -717,10 +729,26 @@ def load_quantized(model: nn.Module, out_dir) -> nn.Module:
             except lowbit.LowbitError as err:
                 raise QuantizationError(f"{out / lowbit.PACKED_FILE}: {err}; {redo}") from None
         new_modules[name] = ql
+    attention = meta.get("attention", {})
+    for name in attention:
+        if not hasattr(_submodule(model, name), "set_processor"):
+            raise QuantizationError(f"{cfg_file} quantizes the attention {name!r}, which the model has not; load it "
+                                    "into the model it was quantized from (load_dit(SOURCE).transformer)")
     for name, ql in new_modules.items():  # swap only after every layer was rebuilt
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, ql)
+    for names in meta.get("shared_inputs", []):
+        shared = SharedInput(len(names))
+        for name in names:
+            new_modules[name].shared = shared
+    for name, a in attention.items():
+        model.get_submodule(name).set_processor(QuantAttnProcessor(a["format"], a["scales"]))
+    if any(ql.ts_edges is not None for ql in new_modules.values()):
+        ts_ctx = TimestepContext()
+        for ql in new_modules.values():
+            ql.ts_ctx = ts_ctx
+        model._hqdit_ts_hook = model.register_forward_pre_hook(ts_ctx.hook, with_kwargs=True)
     model._hqdit_recipe = meta.get("recipe")
     lowbit.set_execution(model, lowbit.DEFAULT_MODE)
     return model

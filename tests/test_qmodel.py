@@ -291,3 +291,47 @@ def test_gptq_with_block_scales_uses_the_block_grid():
         gq.add_batch(X)
         wq = gq.quantize(fmt, s, groupsize=block).weight
         assert ((X @ (wq - W).T) ** 2).mean() < ((X @ (rtn - W).T) ** 2).mean()
+
+
+def test_save_and_load_restore_attention_timestep_groups_and_shared_inputs(bundle, calib, tmp_path):
+    """A reloaded model is the model that was saved: quantized attention matmuls (with their static scales),
+    per-timestep-group activation scales (the hook that tells layers the timestep) and the to_q/k/v shared
+    input come back; outputs at two timesteps are bit-identical to the model before saving."""
+    m = _fresh(bundle)
+    recipe = _r("fp4-clip", name="tg-attn", timestep_groups=3, quantize_attention=True, attn_format="fp4_e2m1")
+    report = quantize_(m, recipe, calib)
+    save_quantized(m, tmp_path / "q", report)
+    loaded = load_quantized(_fresh(bundle), tmp_path / "q")
+    proc = loaded.transformer_blocks[0].attn1.processor
+    assert isinstance(proc, QuantAttnProcessor) and proc.scales == m.transformer_blocks[0].attn1.processor.scales
+    assert loaded.transformer_blocks[0].attn1.to_k.shared is loaded.transformer_blocks[0].attn1.to_q.shared
+    x, _, y = _inputs()
+    for t in (20, 900):  # two different timestep groups
+        with torch.no_grad():
+            ref = m(x, timestep=torch.tensor([t, t]), class_labels=y).sample
+            out = loaded(x, timestep=torch.tensor([t, t]), class_labels=y).sample
+        assert torch.equal(out, ref), t
+    # a model without the attention processors and hook (what load_quantized rebuilt before) is another model
+    bare = _fresh(bundle)
+    for name, mod in loaded.named_modules():
+        if isinstance(mod, QuantLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(bare.get_submodule(parent), child, copy.deepcopy(mod))
+            bare.get_submodule(name).ts_ctx = bare.get_submodule(name).shared = None
+    with pytest.raises(RuntimeError, match="current timestep"):
+        _run(bare)
+
+
+def test_loading_attention_into_a_model_without_it_is_refused_unchanged(bundle, calib, tmp_path):
+    import json
+
+    m = _fresh(bundle)
+    save_quantized(m, tmp_path / "q", quantize_(m, _r("fp4-clip", name="a", quantize_attention=True,
+                                                       attn_format="fp4_e2m1"), calib))
+    cfg = json.loads((tmp_path / "q" / "quant_config.json").read_text())
+    cfg["attention"]["transformer_blocks.0.nope"] = cfg["attention"].pop("transformer_blocks.0.attn1")
+    (tmp_path / "q" / "quant_config.json").write_text(json.dumps(cfg))
+    fresh = _fresh(bundle)
+    with pytest.raises(QuantizationError, match="quantizes the attention 'transformer_blocks.0.nope'"):
+        load_quantized(fresh, tmp_path / "q")
+    assert not any(isinstance(mod, QuantLinear) for mod in fresh.modules())
