@@ -16,6 +16,7 @@ import torch
 
 from .models import ENV_WEIGHTS, WeightsError, check_device, load_dit
 from .qmodel import QuantizationError
+from .sampling import SamplingError
 
 __all__ = ["CliError", "EXIT_ERROR", "CommandParser", "one_line", "with_fix", "run_command", "require_device",
            "weights_source", "load_model"]
@@ -33,7 +34,7 @@ class CliError(Exception):
 
 
 #: The exceptions a sub-command reports as one line: its own, and the package's typed file/model errors.
-EXPECTED_ERRORS = (CliError, WeightsError, QuantizationError, FileNotFoundError)
+EXPECTED_ERRORS = (CliError, WeightsError, QuantizationError, SamplingError, FileNotFoundError)
 
 
 def one_line(err: BaseException | str) -> str:

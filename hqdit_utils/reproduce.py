@@ -51,7 +51,7 @@ from .models import WeightsError
 from .provenance import run_versions
 from .qmodel import is_quantized, load_quantized, quantize_, save_quantized
 from .recipes import get_recipe
-from .sampling import barrier, denoise_batch, dist_setup, write_samples
+from .sampling import SamplingError, barrier, denoise_batch, dist_setup, write_samples
 
 #: The tables ``hqdit reproduce`` knows: name → recipes (FP32 first).
 TABLES = {
@@ -212,9 +212,6 @@ def execute(plan: Plan, bundle, *, extractor, reference, reference_name: str = "
                 written.append(r.result_file)
                 continue
             recipe = get_recipe(r.recipe)
-            if recipe.quantize_attention or recipe.timestep_groups > 1:
-                raise ValueError(f"{recipe.name}: attention/timestep-group recipes cannot be resumed from a saved "
-                                 "state; not supported by hqdit reproduce")
             spec = plan.spec(r.recipe) | {"model_sha256": mkey, "recipe_fields": recipe.to_dict(),
                                           "calibration": prof.as_dict()}
             spec = json.loads(json.dumps(spec, default=str))
@@ -222,8 +219,8 @@ def execute(plan: Plan, bundle, *, extractor, reference, reference_name: str = "
                 r.folder.mkdir(parents=True, exist_ok=True)
                 pf = r.folder / "plan.json"
                 if pf.is_file() and json.loads(pf.read_text()) != spec:
-                    raise RuntimeError(f"{r.folder} belongs to another protocol (see its plan.json); "
-                                       "delete it or choose another --out")
+                    raise SamplingError(f"{r.folder} holds an unfinished run with other settings (see its "
+                                        "plan.json; delete it, or choose another --out)")
                 if not pf.is_file():
                     write_json_atomic(pf, spec)
             t0 = time.perf_counter()

@@ -57,6 +57,12 @@ from tqdm import tqdm
 
 from .files import atomic_path, strict_json, write_text_atomic
 
+
+class SamplingError(RuntimeError):
+    """An output of :func:`write_samples` that cannot be made as asked (shards of other settings in the way,
+    damaged shards); the message ends with what to do."""
+
+
 SAMPLERS = ("ddpm", "ddim")
 
 
@@ -382,7 +388,8 @@ def _write_samples(bundle, out_npz: Path, n: int, rank: int, world: int, *, num_
         if spec_file.is_file():
             old = json.loads(spec_file.read_text())
             if old != spec:
-                raise RuntimeError(f"{shard_dir} holds shards of another protocol {old}; delete it or choose another output")
+                raise SamplingError(f"{shard_dir} holds the shards of an unfinished run with other settings {old} "
+                                    f"(delete {shard_dir}, rerun with those settings, or choose another output)")
         else:
             write_text_atomic(spec_file, strict_json(spec))
     barrier()
@@ -421,8 +428,8 @@ def _write_samples(bundle, out_npz: Path, n: int, rank: int, world: int, *, num_
             a, lb = _load_shard(shard_dir / f"shard_{k:05d}.npz", k * shard_size, min(n, (k + 1) * shard_size),
                                 labels, image_shape)
         except ValueError as err:
-            raise RuntimeError(f"cannot assemble {out_npz}: {err}. Rerun the same command: damaged shards are "
-                               "sampled again") from err
+            raise SamplingError(f"cannot assemble {out_npz}: {err} (rerun the same command: damaged shards "
+                                "are sampled again)") from err
         arrs.append(a)
         labs.append(lb)
     arr = np.concatenate(arrs)

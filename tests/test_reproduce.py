@@ -79,7 +79,7 @@ def test_execute_resume_and_guard(folder, tmp_path, toy_extractor):
     pf = paths[1].parent / "plan.json"
     spec = json.loads(pf.read_text())
     pf.write_text(json.dumps(spec | {"seed_offset": 99}))
-    with pytest.raises(RuntimeError, match="another protocol"):
+    with pytest.raises(RuntimeError, match="unfinished run with other settings"):
         execute(make_plan("sfid", str(folder), samples=8, steps=2, cfg=1.5, out=tmp_path, batch_size=4,
                           recipes=["int4-rtn"]), bundle, extractor=toy_extractor, reference=ref, progress=False,
                 calib_profile=PROF, log=lambda *a: None)

@@ -167,5 +167,5 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, reference):
 def test_write_samples_refuses_other_protocol(tmp_path, tiny):
     out = tmp_path / "x.npz"
     write_samples(tiny, out, 4, num_steps=3, cfg_scale=1.5, batch_size=2, progress=False, keep_shards=True)
-    with pytest.raises(RuntimeError, match="another protocol"):
+    with pytest.raises(RuntimeError, match="unfinished run with other settings"):
         write_samples(tiny, out, 4, num_steps=4, cfg_scale=1.5, batch_size=2, progress=False)
