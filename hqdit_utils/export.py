@@ -161,7 +161,8 @@ def pack_quantized(model) -> tuple[dict, pd.DataFrame]:
         if mod.block_size or bits > 8:
             skipped.append(name)
             continue
-        w = mod.weight.detach().float()
+        # a reloaded packed model holds codes only: its weight is the integer state's codes · row scale
+        w = (mod.weight if mod.weight is not None else mod.lowbit.float_weight()).detach().float()
         s = recover_row_scales(w, fmt)
         codes_vals = round_to_grid(w / s, fmt)
         s16 = s.to(torch.float16).to(torch.float32)

@@ -110,3 +110,22 @@ def test_block_bits_and_dit_counts():
     m = memory_scenarios(g)
     assert (m["reduction vs FP32"] > 1).all()
     assert m["reduction vs FP32"].max() < 8.0  # 4-bit + scales can never reach 8x
+
+
+def test_pack_quantized_of_a_reloaded_packed_model(tmp_path):
+    """A model reloaded from packed 4-bit codes holds no float weight; packing it again gives the same codes."""
+    import copy
+
+    from hqdit_utils.qmodel import load_quantized, save_quantized
+
+    b = tiny_dit(seed=0)
+    fresh = copy.deepcopy(b.transformer)
+    quantize_(b.transformer, get_recipe("fp4-minmax").replace(name="w-only", act_format="fp4_e2m1", act_granularity="token"))
+    first, _ = pack_quantized(b.transformer)
+    save_quantized(b.transformer, tmp_path / "q", packed=True)
+    reloaded = load_quantized(fresh, tmp_path / "q")
+    assert all(m.weight is None for m in reloaded.modules() if isinstance(m, QuantLinear))
+    again, report = pack_quantized(reloaded)
+    assert set(again) == set(first) and len(report) == len(first)
+    for name, p in first.items():
+        assert torch.equal(again[name].codes, p.codes) and torch.equal(again[name].scale, p.scale), name
