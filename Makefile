@@ -5,13 +5,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export IPYTHONDIR := $(CURDIR)/book/ipython_profile
 
-.PHONY: env browser test book chapter-times bench clean-book help
+.PHONY: env browser test book chapter-times book-results bench clean-book help
 
 help:
 	@echo "make test   - create .venv (pinned torch==2.14.1/torchvision==0.29.1 first) and run pytest"
 	@echo "make book   - same environment, then build the book into _build/html/index.html"
 	@echo "make bench  - run the benchmarks (~12 min), write benchmarks/results.md and results.json"
 	@echo "make chapter-times - after a cold make book: write book/chapter_times.json (each chapter's run time)"
+	@echo "make book-results  - after a cold make book: ship its finished runs in data/book-runs/"
 
 # torch and torchvision first, as a pair; every later install is constrained to that pair and to the
 # versions this project was tested with (requirements/constraints.txt).
@@ -50,6 +51,17 @@ book: env
 # last build. Meaningful after a cold build only (fresh clone, no .hqdit_cache/): bash .ci/run, then this.
 chapter-times: env
 	$(BIN)/python book/_ext/chapter_times.py
+
+# The finished runs of the last build, shipped so that a fresh clone of unchanged code reads them instead of
+# recomputing (experiments.run adopts an entry only when its key material matches exactly; see the book's
+# "How this book is built" page). Run after a cold build: HQDIT_SHIPPED_RUNS=none make book, then this.
+book-results:
+	rm -rf data/book-runs && mkdir -p data/book-runs
+	cd .hqdit_cache/runs && for d in *; do \
+	  if [ -f "$$d/result.json" ] && [ -f "$$d/samples.npz" ]; then \
+	    mkdir -p "../../data/book-runs/$$d" && cp "$$d/result.json" "$$d/samples.npz" "../../data/book-runs/$$d/"; fi; \
+	done
+	@echo "data/book-runs: $$(ls data/book-runs | wc -l) runs, $$(du -sh data/book-runs | cut -f1)"
 
 bench: env
 	$(BIN)/python benchmarks/run_all.py

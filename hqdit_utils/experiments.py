@@ -18,7 +18,12 @@ What a cache key holds (the rule): everything the cached computation *runs*, not
   (:func:`~hqdit_utils.provenance.run_versions`), and the package version is part of the key.
 
 So chapters share runs (the FP32 run is computed once for the whole book) and a rebuild with no change
-reads results from disk in milliseconds. A cached entry whose key material or sample file does not match
+reads results from disk in milliseconds. The book ships the runs of its last cold build
+(``config.SHIPPED_RUNS_DIR``, ``data/book-runs/``): a run missing from the cache whose shipped entry has
+exactly the same key material and an intact samples file is adopted (copied into the cache,
+``RunResult.shipped``); every other run is computed. So a fresh clone of unchanged code reads the book's
+runs, and a change on the code path, the model, a recipe or the protocol recomputes exactly the runs it
+touches (``HQDIT_SHIPPED_RUNS=none`` recomputes everything). A cached entry whose key material or sample file does not match
 (or that cannot be read) is recomputed, never silently reused. Files are written atomically under names
 private to the writer, and one entry is computed under an exclusive file lock, so concurrent runs of the
 same entry (several processes, or threads) compute it once and never leave a mixed or half-written entry.
@@ -42,6 +47,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -56,7 +62,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .calibration import Calibration, CalibrationError, calibrate
-from .config import CACHE_DIR, Profile, profile as get_profile
+from .config import CACHE_DIR, SHIPPED_RUNS_DIR, Profile, profile as get_profile
 from .digits import embedded_reference
 from .files import atomic_path, sha256_file, write_json_atomic, write_text_atomic
 from .metrics.adm import evaluate
@@ -81,6 +87,8 @@ class RunResult:
                checksum, model checksum, versions, device, wall times).
     samples:   path of the ``.npz`` with the generated images (``arr_0`` uint8 NHWC, ``labels``).
     cached:    whether this result was read from the cache.
+    shipped:   whether it was made by the build whose runs ship with the book (``data/book-runs``), not
+               in this checkout.
     """
 
     recipe: str
@@ -90,6 +98,7 @@ class RunResult:
     protocol: dict
     samples: str
     cached: bool = False
+    shipped: bool = False
 
     def row(self) -> dict:
         return {"recipe": self.recipe, "seed": self.seed, **self.metrics}
@@ -221,12 +230,27 @@ def _cached_entry(result_file: Path, samples_file: Path, material: dict) -> dict
         return None
     if cached.get("samples_sha256") != sha256_file(samples_file):
         return None
+    cached["result"]["samples"] = str(samples_file)  # where it is now (an adopted entry was made elsewhere)
+    cached["result"]["shipped"] = bool(cached.get("shipped", False))
     # strict JSON stores a non-finite number as null; a metric or SQNR read back is a float again (NaN)
     for part in ("metrics", "quant"):
         values = cached["result"].get(part)
         if isinstance(values, dict):
             cached["result"][part] = {k: float("nan") if v is None else v for k, v in values.items()}
     return cached
+
+
+def _adopt_shipped(shipped: Path, result_file: Path, samples_file: Path, material: dict) -> dict | None:
+    """Copy the shipped entry in folder ``shipped`` into the cache (samples first, each atomically) if it
+    was made from exactly ``material`` and its samples are intact; the cached entry, else ``None``."""
+    entry = _cached_entry(shipped / "result.json", shipped / "samples.npz", material)
+    if entry is None:
+        return None
+    with atomic_path(samples_file) as tmp:
+        shutil.copyfile(shipped / "samples.npz", tmp)
+    stored = json.loads((shipped / "result.json").read_text())
+    write_json_atomic(result_file, {**stored, "shipped": True})
+    return _cached_entry(result_file, samples_file, material)
 
 
 def sample_plan(num_classes: int, n: int, seed: int) -> tuple[torch.Tensor, list[int]]:
@@ -298,7 +322,7 @@ def cached_calibrate(bundle, *, profile: str | None = None, seed: int = 0, cache
 def run(bundle, recipe: "QuantRecipe | str", *, profile: "str | Profile | None" = None, seed: int = 0,
         cfg_scale: float = 1.5, sampler: str = "ddpm", num_samples: int | None = None,
         cache_dir: "str | os.PathLike | None" = None, extractor=None, reference=None,
-        progress: bool = True) -> RunResult:
+        progress: bool = True, shipped_dir: "str | os.PathLike | None" = SHIPPED_RUNS_DIR) -> RunResult:
     """Calibrate, quantize a copy of ``bundle.transformer`` with ``recipe``, sample, evaluate; cached.
 
     Args:
@@ -309,6 +333,8 @@ def run(bundle, recipe: "QuantRecipe | str", *, profile: "str | Profile | None" 
         cfg_scale, sampler: sampling settings.
         num_samples: override the profile's ``eval_samples``.
         cache_dir: default ``config.CACHE_DIR / "runs"``.
+        shipped_dir: finished runs to adopt when their key material matches (default: the book's,
+            ``config.SHIPPED_RUNS_DIR``); ``None``: compute whatever the cache lacks.
         extractor, reference: feature network and reference images; default: the embedded proxy network
             and the embedded data's held-out split.
 
@@ -333,6 +359,8 @@ def run(bundle, recipe: "QuantRecipe | str", *, profile: "str | Profile | None" 
         return RunResult(**cached["result"], cached=True)
     with _entry_lock(folder):
         cached = _cached_entry(result_file, samples_file, material)  # another process may have just made it
+        if cached is None and shipped_dir is not None:
+            cached = _adopt_shipped(Path(shipped_dir) / folder.name, result_file, samples_file, material)
         if cached is not None:
             return RunResult(**cached["result"], cached=True)
         return _compute(bundle, recipe, prof, seed=seed, cfg_scale=cfg_scale, sampler=sampler, n=n, mkey=mkey,
@@ -399,7 +427,7 @@ def run_table(bundle, recipes: Sequence["QuantRecipe | str"], *, seeds: Sequence
         res = run(bundle, r, profile=prof, seed=s, progress=False, **kwargs)
         rows.append({**res.row(), **{f"quant: {k}": v for k, v in res.quant.items()
                                      if k in ("weight_sqnr", "act_sqnr", "output_sqnr")},
-                     "seconds": res.protocol["seconds"]["total"], "cached": res.cached})
+                     "seconds": res.protocol["seconds"]["total"], "cached": res.cached, "shipped": res.shipped})
     return pd.DataFrame(rows)
 
 

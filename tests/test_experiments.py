@@ -1,5 +1,9 @@
 """experiments: run end to end on a tiny random DiT, cache hits, stale-cache detection, paired seeds; cached
 calibrations; cache keys by dependency."""
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -40,6 +44,50 @@ def test_corrupted_cache_entry_is_recomputed(bundle, reference, tmp_path, toy_ex
     r2 = run(bundle, "fp32", profile=PROF, extractor=toy_extractor, reference=reference, cache_dir=tmp_path, progress=False)
     assert not r2.cached  # recomputed …
     np.testing.assert_equal(r2.metrics, r1.metrics)  # … and deterministic
+
+
+def _ship(cache: Path, shipped: Path) -> Path:
+    """Move the one finished run of ``cache/`` into ``shipped/`` as ``make book-results`` does; its folder."""
+    (folder,) = [d for d in cache.iterdir() if d.is_dir()]
+    shipped.mkdir()
+    shutil.copytree(folder, shipped / folder.name, ignore=shutil.ignore_patterns(".lock"))
+    shutil.rmtree(cache)
+    return shipped / folder.name
+
+
+def test_a_shipped_run_is_adopted_only_when_its_key_material_matches(bundle, reference, tmp_path, toy_extractor,
+                                                                      monkeypatch):
+    kw = dict(profile=PROF, extractor=toy_extractor, reference=reference, progress=False)
+    made = run(bundle, "int4-rtn", cache_dir=tmp_path / "a", **kw)
+    entry = _ship(tmp_path / "a", tmp_path / "shipped")
+
+    def no_compute(*a, **k):
+        raise AssertionError("computed although a matching shipped run exists")
+    with monkeypatch.context() as m:
+        m.setattr(experiments, "_compute", no_compute)
+        adopted = run(bundle, "int4-rtn", cache_dir=tmp_path / "b", shipped_dir=tmp_path / "shipped", **kw)
+        again = run(bundle, "int4-rtn", cache_dir=tmp_path / "b", shipped_dir=None, **kw)  # now in the cache
+    assert adopted.cached and adopted.shipped and again.shipped
+    np.testing.assert_equal(adopted.metrics, made.metrics)
+    assert adopted.samples.startswith(str(tmp_path / "b"))  # the copy, not the path it was made at
+    np.testing.assert_array_equal(np.load(adopted.samples)["arr_0"], np.load(entry / "samples.npz")["arr_0"])
+
+    # another seed, another recipe or protocol has another key: computed, never served from the shipped run
+    other = run(bundle, "int4-rtn", seed=1, cache_dir=tmp_path / "c", shipped_dir=tmp_path / "shipped", **kw)
+    assert not other.cached and not other.shipped
+    # a shipped entry whose material was edited (e.g. results made by other code), or whose samples are
+    # damaged, is not adopted
+    original = (entry / "result.json").read_text()
+    stored = json.loads(original)
+    stored["material"]["code"] = "0" * 16
+    (entry / "result.json").write_text(json.dumps(stored))
+    assert not run(bundle, "int4-rtn", cache_dir=tmp_path / "d", shipped_dir=tmp_path / "shipped", **kw).cached
+    (entry / "result.json").write_text(original)
+    assert run(bundle, "int4-rtn", cache_dir=tmp_path / "e", shipped_dir=tmp_path / "shipped", **kw).shipped
+    with open(entry / "samples.npz", "ab") as f:
+        f.write(b"garbage")
+    late = run(bundle, "int4-rtn", cache_dir=tmp_path / "f", shipped_dir=tmp_path / "shipped", **kw)
+    assert not late.cached and not late.shipped
 
 
 def test_fp32_recipe_reproduces_plain_sampling(bundle, reference, tmp_path, toy_extractor):
