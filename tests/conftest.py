@@ -13,6 +13,15 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def _int_path_as_on_a_vnni_cpu(monkeypatch):
+    """The tests see the integer path as a CPU with int8 dot-product instructions does ("auto" chooses it
+    wherever it is exact), whatever CPU runs them; tests/test_lowbit.py checks the rule for other CPUs."""
+    from hqdit_utils import lowbit
+
+    monkeypatch.setattr(lowbit, "int_mm_fast", lambda: True)
+
+
 def _toy_features(images):
     """A cheap stand-in feature network: 4 pooled statistics per image, the first 4 doubling as logits."""
     x = torch.from_numpy(images).float().flatten(1)

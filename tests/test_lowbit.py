@@ -1,5 +1,6 @@
 """Tests of the integer execution path (lowbit.py): codes, packing, exactness per layer, the switch."""
 import copy
+import os
 import warnings
 
 import pytest
@@ -14,6 +15,7 @@ from hqdit_utils.hadamard import HadamardSpec
 from hqdit_utils.lowbit import (LowbitError, codes_to_grid, drop_float_weights_, execution, execution_paths,
                                 grid_to_codes, integer_grid, pack_codes, quantize_to_codes, set_execution,
                                 unpack_codes, weight_codes)
+from hqdit_utils.lowbit import int_mm_fast as _real_int_mm_fast
 from hqdit_utils.models import tiny_dit
 from hqdit_utils.qlinear import QuantLinear
 from hqdit_utils.qmodel import load_quantized, quantize_, save_quantized
@@ -223,6 +225,32 @@ def test_half_precision_inputs(dtype):
 # --------------------------------------------------------------------------------------------------
 # The switch, packed weights, fallbacks, files
 # --------------------------------------------------------------------------------------------------
+def test_auto_keeps_float_layers_simulated_on_a_cpu_without_int8_dot_products(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    W = fake_quantize(torch.randn(72, 144, generator=g) / 12, "fp4_e2m1", axis=0)
+    layer = QuantLinear(144, 72, weight=W, weight_format="fp4_e2m1", act_format="fp4_e2m1", act_mode="static",
+                        act_scale=torch.tensor([0.1]))
+    monkeypatch.setattr(lowbit, "int_mm_fast", lambda: False)
+    paths = set_execution(layer, "auto")
+    assert paths[""].startswith("sim: this CPU has no int8 dot-product instructions") and layer.lowbit is None
+    assert execution_paths(layer)[""] == paths[""]
+    assert set_execution(layer, "int") == {"": "int"}  # forced: runs the slow kernel all the same
+    drop_float_weights_(layer)  # codes only: the integer path is the only one left, so "auto" keeps it
+    assert set_execution(layer, "auto") == {"": "int"}
+    monkeypatch.setattr(lowbit, "int_mm_fast", lambda: True)
+    layer2 = QuantLinear(144, 72, weight=W, weight_format="fp4_e2m1", act_format="fp4_e2m1", act_mode="static",
+                         act_scale=torch.tensor([0.1]))
+    assert set_execution(layer2, "auto") == {"": "int"}
+
+
+def test_int8_dot_product_detection_reads_the_cpu_flags():
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else None
+    real = _real_int_mm_fast()  # imported before the suite's fixture patches lowbit.int_mm_fast
+    if flags is not None:
+        assert real == any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    assert isinstance(real, bool)
+
+
 def test_switch_forces_either_path_and_restores(bundle, calib):
     m = copy.deepcopy(bundle.transformer)
     quantize_(m, get_recipe("hqdit-w4a4").replace(clip_grid=(20, 0.3, 1.0)), calib)
