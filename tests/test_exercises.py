@@ -17,7 +17,18 @@ from pathlib import Path
 
 import pytest
 
+from hqdit_utils.lowbit import int_mm_fast as _this_cpu_int_mm_fast
+
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+@pytest.fixture(autouse=True)
+def _int_path_as_on_this_cpu(monkeypatch):
+    """The chapters run as they do in the book on this machine: the integer path where "auto" would choose it
+    here (undoes conftest's stand-in for a CPU with int8 dot-product instructions)."""
+    from hqdit_utils import lowbit
+
+    monkeypatch.setattr(lowbit, "int_mm_fast", _this_cpu_int_mm_fast)
+
 
 #: A wrong answer for every exercise label (code that replaces the answer cell). A new exercise without
 #: an entry here fails ``test_every_exercise_has_a_wrong_answer``.
