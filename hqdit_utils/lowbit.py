@@ -297,6 +297,7 @@ class IntLinearState:
             ``m_w`` included); w_scale: ``row_scale / m_a`` (the rescale then needs only the activation scale).
         weight_dtype: dtype of the float weight the codes came from (outputs of a decoded weight use it).
         enabled: run the integer path (``False``: the layer keeps the simulated path although it could run).
+        sim_reason: why it keeps it (``"forced"``, or a CPU without fast int8 products; see :func:`set_execution`).
         source: (data_ptr, dtype, version) of the float weight at planning time; a change re-plans the layer.
     """
 
@@ -309,6 +310,7 @@ class IntLinearState:
         self.w_scale = (self.row_scale / a_grid.multiplier).contiguous()  # folds the activation multiplier
         self.weight_dtype = weight_dtype
         self.enabled = True
+        self.sim_reason = "forced"  # why the simulated path runs while enabled is False
         self.source = source
 
     def current(self, layer) -> bool:
@@ -468,8 +470,6 @@ def set_execution(model: nn.Module, mode: str = "auto", *, weights: str | None =
     paths = {}
     for name, layer in layers.items():
         st = plans[name]
-        if slow and not isinstance(st, str) and layer.weight is not None:
-            st = _SLOW_INT_MM
         if isinstance(st, str):
             if layer.weight is None:
                 raise LowbitError(f"{name}: holds codes only but {st}")
@@ -478,9 +478,11 @@ def set_execution(model: nn.Module, mode: str = "auto", *, weights: str | None =
             continue
         if weights is not None:
             st.hold(weights)
-        st.enabled = mode != "sim"
+        keep_sim = slow and layer.weight is not None  # codes-only layers have no other path
+        st.enabled = mode != "sim" and not keep_sim
+        st.sim_reason = _SLOW_INT_MM if keep_sim else "forced"
         layer.lowbit = st
-        paths[name] = "int" if st.enabled else "sim: forced"
+        paths[name] = "int" if st.enabled else f"sim: {st.sim_reason}"
     return paths
 
 
@@ -492,14 +494,10 @@ def execution_paths(model: nn.Module) -> dict[str, str]:
         if st is not None and st.enabled:
             out[name] = "int"
         elif st is not None:
-            out[name] = "sim: forced"
+            out[name] = f"sim: {st.sim_reason}"
         else:
             p = plan_layer(layer)
-            if isinstance(p, str):
-                out[name] = f"sim: {p}"
-            else:
-                out[name] = f"sim: {_SLOW_INT_MM}" if not int_mm_fast() else \
-                    "sim: integer path not enabled (set_execution)"
+            out[name] = "sim: integer path not enabled (set_execution)" if not isinstance(p, str) else f"sim: {p}"
     return out
 
 
@@ -508,15 +506,15 @@ def execution(model: nn.Module, mode: str, *, weights: str | None = None):
     """``with execution(model, "sim"): …`` runs with ``mode`` (see :func:`set_execution`), then restores each
     layer's previous path."""
     layers = _quant_linears(model)
-    before = {n: (layer.lowbit, None if layer.lowbit is None else layer.lowbit.enabled)
+    before = {n: (layer.lowbit, None if layer.lowbit is None else (layer.lowbit.enabled, layer.lowbit.sim_reason))
               for n, layer in layers.items()}
     try:
         yield set_execution(model, mode, weights=weights)
     finally:
         for n, layer in layers.items():
-            st, enabled = before[n]
+            st, state = before[n]
             if st is not None:
-                st.enabled = enabled
+                st.enabled, st.sim_reason = state
             layer.lowbit = st
 
 

@@ -232,8 +232,12 @@ def test_auto_keeps_float_layers_simulated_on_a_cpu_without_int8_dot_products(mo
                         act_scale=torch.tensor([0.1]))
     monkeypatch.setattr(lowbit, "int_mm_fast", lambda: False)
     paths = set_execution(layer, "auto")
-    assert paths[""].startswith("sim: this CPU has no int8 dot-product instructions") and layer.lowbit is None
-    assert execution_paths(layer)[""] == paths[""]
+    assert paths[""].startswith("sim: this CPU has no int8 dot-product instructions")
+    assert not layer.lowbit.enabled and execution_paths(layer)[""] == paths[""]
+    assert set(lowbit.packed_weights(layer)) == {""}  # the codes are kept: a packed file is written all the same
+    with execution(layer, "sim"):
+        assert execution_paths(layer)[""] == "sim: forced"
+    assert execution_paths(layer)[""] == paths[""]  # restored with its reason
     assert set_execution(layer, "int") == {"": "int"}  # forced: runs the slow kernel all the same
     drop_float_weights_(layer)  # codes only: the integer path is the only one left, so "auto" keeps it
     assert set_execution(layer, "auto") == {"": "int"}

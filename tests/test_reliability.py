@@ -27,9 +27,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import reliability_child as child
-from hqdit_utils import digits, experiments
+from hqdit_utils import digits, experiments, lowbit
 from hqdit_utils.calibration import Calibration, CalibrationError, calibrate
 from hqdit_utils.formats import FloatFormat, IntFormat, NoFormat, parse_format
+from hqdit_utils.lowbit import int_mm_fast as _this_cpu_int_mm_fast
 from hqdit_utils.models import MissingWeightsError, WeightsError, load_dit, tiny_dit
 from hqdit_utils.qlinear import QuantLinear
 from hqdit_utils.qmodel import QuantizationError, load_quantized, quantize_, save_quantized
@@ -540,7 +541,8 @@ def test_concurrent_writer_processes_compute_once_and_leave_a_valid_entry(tmp_pa
 # ==================================================================================================
 # 4. determinism: the same command twice gives bit-identical plans, weights, samples and metrics
 # ==================================================================================================
-def test_embedded_w4a4_is_bit_identical_across_processes(tmp_path, processes):
+def test_embedded_w4a4_is_bit_identical_across_processes(tmp_path, processes, monkeypatch):
+    monkeypatch.setattr(lowbit, "int_mm_fast", _this_cpu_int_mm_fast)  # as in the child: this CPU's path choice
     other = tmp_path / "process"
     proc = processes.Process(target=child.main, args=(["w4a4", str(other), str(tmp_path / "progress"), "0"],))
     proc.start()
