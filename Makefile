@@ -61,7 +61,8 @@ book-results:
 	  if [ -f "$$d/result.json" ] && [ -f "$$d/samples.npz" ]; then \
 	    mkdir -p "../../data/book-runs/$$d" && cp "$$d/result.json" "$$d/samples.npz" "../../data/book-runs/$$d/"; fi; \
 	done
-	@echo "data/book-runs: $$(ls data/book-runs | wc -l) runs, $$(du -sh data/book-runs | cut -f1)"
+	$(BIN)/python book/_ext/runs_machine.py data/book-runs/machine.json
+	@echo "data/book-runs: $$(ls -d data/book-runs/*/ | wc -l) runs, $$(du -sh data/book-runs | cut -f1)"
 
 bench: env
 	$(BIN)/python benchmarks/run_all.py
