@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +99,7 @@ print(sum(range(10)))
 """
 
 KNOWN_SECONDS = 125.0  # written into the tiny book's chapter_times.json: "about 3 min"
+KNOWN_CPU = "Some CPU, AVX2"  # ... and the CPU it was measured on
 
 
 def _chromium() -> str | None:
@@ -124,7 +126,7 @@ def tiny_book(tmp_path_factory) -> Path:
     (book / "index.md").write_text(MATH_PAGE, encoding="utf-8")
     (book / "nb.md").write_text(NOTEBOOK_PAGE, encoding="utf-8")
     (book / "chapter_times.json").write_text(json.dumps(
-        {"measured": "2026-01-01", "cpu_cores": 2, "pages": {"nb": {"seconds": KNOWN_SECONDS}}}), encoding="utf-8")
+        {"measured": "2026-01-01", "cpu_cores": 2, "cpu": KNOWN_CPU, "pages": {"nb": {"seconds": KNOWN_SECONDS}}}), encoding="utf-8")
     jb = Path(sys.executable).parent / "jupyter-book"
     env = dict(os.environ, OMP_NUM_THREADS="1", IPYTHONDIR=str(ROOT / "book" / "ipython_profile"))
     proc = subprocess.run([str(jb), "build", str(book), "-W", "-n", "--keep-going"], capture_output=True,
@@ -170,7 +172,7 @@ def test_formulas_render_without_network(tiny_book):
 
 def test_runtime_line_reads_chapter_times(tiny_book):
     html = (tiny_book / "_build" / "html" / "nb.html").read_text(encoding="utf-8")
-    assert "about 3 min on 2 CPU cores" in html
+    assert f"about 3 min on 2 CPU cores ({KNOWN_CPU})" in html
 
 
 def test_chapter_times_script_reads_the_execution_records(tiny_book):
@@ -185,6 +187,8 @@ def test_chapter_times_script_reads_the_execution_records(tiny_book):
     assert list(data["pages"]) == ["nb"]  # index.md is not a notebook
     assert data["pages"]["nb"]["title"] == "An executed page"
     assert 0 < data["pages"]["nb"]["seconds"] < 300
+    assert data["cpu"] == chapter_times.cpu_description() and data["cpu"].endswith(
+        torch.backends.cpu.get_cpu_capability())
     assert chapter_times.main(["--root", str(tiny_book), "--out", str(out), "--check"]) == 0
 
 

@@ -76,7 +76,8 @@ class ChapterRuntime(_TimesDirective):
         if when is None:
             para += nodes.Text("not measured yet for this version of the chapter.")
         else:
-            para += nodes.Text(f"{when} on {cores} CPU cores, executed from scratch"
+            cpu = f" ({data['cpu']})" if data.get("cpu") else ""
+            para += nodes.Text(f"{when} on {cores} CPU cores{cpu}, executed from scratch"
                                f" (measured {data.get('measured', 'on an unknown date')}).")
         return [para]
 
@@ -120,6 +121,7 @@ class ChapterTimesTable(_TimesDirective):
         body += self._row(["all pages", f"{total:.0f}", f"{total / 60:.1f} min"])
         note = nodes.paragraph(text=(
             f"Measured {data.get('measured', 'on an unknown date')} on {data.get('cpu_cores', '?')} CPU cores"
+            + (f", {data['cpu']}," if data.get("cpu") else "") +
             f" (commit {data.get('commit', 'unknown')}, profile {data.get('profile', 'book')!r}):"
             f" {data.get('how', 'execution records of the build')}"))
         return [table, note]

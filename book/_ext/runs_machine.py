@@ -5,25 +5,14 @@ results can differ in their last bits between CPUs, so the shipped runs are the 
 Usage: ``python book/_ext/runs_machine.py data/book-runs/machine.json``.
 """
 import json
-import platform
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from chapter_times import cpu_model  # same folder (book/_ext), which is on sys.path when run as a script
 from hqdit_utils.lowbit import INT8_DOT_FLAGS, int_mm_fast
-
-
-def cpu_model() -> str:
-    """The first ``model name`` line of ``/proc/cpuinfo``, else :func:`platform.processor`."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(out: str) -> None:
