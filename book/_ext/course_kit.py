@@ -121,8 +121,8 @@ class ChapterTimesTable(_TimesDirective):
         body += self._row(["all pages", f"{total:.0f}", f"{total / 60:.1f} min"])
         note = nodes.paragraph(text=(
             f"Measured {data.get('measured', 'on an unknown date')} on {data.get('cpu_cores', '?')} CPU cores"
-            + (f", {data['cpu']}," if data.get("cpu") else "") +
-            f" (commit {data.get('commit', 'unknown')}, profile {data.get('profile', 'book')!r}):"
+            + (f" ({data['cpu']})" if data.get("cpu") else "") +
+            f", commit {data.get('commit', 'unknown')}, profile {data.get('profile', 'book')!r}:"
             f" {data.get('how', 'execution records of the build')}"))
         return [table, note]
 
