@@ -55,14 +55,9 @@ chapter-times: env
 # The finished runs of the last build, shipped so that a fresh clone of unchanged code reads them instead of
 # recomputing (experiments.run adopts an entry only when its key material matches exactly; see the book's
 # "How this book is built" page). Run after a cold build: HQDIT_SHIPPED_RUNS=none make book, then this.
-book-results:
-	rm -rf data/book-runs && mkdir -p data/book-runs
-	cd .hqdit_cache/runs && for d in *; do \
-	  if [ -f "$$d/result.json" ] && [ -f "$$d/samples.npz" ]; then \
-	    mkdir -p "../../data/book-runs/$$d" && cp "$$d/result.json" "$$d/samples.npz" "../../data/book-runs/$$d/"; fi; \
-	done
-	$(BIN)/python book/_ext/runs_machine.py data/book-runs/machine.json
-	@echo "data/book-runs: $$(ls -d data/book-runs/*/ | wc -l) runs, $$(du -sh data/book-runs | cut -f1)"
+book-results: env
+	$(BIN)/python book/_ext/ship_runs.py .hqdit_cache/runs data/book-runs
+	@echo "data/book-runs: $$(du -sh data/book-runs | cut -f1)"
 
 bench: env
 	$(BIN)/python benchmarks/run_all.py
