@@ -15,7 +15,7 @@ are timed round-robin (``_timing.interleaved_medians``). ``int8`` = weight codes
 3. Embedded model, batch 64, ``hqdit-w4a4`` (``ci``-profile calibration). Target ≤ 0.8×. Also ``fp4-hybrid``
    on the integer path (no rotation): what the online rotation costs.
 4. Breakdown of the XL block's quantized linears (1024 rows): online rotation, activation rounding to codes,
-   unpacking (packed only), int8 GEMM, float rescale + bias, against FP32 ``F.linear`` of the same shapes.
+   unpacking (packed only), int8 GEMM with its float rescale + bias (oneDNN fuses them), against FP32 ``F.linear`` of the same shapes.
 5. Memory, in fresh subprocesses (one thread): peak RSS of a full 28-block XL-shaped model doing one forward
    at batch 2, FP32 against the same model whose quantized linears hold only packed 4-bit codes + row scales
    (built layer by layer from a meta-device skeleton, so no FP32 copy of those layers ever exists; the values
@@ -72,6 +72,12 @@ def _variants(q) -> dict:
     return {"int8": q, "packed": packed, "sim": sim}
 
 
+def _kernels(model) -> str:
+    """The int8 GEMM kernel(s) the integer-path layers of ``model`` run (``lowbit.int_kernel``)."""
+    return ", ".join(sorted({m.lowbit.kernel for m in model.modules()
+                             if isinstance(m, QuantLinear) and m.lowbit is not None and m.lowbit.enabled}))
+
+
 def _xl_quantized(blocks: int, gptq: bool = True):
     """A ``blocks``-block XL-shaped random model and its hqdit-w4a4 copy (small calibration, 10-point γ grid;
     ``gptq=False`` rounds to nearest: other weight values, the same forward operations)."""
@@ -116,22 +122,16 @@ def _breakdown(fp32_model, q, packed, hidden: torch.Tensor, repeats: int) -> lis
     for name in names:
         layer, player = q.get_submodule(name), packed.get_submodule(name)
         lin = fp32_model.get_submodule(name)
-        st, pst = layer._lowbit, player._lowbit
+        st, pst = layer.lowbit, player.lowbit
         x = torch.randn(hidden.shape[0], layer.in_features, generator=g)
         xr = layer.transform_input(x)
         a, s = st.act_codes(layer, x)
-        acc = lowbit.int_matmul(a, st.codes)
-        scale = st.w_scale * s
         b = layer.bias.to(torch.float32)
-
-        def rescale():
-            return torch.addcmul(b, acc, scale) if s.dim() == 0 else torch.addcmul(b, torch.mul(acc, s), st.w_scale)
         fns = {"fp32 linear": lambda: F.linear(x, lin.weight, lin.bias),
                "rotate": lambda: layer.transform_input(x),
                "quantize": lambda: lowbit.quantize_to_codes(xr, s, layer._act_fmt),
                "unpack": lambda: pst.int8_codes(),
-               "gemm": lambda: lowbit.int_matmul(a, st.codes),
-               "rescale": rescale,
+               "gemm+rescale": lambda: st.matmul(a, s, b),
                "int8 layer": lambda: layer(x),
                "packed layer": lambda: player(x)}
         with torch.no_grad():
@@ -143,7 +143,7 @@ def _breakdown(fp32_model, q, packed, hidden: torch.Tensor, repeats: int) -> lis
 
 
 def _print_breakdown(rows: list[dict]) -> None:
-    keys = ["fp32 linear", "rotate", "quantize", "unpack", "gemm", "rescale", "int8 layer", "packed layer"]
+    keys = ["fp32 linear", "rotate", "quantize", "unpack", "gemm+rescale", "int8 layer", "packed layer"]
     print(f"  {'layer (1024 rows)':18s} {'shape':>10s} " + " ".join(f"{k:>12s}" for k in keys) + "   (ms)")
     tot = {k: 0.0 for k in keys}
     for r in rows:
@@ -151,9 +151,9 @@ def _print_breakdown(rows: list[dict]) -> None:
         for k in keys:
             tot[k] += r[k]
     print(f"  {'sum':18s} {'':>10s} " + " ".join(f"{tot[k]:12.2f}" for k in keys))
-    share = tot["rotate"] + tot["quantize"] + tot["gemm"] + tot["rescale"]
-    print(f"  int8 path = rotate {tot['rotate'] / share:.0%} + quantize {tot['quantize'] / share:.0%} + GEMM "
-          f"{tot['gemm'] / share:.0%} + rescale {tot['rescale'] / share:.0%} (of the stages' sum {share:.1f} ms; "
+    share = tot["rotate"] + tot["quantize"] + tot["gemm+rescale"]
+    print(f"  int8 path = rotate {tot['rotate'] / share:.0%} + quantize {tot['quantize'] / share:.0%} + GEMM and "
+          f"rescale {tot['gemm+rescale'] / share:.0%} (of the stages' sum {share:.1f} ms; "
           f"q/k/v share one rotation and quantization in the model, here each layer does its own)")
 
 
@@ -188,7 +188,7 @@ def _memory_child(kind: str, layers: str, blocks: int) -> dict:
                              act_scale=torch.tensor([0.5]), rotation=HadamardSpec(n_in, seed=0), name=name)
             lowbit.install_packed(ql, p)
             lowbit.set_execution(ql, "int")
-            q_bytes += ql._lowbit.nbytes
+            q_bytes += ql.lowbit.nbytes
             fp32_bytes += 4 * n_in * n_out
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, ql)
@@ -245,7 +245,7 @@ def main(argv=None) -> list[dict]:
         bundle1, q1, t_q1 = _xl_quantized(1)
         paths = lowbit.execution_paths(q1)
         print(f"XL-shaped block: {RECIPE} quantized in {t_q1:.0f} s (setup {time.perf_counter() - t0:.0f} s); "
-              f"paths {sorted(set(paths.values()))}")
+              f"paths {sorted(set(paths.values()))}; int8 kernel {_kernels(q1)}")
         inputs = denoiser_inputs(bundle1, 4)
         bargs, bkw = _block_call(bundle1.transformer, inputs)
         models = {"fp32": bundle1.transformer, **_variants(q1)}
@@ -304,7 +304,7 @@ def main(argv=None) -> list[dict]:
         for nt in threads:
             torch.set_num_threads(nt)
             t = forward_medians(models, inputs, repeats)
-            print(f"\n[{nt} thread(s)] embedded model forward, batch 64:")
+            print(f"\n[{nt} thread(s)] embedded model forward, batch 64 (int8 kernel {_kernels(q)}):")
             for n, sec in t.items():
                 print(f"  {n:16s} {sec * 1e3:8.1f} ms  {sec / t['fp32']:6.3f}x")
             details[f"embedded_forward_s_{nt}t"] = t

@@ -22,8 +22,13 @@ What cannot run exactly stays simulated, with a one-line reason (:func:`plan_lay
 block-scaled (MX/NVFP4) activations or weights, formats whose integer grid exceeds int8 (FP8), unsigned grids,
 a weight that is not an integer grid × per-row scale in its dtype, non-CPU tensors, and builds without
 ``torch._int_mm`` (a warning). Attention-matmul quantization (``QuantAttnProcessor``) is always simulated.
-``"auto"`` also keeps a layer simulated on a CPU without int8 dot-product instructions (:func:`int_mm_fast`),
-where ``torch._int_mm`` runs a slow kernel; ``"int"`` runs it there all the same.
+
+Two exact int8 GEMM kernels (:data:`KERNELS`; :func:`int_kernel` picks one per layer): ``torch._int_mm`` on CPUs
+with int8 dot-product instructions (:func:`int_mm_fast`); elsewhere ``torch._int_mm`` runs a slow kernel, and
+oneDNN's quantized linear (``torch.ops.onednn.qlinear_pointwise``, weight prepacked once per layer) runs instead
+— on AVX2 it adds pairs of u8×s8 products in int16, so it is used only where no pair can saturate
+(:func:`onednn_exact`: every FP4 variant and INT4, not INT8 weights). ``"auto"`` keeps a layer simulated when
+neither kernel is fast and exact for it; ``"int"`` runs ``torch._int_mm`` there all the same.
 
 API: :func:`set_execution` / :func:`execution` (force ``"int"``, ``"sim"`` or choose ``"auto"``),
 :func:`execution_paths` (which path each layer runs and why), :func:`drop_float_weights_` (keep only the
@@ -49,7 +54,7 @@ from .quantizer import round_to_grid_
 
 __all__ = ["LowbitError", "IntegerGrid", "integer_grid", "grid_to_codes", "codes_to_grid", "quantize_to_codes",
            "weight_codes", "pack_codes", "unpack_codes", "int_matmul", "int_mm_available", "int_mm_fast",
-           "INT8_DOT_FLAGS", "IntLinearState",
+           "INT8_DOT_FLAGS", "KERNELS", "onednn_available", "onednn_exact", "int_kernel", "IntLinearState",
            "plan_layer", "set_execution", "execution", "execution_paths", "drop_float_weights_", "MODES",
            "DEFAULT_MODE", "PACKED_FILE", "packed_weights", "placeholder_weight", "install_packed"]
 
@@ -255,7 +260,11 @@ def int_mm_available() -> bool:
 #: kernel of ``torch._int_mm``.
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 _SLOW_INT_MM = ("this CPU has no int8 dot-product instructions (AVX512-VNNI, AVX-VNNI, AMX), so torch._int_mm "
-                "would be slower than the float path; set_execution(model, 'int') runs it anyway")
+                "would be slower than the float path, and oneDNN's int8 kernel {why}; set_execution(model, 'int') "
+                "runs torch._int_mm anyway")
+#: The exact int8 GEMM kernels of the integer path (:func:`int_kernel`).
+KERNELS = ("torch._int_mm", "onednn")
+_INT16_MAX = 2 ** 15 - 1
 
 
 @lru_cache(maxsize=None)
@@ -270,6 +279,50 @@ def int_mm_fast() -> bool:
     except OSError:
         return torch.backends.cpu.get_cpu_capability().upper().startswith(("AVX512", "AMX"))
     return any(flag in flags for flag in INT8_DOT_FLAGS)
+
+
+def onednn_available() -> bool:
+    """Whether oneDNN's quantized linear (``torch.ops.onednn.qlinear_prepack`` / ``qlinear_pointwise``) runs in
+    this build (probed once on a tiny odd shape against the exact product)."""
+    if "onednn" not in _INT_MM:
+        try:
+            a = torch.tensor([[1, -2, 3]], dtype=torch.int8)
+            w = torch.tensor([[2, 5, -1], [-12, 7, 12]], dtype=torch.int8)
+            out = _onednn_linear(a, 1.0, torch.ops.onednn.qlinear_prepack(w, None), torch.ones(2),
+                                 torch.zeros(2, dtype=torch.int64), None)
+            ok = out.tolist() == [[-11.0, 10.0]]
+        except (AttributeError, RuntimeError, NotImplementedError):
+            ok = False
+        _INT_MM["onednn"] = ok
+    return _INT_MM["onednn"]
+
+
+def onednn_exact(w_grid: IntegerGrid, a_grid: IntegerGrid) -> bool:
+    """Whether oneDNN's int8 kernel is exact for these grids on every x86 CPU. Without int8 dot-product
+    instructions it shifts the activation codes to u8 (+128) and adds *pairs* of u8×s8 products in int16, which
+    saturates unless ``2·(qmax_a + 128)·qmax_w ≤ 32767`` — true for every FP4 variant and INT4 (E3M0 × 4:
+    2·192·64 = 24576), false for INT8 weights (measured: wrong sums with codes ±127)."""
+    return 2 * (a_grid.qmax + 128) * w_grid.qmax <= _INT16_MAX
+
+
+def int_kernel(w_grid: IntegerGrid, a_grid: IntegerGrid) -> str | None:
+    """The kernel ``"auto"`` runs for a layer with these grids: ``"torch._int_mm"`` on a CPU with int8
+    dot-product instructions (:func:`int_mm_fast`), else ``"onednn"`` where it is available and exact
+    (:func:`onednn_exact`; measured on a 2-core AVX2 machine at 0.49–0.67× the float32 time on DiT-XL/2's and the
+    embedded model's linear shapes, ``benchmarks/bench_int8_kernels.py``), else ``None`` (no fast exact kernel)."""
+    if int_mm_fast():
+        return "torch._int_mm"
+    if onednn_exact(w_grid, a_grid) and onednn_available():
+        return "onednn"
+    return None
+
+
+def _onednn_linear(a: torch.Tensor, a_scale: float, packed: torch.Tensor, w_scale: torch.Tensor,
+                   zeros: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``(a @ wᵀ) · a_scale · w_scale + bias`` in float32 [M, N] by oneDNN: ``a`` int8 [M, K], ``packed`` the
+    weight codes int8 [N, K] as ``qlinear_prepack`` returned them, ``w_scale`` float32 [N], ``zeros`` int64 [N]."""
+    return torch.ops.onednn.qlinear_pointwise(a, a_scale, 0, packed, w_scale, zeros, bias, 1.0, 0, torch.float32,
+                                              "none", [], "")
 
 
 def int_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -298,6 +351,8 @@ class IntLinearState:
         weight_dtype: dtype of the float weight the codes came from (outputs of a decoded weight use it).
         enabled: run the integer path (``False``: the layer keeps the simulated path although it could run).
         sim_reason: why it keeps it (``"forced"``, or a CPU without fast int8 products; see :func:`set_execution`).
+        kernel: the int8 GEMM (:data:`KERNELS`); ``"onednn"`` keeps its prepacked weight (built on first use,
+            rebuilt per call while the codes are held packed; not copied or pickled with the state).
         source: (data_ptr, dtype, version) of the float weight at planning time; a change re-plans the layer.
     """
 
@@ -311,7 +366,12 @@ class IntLinearState:
         self.weight_dtype = weight_dtype
         self.enabled = True
         self.sim_reason = "forced"  # why the simulated path runs while enabled is False
+        self.kernel = "torch._int_mm"
         self.source = source
+        self._onednn: tuple | None = None  # (prepacked weight, int64 zeros [out]) of the oneDNN kernel
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_onednn": None}  # oneDNN's prepacked tensor neither copies nor pickles
 
     def current(self, layer) -> bool:
         """Whether these codes still describe ``layer``'s float weight. A weight changed since planning (loaded,
@@ -334,6 +394,7 @@ class IntLinearState:
         call; formats wider than 4 bits, or an odd ``in``, keep int8)."""
         if weights not in ("int8", "packed"):
             raise ValueError(f"weights must be 'int8' or 'packed', got {weights!r}")
+        self._onednn = None
         if weights == "packed" and self.w_grid.bits <= 4 and self.int8_codes().shape[1] % 2 == 0:
             if self.packed is None:
                 self.packed = pack_codes(self.codes, self.w_grid.fmt)
@@ -382,17 +443,42 @@ class IntLinearState:
         else:
             # keyed on the caller's tensor x (x2 is a new view object on every call, so it never matched)
             a, s = shared.get(layer, x, kind="int", compute=lambda t: self.act_codes(layer, t.reshape(-1, k)))
+        out = self.matmul(a, s, layer.bias)
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        return out.to(dtype).view(*lead, out.shape[-1])
+
+    def matmul(self, a: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """float32 [M, out] = ``(a · s / m_a) (c_w · row_scale)ᵀ + bias`` by this layer's kernel: ``a`` int8 [M, in]
+        activation codes, ``s`` their float32 scale (0-d static or [M, 1] per token), ``bias`` [out] or None."""
+        if self.kernel == "onednn":
+            return self._onednn_forward(a, s, bias)
+        return self._int_mm_forward(a, s, bias)
+
+    def _int_mm_forward(self, a: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """float32 [M, out] from codes ``a`` [M, in] and scale ``s`` (0-d or [M, 1]) by ``torch._int_mm``."""
         acc = int_matmul(a, self.int8_codes())
         if s.dim() == 0:  # static: one rescale vector for the whole output
             scale = self.w_scale * s
-            out = torch.mul(acc, scale) if layer.bias is None else torch.addcmul(
-                layer.bias.to(torch.float32), acc, scale)
-        else:  # per token: scale rows, then columns (+ bias)
-            out = torch.mul(acc, s)
-            out = out.mul_(self.w_scale) if layer.bias is None else torch.addcmul(
-                layer.bias.to(torch.float32), out, self.w_scale)
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        return out.to(dtype).view(*lead, out.shape[-1])
+            return torch.mul(acc, scale) if bias is None else torch.addcmul(bias.to(torch.float32), acc, scale)
+        out = torch.mul(acc, s)  # per token: scale rows, then columns (+ bias)
+        return out.mul_(self.w_scale) if bias is None else torch.addcmul(bias.to(torch.float32), out, self.w_scale)
+
+    def _onednn_forward(self, a: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """As :meth:`_int_mm_forward` by oneDNN: the static scale and the bias are fused into its rescale; per-token
+        scales multiply its output rows."""
+        if a.shape[0] == 0:
+            return torch.zeros(0, self.w_scale.shape[0], dtype=torch.float32)
+        packed = self._onednn
+        if packed is None:
+            packed = (torch.ops.onednn.qlinear_prepack(self.int8_codes(), None),
+                      torch.zeros(self.w_scale.shape[0], dtype=torch.int64))
+            if self.codes is not None:  # int8 codes held: keep the prepacked copy (packed: rebuilt per call)
+                self._onednn = packed
+        b = None if bias is None else bias.to(torch.float32)
+        if s.dim() == 0:
+            return _onednn_linear(a, float(s), packed[0], self.w_scale, packed[1], b)
+        out = _onednn_linear(a, 1.0, packed[0], self.w_scale, packed[1], None).mul_(s)
+        return out if b is None else out.add_(b)
 
 
 def _source(layer) -> tuple | None:
@@ -437,23 +523,29 @@ def _quant_linears(model: nn.Module) -> dict:
 
 
 @torch.no_grad()
-def set_execution(model: nn.Module, mode: str = "auto", *, weights: str | None = None) -> dict[str, str]:
+def set_execution(model: nn.Module, mode: str = "auto", *, weights: str | None = None,
+                  kernel: str | None = None) -> dict[str, str]:
     """Choose the execution path of every ``QuantLinear`` in ``model`` (or of one ``QuantLinear``).
 
     Args:
-        mode: ``"auto"`` (integer path wherever it is exact and :func:`int_mm_fast`, else simulated; a layer that
-            holds codes only runs the integer path regardless), ``"int"`` (integer path for every
-            layer; raises if one cannot), ``"sim"`` (simulated path everywhere; the codes are kept).
+        mode: ``"auto"`` (integer path wherever it is exact and a fast exact kernel exists, :func:`int_kernel`,
+            else simulated; a layer that holds codes only runs the integer path regardless), ``"int"`` (integer
+            path for every layer; raises if one cannot), ``"sim"`` (simulated path everywhere; the codes are kept).
         weights: ``"int8"`` (codes [out, in], fastest) or ``"packed"`` (4-bit codes two per byte, unpacked per call);
             ``None``: keep codes as they are held (newly planned layers hold int8).
+        kernel: force one of :data:`KERNELS` for every integer-path layer (tests, benchmarks); ``None``: the
+            layer's :func:`int_kernel` (``"torch._int_mm"`` where none is fast).
 
     Returns:
         ``{layer name: "int" | "sim: <reason>"}`` (reason ``"forced"`` for ``mode="sim"``).
     Raises:
-        ValueError: an unknown mode; LowbitError: ``mode="int"`` and some layer cannot run exactly (lists them).
+        ValueError: an unknown mode or kernel; LowbitError: ``mode="int"`` and some layer cannot run exactly
+            (lists them), or ``kernel="onednn"`` where it is not exact or not available.
     """
     if mode not in MODES:
         raise ValueError(f"execution mode must be one of {MODES}, got {mode!r}")
+    if kernel not in (None, *KERNELS):
+        raise ValueError(f"kernel must be one of {KERNELS} or None, got {kernel!r}")
     layers = _quant_linears(model)
     plans = {}
     for name, layer in layers.items():
@@ -466,7 +558,6 @@ def set_execution(model: nn.Module, mode: str = "auto", *, weights: str | None =
         if bad:
             first = "; ".join(f"{n}: {r}" for n, r in list(bad.items())[:3])
             raise LowbitError(f"{len(bad)} layer(s) cannot run on the integer path, e.g. {first}")
-    slow = mode == "auto" and not int_mm_fast()
     paths = {}
     for name, layer in layers.items():
         st = plans[name]
@@ -478,9 +569,20 @@ def set_execution(model: nn.Module, mode: str = "auto", *, weights: str | None =
             continue
         if weights is not None:
             st.hold(weights)
-        keep_sim = slow and layer.weight is not None  # codes-only layers have no other path
+        fast = int_kernel(st.w_grid, st.a_grid)
+        if kernel == "onednn" and not (onednn_exact(st.w_grid, st.a_grid) and onednn_available()):
+            raise LowbitError(f"{name}: oneDNN's int8 kernel is not "
+                              f"{'available' if not onednn_available() else 'exact'} for {st.w_grid.fmt} weights "
+                              f"× {st.a_grid.fmt} activations; use kernel='torch._int_mm'")
+        new_kernel = kernel or fast or "torch._int_mm"
+        if new_kernel != st.kernel:
+            st.kernel, st._onednn = new_kernel, None
+        keep_sim = mode == "auto" and fast is None and layer.weight is not None  # codes-only: no other path
         st.enabled = mode != "sim" and not keep_sim
-        st.sim_reason = _SLOW_INT_MM if keep_sim else "forced"
+        st.sim_reason = "forced"
+        if keep_sim:
+            st.sim_reason = _SLOW_INT_MM.format(why="is not available in this build" if not onednn_available()
+                                                else "could saturate on these codes (2·(qmax_a+128)·qmax_w > 32767)")
         layer.lowbit = st
         paths[name] = "int" if st.enabled else f"sim: {st.sim_reason}"
     return paths
@@ -502,19 +604,22 @@ def execution_paths(model: nn.Module) -> dict[str, str]:
 
 
 @contextmanager
-def execution(model: nn.Module, mode: str, *, weights: str | None = None):
+def execution(model: nn.Module, mode: str, *, weights: str | None = None, kernel: str | None = None):
     """``with execution(model, "sim"): …`` runs with ``mode`` (see :func:`set_execution`), then restores each
     layer's previous path."""
     layers = _quant_linears(model)
-    before = {n: (layer.lowbit, None if layer.lowbit is None else (layer.lowbit.enabled, layer.lowbit.sim_reason))
+    before = {n: (layer.lowbit, None if layer.lowbit is None else
+                  (layer.lowbit.enabled, layer.lowbit.sim_reason, layer.lowbit.kernel))
               for n, layer in layers.items()}
     try:
-        yield set_execution(model, mode, weights=weights)
+        yield set_execution(model, mode, weights=weights, kernel=kernel)
     finally:
         for n, layer in layers.items():
             st, state = before[n]
             if st is not None:
-                st.enabled, st.sim_reason = state
+                if st.kernel != state[2]:
+                    st._onednn = None
+                st.enabled, st.sim_reason, st.kernel = state
             layer.lowbit = st
 
 

@@ -26,6 +26,8 @@ import pytest
 import torch
 import yaml
 
+from hqdit_utils import provenance
+
 ROOT = Path(__file__).resolve().parents[1]
 EXT = ROOT / "book" / "_ext"
 
@@ -187,7 +189,7 @@ def test_chapter_times_script_reads_the_execution_records(tiny_book):
     assert list(data["pages"]) == ["nb"]  # index.md is not a notebook
     assert data["pages"]["nb"]["title"] == "An executed page"
     assert 0 < data["pages"]["nb"]["seconds"] < 300
-    assert data["cpu"] == chapter_times.cpu_description() and data["cpu"].endswith(
+    assert data["cpu"] == provenance.cpu_description() and data["cpu"].endswith(
         torch.backends.cpu.get_cpu_capability())
     assert chapter_times.main(["--root", str(tiny_book), "--out", str(out), "--check"]) == 0
 

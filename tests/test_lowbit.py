@@ -129,8 +129,14 @@ def test_weight_codes_reproduce_the_fake_quantized_weight(fmt):
 # --------------------------------------------------------------------------------------------------
 # Exactness per layer, every recipe
 # --------------------------------------------------------------------------------------------------
+def _onednn_exact_for(m) -> bool:
+    return all(lowbit.onednn_exact(q.lowbit.w_grid, q.lowbit.a_grid) for q in m.modules()
+               if isinstance(q, QuantLinear) and q.lowbit is not None)
+
+
+@pytest.mark.parametrize("kernel", lowbit.KERNELS)
 @pytest.mark.parametrize("name", list_recipes())
-def test_every_recipe_runs_exactly_or_says_why(bundle, calib, name):
+def test_every_recipe_runs_exactly_or_says_why(bundle, calib, name, kernel):
     m = copy.deepcopy(bundle.transformer)
     rep = quantize_(m, get_recipe(name).replace(clip_grid=(20, 0.3, 1.0)), calib)
     paths = {r.layer: r.execution for r in rep.layers}
@@ -139,6 +145,12 @@ def test_every_recipe_runs_exactly_or_says_why(bundle, calib, name):
         assert all(p.startswith("sim: ") and why in p for p in paths.values()), paths
         return
     assert set(paths.values()) == {"int"}
+    if kernel == "onednn" and not _onednn_exact_for(m):  # INT8 weights: pairs of u8×s8 products could saturate
+        with pytest.raises(LowbitError, match="oneDNN's int8 kernel is not exact for int8 weights"):
+            set_execution(m, "auto", kernel=kernel)
+        return
+    set_execution(m, "auto", kernel=kernel)
+    assert {q.lowbit.kernel for q in m.modules() if isinstance(q, QuantLinear)} == {kernel}
     inputs = {}
     hooks = [mod.register_forward_pre_hook(lambda mod, a, n=n: inputs.__setitem__(n, a[0]))
              for n, mod in m.named_modules() if isinstance(mod, QuantLinear)]
@@ -158,9 +170,12 @@ def test_every_recipe_runs_exactly_or_says_why(bundle, calib, name):
             assert _rel(sim, ref) <= 1e-5, n  # the simulation computes the same numbers (up to fp32 rounding)
 
 
+@pytest.mark.parametrize("kernel", lowbit.KERNELS)
 @pytest.mark.parametrize("width", [72, 144, 1152, 4608])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_odd_shapes_batch_one_rotation_and_token_scales(width, fmt):
+def test_odd_shapes_batch_one_rotation_and_token_scales(width, fmt, kernel):
+    if kernel == "onednn" and fmt == "int8":
+        pytest.skip("oneDNN is not exact for int8 weights (test_onednn_saturates_on_int8_codes_and_is_refused)")
     g = torch.Generator().manual_seed(width)
     out_f = 3 * 72 if width > 144 else 5 * width // 4
     W = torch.randn(out_f, width, generator=g) / width ** 0.5
@@ -172,7 +187,7 @@ def test_odd_shapes_batch_one_rotation_and_token_scales(width, fmt):
         kw = {"act_scale": torch.tensor([0.9 / parse_format(fmt).max_value])} if mode == "static" else {}
         layer = QuantLinear(width, out_f, weight=Wq, bias=torch.randn(out_f, generator=g), weight_format=fmt,
                             act_format=fmt, act_mode=mode, rotation=rot, **kw)
-        assert set_execution(layer, "auto") == {"": "int"}
+        assert set_execution(layer, "auto", kernel=kernel) == {"": "int"} and layer.lowbit.kernel == kernel
         for shape in ((1, width), (1, 3, width), (7, width)):
             x = torch.randn(*shape, generator=g)
             with torch.no_grad():
@@ -192,8 +207,9 @@ def test_odd_shapes_batch_one_rotation_and_token_scales(width, fmt):
             assert acc[0].dtype == torch.int8
 
 
+@pytest.mark.parametrize("kernel", lowbit.KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_inputs(dtype):
+def test_half_precision_inputs(dtype, kernel):
     g = torch.Generator().manual_seed(0)
     W = torch.randn(144, 144, generator=g) / 12
     act = torch.tensor([0.5])
@@ -204,7 +220,7 @@ def test_half_precision_inputs(dtype):
     x = torch.randn(4, 144, generator=g)
     # (a) a model cast to the half dtype: codes and scales from the half weight
     lh = copy.deepcopy(layer).to(dtype)
-    assert set_execution(lh, "auto") == {"": "int"}
+    assert set_execution(lh, "auto", kernel=kernel) == {"": "int"}
     xh = x.to(dtype)
     with torch.no_grad():
         out, ref = lh(xh), _reference(lh, xh)
@@ -213,7 +229,7 @@ def test_half_precision_inputs(dtype):
     assert out.dtype == dtype and _rel(out, ref) <= eps  # exact up to the output's rounding
     assert _rel(sim, ref) <= 8 * eps  # the simulation rounds activations, weights and products to `dtype`
     # (b) a float32 model under CPU autocast: the output takes the autocast dtype like F.linear's
-    set_execution(layer, "auto")
+    set_execution(layer, "auto", kernel=kernel)
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype):  # (the rotation's matmul runs in `dtype` too)
         out, ref = layer(xh), _reference(layer, xh)
         with execution(layer, "sim"):
@@ -231,8 +247,10 @@ def test_auto_keeps_float_layers_simulated_on_a_cpu_without_int8_dot_products(mo
     layer = QuantLinear(144, 72, weight=W, weight_format="fp4_e2m1", act_format="fp4_e2m1", act_mode="static",
                         act_scale=torch.tensor([0.1]))
     monkeypatch.setattr(lowbit, "int_mm_fast", lambda: False)
+    monkeypatch.setattr(lowbit, "onednn_available", lambda: False)
     paths = set_execution(layer, "auto")
     assert paths[""].startswith("sim: this CPU has no int8 dot-product instructions")
+    assert "oneDNN's int8 kernel is not available" in paths[""]
     assert not layer.lowbit.enabled and execution_paths(layer)[""] == paths[""]
     assert set(lowbit.packed_weights(layer)) == {""}  # the codes are kept: a packed file is written all the same
     with execution(layer, "sim"):
@@ -245,6 +263,52 @@ def test_auto_keeps_float_layers_simulated_on_a_cpu_without_int8_dot_products(mo
     layer2 = QuantLinear(144, 72, weight=W, weight_format="fp4_e2m1", act_format="fp4_e2m1", act_mode="static",
                          act_scale=torch.tensor([0.1]))
     assert set_execution(layer2, "auto") == {"": "int"}
+
+
+def test_auto_runs_onednn_where_int_mm_is_slow_and_onednn_exact(monkeypatch):
+    monkeypatch.setattr(lowbit, "int_mm_fast", lambda: False)
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(72, 144, generator=g) / 12
+    layers = {fmt: QuantLinear(144, 72, weight=fake_quantize(W, fmt, axis=0), bias=torch.randn(72, generator=g),
+                               weight_format=fmt, act_format=fmt, act_mode="static",
+                               act_scale=torch.tensor([0.05])) for fmt in FORMATS}
+    for fmt, layer in layers.items():
+        paths = set_execution(layer, "auto")
+        if fmt == "int8":
+            assert "could saturate on these codes" in paths[""]
+            continue
+        assert paths == {"": "int"} and layer.lowbit.kernel == "onednn"
+        x = torch.randn(5, 144, generator=g)
+        with torch.no_grad():
+            out = layer(x)
+            with execution(layer, "auto", kernel="torch._int_mm"):
+                assert layer.lowbit.kernel == "torch._int_mm"
+                ref = layer(x)
+        assert layer.lowbit.kernel == "onednn"  # restored
+        assert _rel(out, _reference(layer, x)) <= 1e-5 and _rel(ref, out.double()) <= 1e-5
+        set_execution(layer, "auto", weights="packed")  # packed codes: prepacked per call, same numbers
+        with torch.no_grad():
+            assert torch.equal(layer(x), out)
+        assert copy.deepcopy(layer).lowbit._onednn is None  # the prepacked weight is not copied
+    monkeypatch.setattr(lowbit, "int_mm_fast", lambda: True)
+    assert set_execution(layers["fp4_e2m1"], "auto") == {"": "int"}
+    assert layers["fp4_e2m1"].lowbit.kernel == "torch._int_mm"
+
+
+def test_onednn_saturates_on_int8_codes_and_is_refused():
+    """The reason oneDNN is refused for INT8 weights: on a CPU without int8 dot-product instructions its sums
+    are wrong there. Where it is exact (int8 dot-product CPUs) the rule still refuses, so only the rule is
+    checked against the arithmetic: every 4-bit pair satisfies it, INT8 weights do not."""
+    grids = {f: integer_grid(f) for f in FORMATS}
+    for wf, wg in grids.items():
+        for af, ag in grids.items():
+            assert lowbit.onednn_exact(wg, ag) == (2 * (ag.qmax + 128) * wg.qmax <= 32767)
+            assert lowbit.onednn_exact(wg, ag) == (wf != "int8"), (wf, af)
+    w = torch.full((2, 64), 127, dtype=torch.int8)
+    layer = QuantLinear(64, 2, weight=w.float() * 0.01, weight_format="int8", act_format="int8",
+                        act_mode="static", act_scale=torch.tensor([0.01]))
+    with pytest.raises(LowbitError, match="not exact for int8 weights"):
+        set_execution(layer, "int", kernel="onednn")
 
 
 def test_int8_dot_product_detection_reads_the_cpu_flags():

@@ -27,31 +27,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import platform
-
-import torch
 import yaml
+
+from hqdit_utils.provenance import cpu_description
 
 ROOT = Path(__file__).resolve().parents[2]
 HOW = ("seconds to execute each page's notebook in a cold `make book` (fresh clone, empty experiment cache),"
        " read from the build's jupyter-cache records by `book/_ext/chapter_times.py`")
-
-
-def cpu_model() -> str:
-    """The first ``model name`` line of ``/proc/cpuinfo``, else :func:`platform.processor`."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_description() -> str:
-    """CPU model and PyTorch's CPU capability, e.g. ``"AMD EPYC, AVX2"``: chapters 6–8 run several times
-    faster on a CPU with AVX512 than on one with AVX2 only, so a time without its CPU means little."""
-    return f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def toc_files(toc_path: Path) -> list[str]:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from chapter_times import cpu_model  # same folder (book/_ext), which is on sys.path when run as a script
-from hqdit_utils.lowbit import INT8_DOT_FLAGS, int_mm_fast
+from hqdit_utils.lowbit import INT8_DOT_FLAGS, int_mm_fast, onednn_available
+from hqdit_utils.provenance import cpu_model
 
 
 def ship(runs: Path, out: Path) -> int:
@@ -41,6 +41,7 @@ def ship(runs: Path, out: Path) -> int:
         "torch cpu capability": torch.backends.cpu.get_cpu_capability(),
         "int8 dot-product instructions": int_mm_fast(),
         "instructions looked for": list(INT8_DOT_FLAGS),
+        "oneDNN int8 kernel": onednn_available(),
         "torch": torch.__version__,
     }
     (out / "machine.json").write_text(json.dumps(facts, indent=1) + "\n")
