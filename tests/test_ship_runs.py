@@ -1,0 +1,76 @@
+"""`make book-results` (book/_ext/ship_runs.py) and the store it fills (data/book-runs/)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hqdit_utils.files import sha256_file
+
+ROOT = Path(__file__).resolve().parents[1]
+STORE = ROOT / "data" / "book-runs"
+
+
+@pytest.fixture(scope="module")
+def ship_runs():
+    spec = importlib.util.spec_from_file_location("ship_runs", ROOT / "book" / "_ext" / "ship_runs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run_folder(runs: Path, name: str, finished: bool = True) -> Path:
+    d = runs / name
+    d.mkdir(parents=True)
+    np.savez(d / "samples.npz", images=np.arange(12, dtype=np.uint8).reshape(3, 4))
+    if finished:
+        entry = {"material": {"recipe": name}, "samples_sha256": sha256_file(d / "samples.npz"),
+                 "result": {"recipe": name, "seed": 0, "samples": str(d / "samples.npz"), "metrics": {"FID*": 1.0}}}
+        (d / "result.json").write_text(json.dumps(entry))
+    return d
+
+
+def test_ship_copies_finished_runs_without_the_local_samples_path(ship_runs, tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "store"
+    _run_folder(runs, "a-s0")
+    _run_folder(runs, "b-s0")
+    _run_folder(runs, "c-s0", finished=False)  # no result.json: not shipped
+    (out / "stale").mkdir(parents=True)  # the store is replaced, not merged
+    assert ship_runs.ship(runs, out) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["a-s0", "b-s0", "machine.json"]
+    for name in ("a-s0", "b-s0"):
+        entry = json.loads((out / name / "result.json").read_text())
+        assert "samples" not in entry["result"] and entry["result"]["metrics"] == {"FID*": 1.0}
+        assert (out / name / "samples.npz").read_bytes() == (runs / name / "samples.npz").read_bytes()
+    facts = json.loads((out / "machine.json").read_text())
+    assert {"cpu", "torch cpu capability", "int8 dot-product instructions", "oneDNN int8 kernel",
+            "written"} <= set(facts)
+
+
+def _store_problems(store: Path) -> list[str]:
+    """What is wrong with a shipped store: a machine-local samples path left in, or samples whose sha256 is not
+    the one the entry records."""
+    bad = []
+    for result in sorted(store.glob("*/result.json")):
+        entry = json.loads(result.read_text())
+        if "samples" in entry["result"]:
+            bad.append(f"{result.parent.name}: machine-local samples path")
+        if sha256_file(result.parent / "samples.npz") != entry["samples_sha256"]:
+            bad.append(f"{result.parent.name}: samples sha256")
+    return bad
+
+
+def test_the_shipped_store_is_clean():
+    assert len(list(STORE.glob("*/result.json"))) > 0 and (STORE / "machine.json").is_file()
+    assert _store_problems(STORE) == []
+
+
+def test_the_store_check_finds_a_local_path_and_changed_samples(ship_runs, tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "store"
+    d = _run_folder(runs, "a-s0")
+    ship_runs.ship(runs, out)
+    assert _store_problems(out) == []
+    (out / "a-s0" / "result.json").write_text((d / "result.json").read_text())  # the unstripped entry
+    np.savez(out / "a-s0" / "samples.npz", images=np.zeros((3, 4), dtype=np.uint8))
+    assert _store_problems(out) == ["a-s0: machine-local samples path", "a-s0: samples sha256"]
