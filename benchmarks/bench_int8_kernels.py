@@ -1,17 +1,17 @@
 """Which int8 GEMM kernel this CPU runs fast: the question behind ``lowbit``'s choice of the integer path.
 
-``lowbit`` multiplies integer activation codes by integer weight codes with ``torch._int_mm``. On a CPU without
-int8 dot-product instructions (AVX512-VNNI, AVX-VNNI, AMX) that kernel is slow — so there ``"auto"`` keeps
-layers simulated (``lowbit.int_mm_fast``). oneDNN's quantized linear (``torch.ops.onednn.qlinear_pointwise``,
-weights prepacked once by ``torch.ops.onednn.qlinear_prepack``) is another exact int8 GEMM with int32
-accumulation and a float32 output; this benchmark times the three on the quantized linears' shapes of one
+``lowbit`` multiplies integer activation codes by integer weight codes with ``torch._int_mm`` on CPUs with
+int8 dot-product instructions (AVX512-VNNI, AVX-VNNI, AMX); without them that kernel is slow, and ``lowbit`` uses
+oneDNN's quantized linear instead (``torch.ops.onednn.qlinear_pointwise``, weights prepacked once by
+``torch.ops.onednn.qlinear_prepack``; ``lowbit.int_kernel``), another exact int8 GEMM with int32 accumulation
+and a float32 output for 4-bit codes. This benchmark times the three on the quantized linears' shapes of one
 DiT-XL/2 block (1024 tokens = 4 images × 256) and of the embedded model (batch 64 × 64 tokens), one and two
 threads, and checks that both integer kernels are exact: codes in [-12, 12] (E2M1 × 2), per-row weight scales
 and one activation scale, compared with a float64 evaluation of the same codes (relative error ≤ 1e-5, the
 integer path's own exactness bound).
 
-Ratios are against ``F.linear`` in float32 on the same shapes in the same process; there is no target (the
-kernel is not yet used by the package for oneDNN — this measures whether it should be).
+Ratios are against ``F.linear`` in float32 on the same shapes in the same process; there is no target (it
+measures the choice ``lowbit.int_kernel`` makes; ``benchmarks/bench_lowbit.py`` times the whole path).
 
     python benchmarks/bench_int8_kernels.py [--quick] [--threads-list 1,2] [--json out.json]
 """
