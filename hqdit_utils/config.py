@@ -62,9 +62,8 @@ class Profile:
 PROFILES = {
     "ci": Profile("ci", calib_trajectories=4, calib_timesteps=4, eval_samples=32, sampling_steps=10, seeds=1, batch_size=32,
                   table_seeds=2),
-    # book: chapter 7's 23 rows at 2 paired seeds (~40 s per run on 2 cores, plus the 4x sample-count check) keep
-    # a cold `make book` near 40 min; 3 seeds measured ~65 min for chapter 7 alone. HQDIT_TABLE_SEEDS=5 runs the
-    # full design.
+    # book: 2 paired seeds for a notebook opened in Jupyter (chapter 7 alone ~54 min cold on 2 AVX2 cores); `make
+    # book` sets HQDIT_TABLE_SEEDS=5, the full design (~95 min more of runs, read from data/book-runs/ when shipped).
     "book": Profile("book", calib_trajectories=32, calib_timesteps=10, eval_samples=256, sampling_steps=25, seeds=3, batch_size=128,
                     table_seeds=2),
     "full": Profile("full", calib_trajectories=32, calib_timesteps=25, eval_samples=50_000, sampling_steps=100, seeds=1, batch_size=32,

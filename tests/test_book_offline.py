@@ -93,6 +93,7 @@ kernelspec:
 # An executed page
 
 ```{chapter-runtime}
+:table-seeds:
 ```
 
 ```{code-cell} ipython3
@@ -102,6 +103,7 @@ print(sum(range(10)))
 
 KNOWN_SECONDS = 125.0  # written into the tiny book's chapter_times.json: "about 3 min"
 KNOWN_CPU = "Some CPU, AVX2"  # ... and the CPU it was measured on
+KNOWN_SEEDS = 7  # ... and chapter 7's seed count in that build (shown by `:table-seeds:`)
 
 
 def _chromium() -> str | None:
@@ -128,7 +130,7 @@ def tiny_book(tmp_path_factory) -> Path:
     (book / "index.md").write_text(MATH_PAGE, encoding="utf-8")
     (book / "nb.md").write_text(NOTEBOOK_PAGE, encoding="utf-8")
     (book / "chapter_times.json").write_text(json.dumps(
-        {"measured": "2026-01-01", "cpu_cores": 2, "cpu": KNOWN_CPU, "pages": {"nb": {"seconds": KNOWN_SECONDS}}}), encoding="utf-8")
+        {"measured": "2026-01-01", "cpu_cores": 2, "cpu": KNOWN_CPU, "table_seeds": KNOWN_SEEDS, "pages": {"nb": {"seconds": KNOWN_SECONDS}}}), encoding="utf-8")
     jb = Path(sys.executable).parent / "jupyter-book"
     env = dict(os.environ, OMP_NUM_THREADS="1", IPYTHONDIR=str(ROOT / "book" / "ipython_profile"))
     proc = subprocess.run([str(jb), "build", str(book), "-W", "-n", "--keep-going"], capture_output=True,
@@ -175,9 +177,11 @@ def test_formulas_render_without_network(tiny_book):
 def test_runtime_line_reads_chapter_times(tiny_book):
     html = (tiny_book / "_build" / "html" / "nb.html").read_text(encoding="utf-8")
     assert f"about 3 min on 2 CPU cores ({KNOWN_CPU})" in html
+    assert f"comparison at {KNOWN_SEEDS} paired seeds per row" in html
 
 
-def test_chapter_times_script_reads_the_execution_records(tiny_book):
+def test_chapter_times_script_reads_the_execution_records(tiny_book, monkeypatch):
+    monkeypatch.setenv("HQDIT_TABLE_SEEDS", "3")  # the measured build's seed count, recorded with its times
     sys.path.insert(0, str(EXT))
     try:
         import chapter_times
@@ -188,6 +192,7 @@ def test_chapter_times_script_reads_the_execution_records(tiny_book):
     data = json.loads(out.read_text(encoding="utf-8"))
     assert list(data["pages"]) == ["nb"]  # index.md is not a notebook
     assert data["pages"]["nb"]["title"] == "An executed page"
+    assert data["table_seeds"] == 3
     assert 0 < data["pages"]["nb"]["seconds"] < 300
     assert data["cpu"] == provenance.cpu_description() and data["cpu"].endswith(
         torch.backends.cpu.get_cpu_capability())

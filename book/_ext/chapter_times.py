@@ -12,7 +12,8 @@ which writes `null` for it.
 
 The figures are only meaningful from a *cold* build: a fresh clone, no `.hqdit_cache/` (the experiment
 cache that lets a re-executed chapter skip its end-to-end runs), nothing else running on the machine —
-that is what `bash .ci/run` does on a fresh clone. Run this script right after such a build and commit
+that is what `bash .ci/run` does on a fresh clone. Run this script right after such a build, with the build's
+`$HQDIT_TABLE_SEEDS` (`make chapter-times` sets the same default as `make book`), and commit
 the file. The book reads the file when it is built (`book/_ext/course_kit.py`): the line at the top of
 each chapter and the table of the status page.
 """
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import yaml
 
+from hqdit_utils.config import profile
 from hqdit_utils.provenance import cpu_description
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_cores": os.cpu_count(),
         "cpu": cpu_description(),
         "profile": os.environ.get("HQDIT_PROFILE", "book"),
+        "table_seeds": profile().table_seeds,
         "how": HOW,
         "pages": pages,
     }

@@ -25,6 +25,7 @@ import math
 from pathlib import Path
 
 from docutils import nodes
+from docutils.parsers.rst import directives
 from sphinx import addnodes
 from sphinx.application import Sphinx
 from sphinx.util.docutils import SphinxDirective
@@ -64,6 +65,8 @@ class ChapterRuntime(_TimesDirective):
 
     optional_arguments = 1
     has_content = False
+    #: ``:table-seeds:`` adds how many paired seeds chapter 7's comparison ran in the measured build.
+    option_spec = {"table-seeds": directives.flag}
 
     def run(self):
         data = self.times()
@@ -77,8 +80,10 @@ class ChapterRuntime(_TimesDirective):
             para += nodes.Text("not measured yet for this version of the chapter.")
         else:
             cpu = f" ({data['cpu']})" if data.get("cpu") else ""
+            seeds = (f", chapter 7's comparison at {data['table_seeds']} paired seeds per row"
+                     if "table-seeds" in self.options and data.get("table_seeds") else "")
             para += nodes.Text(f"{when} on {cores} CPU cores{cpu}, executed from scratch"
-                               f" (measured {data.get('measured', 'on an unknown date')}).")
+                               f" (measured {data.get('measured', 'on an unknown date')}{seeds}).")
         return [para]
 
 
@@ -122,7 +127,9 @@ class ChapterTimesTable(_TimesDirective):
         note = nodes.paragraph(text=(
             f"Measured {data.get('measured', 'on an unknown date')} on {data.get('cpu_cores', '?')} CPU cores"
             + (f" ({data['cpu']})" if data.get("cpu") else "") +
-            f", commit {data.get('commit', 'unknown')}, profile {data.get('profile', 'book')!r}:"
+            f", commit {data.get('commit', 'unknown')}, profile {data.get('profile', 'book')!r}"
+            + (f" with {data['table_seeds']} paired seeds per row of chapter 7" if data.get("table_seeds") else "")
+            + ":"
             f" {data.get('how', 'execution records of the build')}"))
         return [table, note]
 
