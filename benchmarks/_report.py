@@ -57,7 +57,19 @@ def print_checks(checks: list[dict]) -> None:
 
 
 def peak_rss_gb() -> float:
-    """Peak resident set size of this process so far (GB = 1e9 bytes; Linux reports KiB)."""
+    """Peak resident set size of this process so far (GB = 1e9 bytes), from ``VmHWM`` in /proc/self/status.
+
+    Not ``getrusage``'s ``ru_maxrss``: Linux carries the parent's high-water mark into a child across fork +
+    exec, so a benchmark subprocess started by a large process reported the parent's peak (measured: a child of a
+    1.5 GB process read ru_maxrss 1.51 GB, VmHWM 0.014 GB). ``ru_maxrss`` only where /proc is missing.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e9  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
