@@ -49,6 +49,11 @@ def calibration_protocol(n: int, steps: int, timesteps: int, batch_size: int, cf
             "cfg_scale": cfg_scale}
 
 
+def profile_protocol(prof) -> dict:
+    """The calibration protocol of a :class:`hqdit_utils.config.Profile` (its trajectories, steps, timesteps, batch)."""
+    return calibration_protocol(prof.calib_trajectories, prof.sampling_steps, prof.calib_timesteps, prof.batch_size)
+
+
 def plain_trajectories_seconds(bundle, proto: dict, seed: int = 0) -> float:
     """Seconds of the FP32 sampling trajectories a calibration with ``proto`` runs, without recording:
     the forward passes that calibration needs (same labels, seeds, steps, batches and guidance)."""

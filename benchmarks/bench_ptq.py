@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _dit import calibration_protocol, plain_trajectories_seconds, timed_ptq  # noqa: E402
+from _dit import plain_trajectories_seconds, profile_protocol, timed_ptq  # noqa: E402
 from _report import check, finish, parser, setup  # noqa: E402
 
 from hqdit_utils.config import profile  # noqa: E402
@@ -53,8 +53,7 @@ def main(argv=None) -> list[dict]:
     setup(args)
     prof = profile("ci" if args.quick else "book")
     repeats = 2 if args.quick else 5
-    proto = calibration_protocol(prof.calib_trajectories, prof.sampling_steps, prof.calib_timesteps,
-                                 prof.batch_size)
+    proto = profile_protocol(prof)
     bundle = load_dit("embedded")
     base, cal, qnt = [], [], []
     q = None

@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _dit import (FORWARD_TARGETS, calibration_protocol, denoiser_inputs, forward_medians,  # noqa: E402
-                  plain_trajectories_seconds, quantized_copy, timed_ptq)
+                  plain_trajectories_seconds, profile_protocol, quantized_copy, timed_ptq)
 from _report import check, finish, parser, peak_rss_gb, setup  # noqa: E402
 
 from hqdit_utils.calibration import calibrate  # noqa: E402
@@ -99,8 +99,7 @@ def book_size_ptq(blocks: int, quick: bool) -> tuple[list[dict], dict]:
     """Section 4.: whole PTQ of ``hqdit-w4a4`` with a calibration set of the ``book`` profile's size (``ci``
     when ``quick``) on a ``blocks``-block XL-shaped model, against the FP32 trajectories it runs."""
     prof = profile("ci" if quick else "book")
-    proto = calibration_protocol(prof.calib_trajectories, prof.sampling_steps, prof.calib_timesteps,
-                                 prof.batch_size)
+    proto = profile_protocol(prof)
     bundle = dit_xl2_shaped_random(seed=0, num_layers=blocks)
     t_base = plain_trajectories_seconds(bundle, proto)
     _, t_cal, t_q, calib = timed_ptq(bundle, "hqdit-w4a4", proto)
