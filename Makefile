@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export IPYTHONDIR := $(CURDIR)/book/ipython_profile
 
-.PHONY: env browser test book chapter-times book-results bench clean-book help
+.PHONY: env browser test book chapter-times book-results bench golden check-golden check-store clean-book help
 
 help:
 	@echo "make test   - create .venv (pinned torch==2.14.1/torchvision==0.29.1 first) and run pytest"
@@ -13,6 +13,9 @@ help:
 	@echo "make bench  - run the benchmarks (~12 min), write benchmarks/results.md and results.json"
 	@echo "make chapter-times - after a cold make book: write book/chapter_times.json (each chapter's run time)"
 	@echo "make book-results  - after a cold make book: ship its finished runs in data/book-runs/"
+	@echo "make golden        - after bumping NUMERICS_VERSION: rewrite data/golden/ (shortened runs of every recipe)"
+	@echo "make check-golden  - recompute every recipe's golden run and compare with data/golden/ (~5 min)"
+	@echo "make check-store   - recompute two shipped runs (FP32, HQ-DiT, seed 0) from scratch and compare (~3 min)"
 
 # torch and torchvision first, as a pair; every later install is constrained to that pair and to the
 # versions this project was tested with (requirements/constraints.txt).
@@ -62,6 +65,17 @@ chapter-times: env
 book-results: env
 	$(BIN)/python book/_ext/ship_runs.py .hqdit_cache/runs data/book-runs
 	@echo "data/book-runs: $$(du -sh data/book-runs | cut -f1)"
+
+# The results store's rule (hqdit_utils/numerics.py): run keys hold a declared numerics version, not the code's text;
+# these targets regenerate and check the golden outputs that catch an undeclared behaviour change.
+golden: env
+	$(BIN)/python -m hqdit_utils.golden write
+
+check-golden: env
+	$(BIN)/python -m hqdit_utils.golden check
+
+check-store: env
+	$(BIN)/python -m hqdit_utils.golden store
 
 bench: env
 	$(BIN)/python benchmarks/run_all.py

@@ -9,13 +9,11 @@ What a cache key holds (the rule): everything the cached computation *runs*, not
 * the recipe: every field of the :class:`~hqdit_utils.recipes.QuantRecipe` except its ``description``;
 * the protocol: the profile's sizes (calibration trajectories and timesteps, samples, steps, batch), the
   seed, the sampler and CFG scale, the feature network's checksum and the reference batch;
-* the code on the path: :func:`code_fingerprint` hashes the source of every module of this package that
-  the computation imports, transitively (top-level and function-level imports, found with ``ast``), with
-  docstrings and comments stripped — so a code change in ``qmodel.py`` re-runs the experiments, while a
-  docstring edit anywhere, or any change to a module off the path (``plotting.py``, ``tables.py``, the
-  chapters), does not;
-* this package's version and the versions of torch, diffusers and numpy are *recorded* with every result
-  (:func:`~hqdit_utils.provenance.run_versions`), and the package version is part of the key.
+* the code's behaviour: the declared :data:`~hqdit_utils.numerics.NUMERICS_VERSION`, bumped by a change meant
+  to change numbers, kept by a refactor (renames and moves re-key nothing); an undeclared behaviour change is
+  caught by the golden check (:mod:`hqdit_utils.golden`), not by the key;
+* the versions of this package, torch, diffusers and numpy are *recorded* with every result
+  (:func:`~hqdit_utils.provenance.run_versions`), not keyed.
 
 So chapters share runs (the FP32 run is computed once for the whole book) and a rebuild with no change
 reads results from disk in milliseconds. The book ships the runs of its last cold build
@@ -41,7 +39,6 @@ Protocol of one run (our choices; the paper's sampling protocol for ImageNet is 
 """
 from __future__ import annotations
 
-import ast
 import copy
 import fcntl
 import hashlib
@@ -49,7 +46,6 @@ import json
 import os
 import shutil
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -67,7 +63,8 @@ from .digits import embedded_reference
 from .files import atomic_path, sha256_file, write_json_atomic, write_text_atomic
 from .metrics.adm import evaluate
 from .metrics.features import ProxyExtractor
-from .provenance import __version__, run_versions
+from .numerics import NUMERICS_VERSION
+from .provenance import run_versions
 from .qmodel import quantize_
 from .recipes import QuantRecipe, get_recipe
 from .sampling import sample
@@ -115,83 +112,6 @@ def model_checksum(bundle) -> str:
         h.update(k.encode())
         h.update(v.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
     return h.hexdigest()
-
-
-PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-def _module_file(module: str, package_dir: Path) -> "Path | None":
-    """The source file of ``module`` (``"hqdit_utils.qmodel"``) inside ``package_dir``, or ``None``."""
-    parts = module.split(".")[1:]
-    base = package_dir.joinpath(*parts)
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-_AST_LOCK = threading.Lock()  # CPython 3.11's ast.parse is not safe in concurrent threads
-_SOURCE_CACHE: dict = {}  # (path, mtime_ns, size) -> (imports, fingerprint)
-
-
-def _read_source(path: Path, module: str, is_pkg: bool) -> tuple[list[str], str]:
-    """(package modules ``path`` imports, sha256 of its syntax tree without docstrings), cached per file
-    version. Imports are absolute names; ``from . import x`` also lists ``<package>.x`` (it may be a module)."""
-    st = path.stat()
-    key = (str(path), st.st_mtime_ns, st.st_size)
-    if key in _SOURCE_CACHE:
-        return _SOURCE_CACHE[key]
-    package = module.split(".")[0]
-    with _AST_LOCK:
-        tree = ast.parse(path.read_text(), str(path))
-        imports: list[str] = []
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                imports += [a.name for a in node.names if a.name.split(".")[0] == package]
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    parts = module.split(".")
-                    anchor = parts[: len(parts) - node.level + (1 if is_pkg else 0)]
-                    base = ".".join(anchor + ([node.module] if node.module else []))
-                elif node.module and node.module.split(".")[0] == package:
-                    base = node.module
-                else:
-                    continue
-                imports += [base] + [f"{base}.{a.name}" for a in node.names]
-        for node in ast.walk(tree):  # docstrings carry no behaviour; comments never reach the tree
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                body = node.body
-                if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                        and isinstance(body[0].value.value, str):
-                    node.body = body[1:] or [ast.Pass()]
-        fingerprint = hashlib.sha256(ast.dump(tree).encode()).hexdigest()
-    _SOURCE_CACHE[key] = (imports, fingerprint)
-    return imports, fingerprint
-
-
-def imported_modules(module: str, package_dir: Path = PACKAGE_DIR) -> list[str]:
-    """The modules of the package in ``package_dir`` that ``module`` imports, directly or not, at the top
-    level or inside functions (read with ``ast``, nothing is executed), ``module`` included; sorted."""
-    seen: set[str] = set()
-    todo = [module]
-    while todo:
-        name = todo.pop()
-        path = _module_file(name, package_dir)
-        if name in seen or path is None:
-            continue
-        seen.add(name)
-        todo += _read_source(path, name, path.name == "__init__.py")[0]
-    return sorted(seen)
-
-
-def code_fingerprint(module: str = __name__, package_dir: Path = PACKAGE_DIR) -> str:
-    """Fingerprint of the code a computation runs: the syntax trees, without docstrings, of every module
-    :func:`imported_modules` finds from ``module`` (default: this one, i.e. a whole :func:`run`)."""
-    h = hashlib.sha256()
-    for name in imported_modules(module, package_dir):
-        path = _module_file(name, package_dir)
-        h.update(f"{name}={_read_source(path, name, path.name == '__init__.py')[1]};".encode())
-    return h.hexdigest()[:16]
 
 
 def run_key(material: dict) -> str:
@@ -278,15 +198,15 @@ def calibration_for(bundle, recipe: QuantRecipe, prof: Profile, seed: int, cfg_s
 
 def calibration_key(bundle, *, profile: str | None = None, seed: int = 0, **kwargs) -> str:
     """A hex key naming one calibration run: the model's weights (sha256 of every tensor of the
-    transformer's state dict), the profile's sizes, ``seed``, extra ``calibrate`` arguments and the code
-    of the recording path (:func:`code_fingerprint` of :mod:`hqdit_utils.calibration`)."""
+    transformer's state dict), the profile's sizes, ``seed``, extra ``calibrate`` arguments and
+    :data:`~hqdit_utils.numerics.NUMERICS_VERSION`."""
     h = hashlib.sha256()
     for name, t in sorted(bundle.transformer.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     prof = get_profile(profile).as_dict()
     meta = {"profile": prof, "seed": seed, "kwargs": {k: repr(v) for k, v in sorted(kwargs.items())},
-            "code": code_fingerprint("hqdit_utils.calibration")}
+            "numerics": NUMERICS_VERSION}
     h.update(json.dumps(meta, sort_keys=True).encode())
     return h.hexdigest()[:24]
 
@@ -347,8 +267,8 @@ def run(bundle, recipe: "QuantRecipe | str", *, profile: "str | Profile | None" 
     extractor = extractor or ProxyExtractor()
     mkey = model_checksum(bundle)
     material = {"model": mkey, "recipe": recipe_material(recipe), "profile": prof.as_dict(), "seed": seed,
-                "cfg_scale": cfg_scale, "sampler": sampler, "num_samples": n, "version": __version__,
-                "code": code_fingerprint(),
+                "cfg_scale": cfg_scale, "sampler": sampler, "num_samples": n,
+                "numerics": NUMERICS_VERSION,
                 "extractor": [extractor.name, extractor.weights_checksum],
                 "reference": "embedded-heldout" if reference is None else "custom"}
     key = run_key(material)

@@ -24,8 +24,8 @@ import pandas as pd
 import torch
 
 from .config import CACHE_DIR, Profile, profile as get_profile
-from .experiments import calibration_for, code_fingerprint, model_checksum, recipe_material, run_key
-from .provenance import __version__
+from .experiments import calibration_for, model_checksum, recipe_material, run_key
+from .numerics import NUMERICS_VERSION
 from .qmodel import load_quantized, quantize_, save_quantized
 from .recipes import get_recipe
 from .sampling import denoise_batch
@@ -39,8 +39,7 @@ def quantized_bundle(bundle, recipe, *, profile=None, seed: int = 0, cfg_scale: 
 
     Calibration is the one :func:`~hqdit_utils.experiments.run` uses for the same (profile, seed, cfg),
     so the quantized model is the one whose images the run evaluated. The quantized state is cached in
-    ``<cache>/qmodels/<recipe>-s<seed>-<key>`` (``qmodel.save_quantized``; keyed like :func:`~hqdit_utils.experiments.run`, with the code of
-    :mod:`hqdit_utils.qmodel`'s path); a second call loads it.
+    ``<cache>/qmodels/<recipe>-s<seed>-<key>`` (``qmodel.save_quantized``; keyed like :func:`~hqdit_utils.experiments.run`); a second call loads it.
     Returns ``(quantized bundle, summary dict)``.
     """
     recipe = get_recipe(recipe)
@@ -50,7 +49,7 @@ def quantized_bundle(bundle, recipe, *, profile=None, seed: int = 0, cfg_scale: 
         return qb, {}
     mkey = model_checksum(bundle)
     key = run_key({"model": mkey, "recipe": recipe_material(recipe), "profile": prof.as_dict(), "seed": seed,
-                   "cfg_scale": cfg_scale, "version": __version__, "code": code_fingerprint("hqdit_utils.qmodel")})
+                   "cfg_scale": cfg_scale, "numerics": NUMERICS_VERSION})
     folder = Path(cache_dir or CACHE_DIR / "qmodels") / f"{recipe.name}-s{seed}-{key}"
     if (folder / "quant_config.json").is_file() and not recipe.quantize_attention and recipe.timestep_groups == 1:
         load_quantized(qb.transformer, folder)

@@ -79,7 +79,7 @@ def test_a_shipped_run_is_adopted_only_when_its_key_material_matches(bundle, ref
     # damaged, is not adopted
     original = (entry / "result.json").read_text()
     stored = json.loads(original)
-    stored["material"]["code"] = "0" * 16
+    stored["material"]["numerics"] = -1
     (entry / "result.json").write_text(json.dumps(stored))
     assert not run(bundle, "int4-rtn", cache_dir=tmp_path / "d", shipped_dir=tmp_path / "shipped", **kw).cached
     (entry / "result.json").write_text(original)
@@ -113,36 +113,19 @@ def test_run_table_and_summary(bundle, reference, tmp_path, toy_extractor):
     assert list(s.index) == ["fp32", "int4-rtn"] and " ± " in s.loc["fp32", "FID*"] and s.loc["fp32", "seeds"] == 2
 
 
-# --- cache keys by dependency ---------------------------------------------------------------------
-def _toy_package(root):
-    pkg = root / "toypkg"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text('"""A toy package."""\n')
-    (pkg / "a.py").write_text('"""Module a."""\n\n\ndef f(x):\n    """Doubles."""\n    from .b import g  # deferred\n'
-                              '    return 2 * g(x)\n')
-    (pkg / "b.py").write_text('"""Module b."""\n\n\ndef g(x):\n    """Adds one."""\n    return x + 1\n')
-    (pkg / "c.py").write_text('"""Module c, off a\'s path."""\n\n\ndef h(x):\n    return x\n')
-    return pkg
-
-
-def test_code_fingerprint_follows_the_imports_not_the_docstrings(tmp_path):
-    pkg = _toy_package(tmp_path)
-    assert experiments.imported_modules("toypkg.a", pkg) == ["toypkg.a", "toypkg.b"]  # function-level import
-    key = experiments.code_fingerprint("toypkg.a", pkg)
-    b = pkg / "b.py"
-    b.write_text(b.read_text().replace('"""Adds one."""', '"""Adds one to x (any number)."""  # a comment'))
-    assert experiments.code_fingerprint("toypkg.a", pkg) == key  # docstring and comment: same key
-    (pkg / "c.py").write_text((pkg / "c.py").read_text().replace("return x", "return -x"))
-    assert experiments.code_fingerprint("toypkg.a", pkg) == key  # code off the path: same key
-    b.write_text(b.read_text().replace("x + 1", "x + 2"))
-    assert experiments.code_fingerprint("toypkg.a", pkg) != key  # code on the path: a new key
-
-
-def test_a_run_depends_on_the_engine_not_on_the_figures():
-    path = experiments.imported_modules("hqdit_utils.experiments")
-    assert {"hqdit_utils.qmodel", "hqdit_utils.calibration", "hqdit_utils.sampling", "hqdit_utils.gptq",
-            "hqdit_utils.metrics.adm"} <= set(path)
-    assert not {"hqdit_utils.plotting", "hqdit_utils.tables", "hqdit_utils.analysis"} & set(path)
+# --- cache keys: what determines the numbers -----------------------------------------------------
+def test_the_key_holds_the_declared_numerics_version_not_the_code_text(bundle, reference, tmp_path, toy_extractor,
+                                                                      monkeypatch):
+    """A refactor (any change of the code's text) keeps the key; a declared numerics change re-keys every run."""
+    kw = dict(profile=PROF, extractor=toy_extractor, reference=reference, progress=False, cache_dir=tmp_path)
+    first = run(bundle, "fp32", **kw)
+    entry = json.loads(Path(first.samples).with_name("result.json").read_text())
+    assert entry["material"]["numerics"] == experiments.NUMERICS_VERSION
+    assert not {"code", "version"} & set(entry["material"])  # neither the code's text nor the release re-keys
+    assert run(bundle, "fp32", **kw).cached
+    monkeypatch.setattr(experiments, "NUMERICS_VERSION", experiments.NUMERICS_VERSION + 1)
+    bumped = run(bundle, "fp32", **kw)
+    assert not bumped.cached and Path(bumped.samples).parent != Path(first.samples).parent
 
 
 def test_recipe_description_is_not_part_of_the_key():

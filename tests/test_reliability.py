@@ -489,8 +489,8 @@ def test_stale_cache_entries_are_recomputed_not_served(tmp_path, monkeypatch):
     bundle = tiny_dit(0)
     first = _run(bundle, tmp_path)
     assert not first.cached and _run(bundle, tmp_path).cached
-    # the code changed
-    monkeypatch.setattr(experiments, "code_fingerprint", lambda: "another-version")
+    # the declared numerics changed
+    monkeypatch.setattr(experiments, "NUMERICS_VERSION", experiments.NUMERICS_VERSION + 1)
     assert not _run(bundle, tmp_path).cached
     monkeypatch.undo()
     # the model's weights changed
@@ -501,7 +501,7 @@ def test_stale_cache_entries_are_recomputed_not_served(tmp_path, monkeypatch):
     # an entry whose recorded key material does not match its folder (stale, or tampered with)
     result = Path(first.samples).with_name("result.json")
     entry = json.loads(result.read_text())
-    entry["material"]["code"] = "stale"
+    entry["material"]["numerics"] = "stale"
     result.write_text(json.dumps(entry))
     again = _run(bundle, tmp_path)
     assert not again.cached and again.metrics == pytest.approx(first.metrics, nan_ok=True)
