@@ -16,10 +16,10 @@ from .formats import FloatFormat, IntFormat, NoFormat, parse_format
 from .quantizer import fake_quantize
 
 #: Public name -> the module that holds it.
-_PUBLIC = {"load_dit": "models", "calibrate": "calibration", "get_recipe": "recipes", "quantize_": "qmodel",
+_PUBLIC = {"load_dit": "models", "calibrate": "calibration", "get_recipe": "recipes", "quantize_": "qmodel", "load_quantized": "qmodel",
            "sample": "sampling", "evaluate": "metrics.adm", "__version__": "provenance"}
 
-__all__ = ["load_dit", "calibrate", "get_recipe", "quantize_", "sample", "evaluate", "FloatFormat", "IntFormat",
+__all__ = ["load_dit", "calibrate", "get_recipe", "quantize_", "load_quantized", "sample", "evaluate", "FloatFormat", "IntFormat",
            "NoFormat", "parse_format", "fake_quantize", "__version__"]
 
 

@@ -50,7 +50,7 @@ from .sampling import denoise_batch, make_scheduler
 from .stats import TensorStats, hash_coefficients
 
 __all__ = ["CalibrationError", "LayerCalibration", "Calibration", "ActivationRecorder", "calibrate",
-           "calibration_timesteps", "weight_fingerprint"]
+           "calibration_timesteps", "weight_fingerprint", "warn_other_weights"]
 
 
 class CalibrationError(ValueError):
@@ -109,6 +109,28 @@ def weight_fingerprint(linear: nn.Linear) -> list[float]:
     return [int(linear.out_features), int(linear.in_features), float(w.sum()), float(alt), float(w.abs().sum())]
 
 
+def warn_other_weights(recorded: dict, modules: "dict[str, nn.Linear]", what: str, fix: str,
+                       stacklevel: int = 3) -> list[str]:
+    """The names of ``modules`` ({name: linear}) whose :func:`weight_fingerprint` differs from the one
+    ``recorded`` ({name: fingerprint}; names without one are skipped), with a ``UserWarning``
+    "``what`` a model with other weights (…): ``fix``" when there are any. The tolerance allows a cast to
+    float16/bfloat16 (1e-3·Σ|W| on the signed sums, our choice). The one home of this check: calibrations
+    (:meth:`Calibration.check_fits`) and quantized states (:func:`~hqdit_utils.qmodel.load_quantized`)."""
+    other = []
+    for name, lin in modules.items():
+        fp = recorded.get(name)
+        if fp is None:
+            continue
+        now = weight_fingerprint(lin)
+        tol = 1e-3 * max(fp[4], now[4]) + 1e-30
+        if abs(now[2] - fp[2]) > tol or abs(now[3] - fp[3]) > tol or abs(now[4] - fp[4]) > 10 * tol:
+            other.append(name)
+    if other:
+        warnings.warn(f"{what} a model with other weights ({len(other)} layer(s) differ, e.g. {other[0]!r}; same "
+                      f"shapes): {fix}", UserWarning, stacklevel=stacklevel)
+    return other
+
+
 @dataclass
 class Calibration:
     """Everything :func:`calibrate` / :class:`ActivationRecorder` recorded.
@@ -123,6 +145,12 @@ class Calibration:
     layers: dict[str, LayerCalibration]
     timesteps: list[int]
     meta: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        recs = self.unique()
+        rows = sum(len(st.rows) for rec in recs for st in rec.per_timestep.values())
+        return (f"Calibration({len(self.layers)} layers, {len(recs)} distinct inputs, {rows} reservoir rows, "
+                f"{len(self.timesteps)} timesteps {self.timesteps}, {self.nbytes() / 1e6:.1f} MB)")
 
     def __getitem__(self, name: str) -> LayerCalibration:
         try:
@@ -146,7 +174,6 @@ class Calibration:
             another model of the same architecture.
         """
         recorded = self.meta.get("weights", {})
-        other = []
         for name, lin in modules.items():
             fp = recorded.get(name)
             was = tuple(fp[:2]) if fp is not None else (None, self.layers[name].in_features) if name in self else None
@@ -156,16 +183,9 @@ class Calibration:
                     f"the calibration was recorded on another model: layer {name!r} is [{lin.out_features} x "
                     f"{lin.in_features}] (out x in) here, {shape} in the calibration. Calibrate this model: "
                     "calibrate(model, ...)")
-            if fp is not None:
-                now = weight_fingerprint(lin)
-                tol = 1e-3 * max(fp[4], now[4]) + 1e-30
-                if abs(now[2] - fp[2]) > tol or abs(now[3] - fp[3]) > tol or abs(now[4] - fp[4]) > 10 * tol:
-                    other.append(name)
-        if other:
-            warnings.warn(f"the calibration was recorded on a model with other weights ({len(other)} layer(s) differ, "
-                          f"e.g. {other[0]!r}; same shapes): its activation statistics belong to that model. "
-                          "Calibrate this model (calibrate(model, ...)) unless that is intended", UserWarning,
-                          stacklevel=3)
+        warn_other_weights(recorded, modules, "the calibration was recorded on",
+                           "its activation statistics belong to that model. Calibrate this model (calibrate(model, "
+                           "...)) unless that is intended", stacklevel=4)
 
     def unique(self) -> list[LayerCalibration]:
         seen, out = set(), []
@@ -462,6 +482,11 @@ def calibrate(model, scheduler=None, *, conditioning: Callable[[int, torch.Gener
     Returns:
         a :class:`Calibration` whose ``meta`` holds the protocol and wall time.
     """
+    if scheduler is not None and not hasattr(scheduler, "set_timesteps"):
+        what = f"{type(scheduler).__name__} {scheduler!r}" if isinstance(scheduler, str) else type(scheduler).__name__
+        raise CalibrationError(f"calibrate's second argument is a diffusers scheduler (or None), got a {what}: a recipe "
+                               "goes to quantize_(model, recipe, calibration); calibrate with calibrate(model, "
+                               "layers=recipe.layers) or calibrate(pipe.transformer, pipe.scheduler)")
     bundle = as_bundle(model, scheduler, conditioning=conditioning)
     if cfg_scale is None:
         cfg_scale = 1.5 if bundle.null_class is not None else 1.0

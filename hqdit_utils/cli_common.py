@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .config import ProfileError
 from .models import ENV_WEIGHTS, WeightsError, check_device, load_dit
 from .qmodel import QuantizationError
 from .sampling import SamplingError
@@ -34,7 +35,7 @@ class CliError(Exception):
 
 
 #: The exceptions a sub-command reports as one line: its own, and the package's typed file/model errors.
-EXPECTED_ERRORS = (CliError, WeightsError, QuantizationError, SamplingError, FileNotFoundError)
+EXPECTED_ERRORS = (CliError, WeightsError, QuantizationError, SamplingError, FileNotFoundError, ProfileError)
 
 
 def one_line(err: BaseException | str) -> str:
@@ -94,4 +95,7 @@ def load_model(value: str | None, flag: str, *, default: str | None = "embedded"
                        f"${ENV_WEIGHTS} to a diffusers folder or an original DiT .pt; {_DOWNLOAD})")
     if source != "embedded":
         source = str(Path(source).expanduser().resolve())
+        if (Path(source) / "quant_config.json").is_file():
+            raise CliError(f"{source} (from {origin}) is a quantized-model folder, not FP32 weights (use hqdit sample "
+                           f"--quantized {source}; {flag} names the FP32 model, e.g. the one it was quantized from)")
     return load_dit(source, **kwargs), source

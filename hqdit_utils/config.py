@@ -74,20 +74,31 @@ PROFILES = {
 ENV_TABLE_SEEDS = "HQDIT_TABLE_SEEDS"
 
 
+class ProfileError(ValueError):
+    """An unknown profile name (argument or ``$HQDIT_PROFILE``) or a bad ``$HQDIT_TABLE_SEEDS``."""
+
+
 def profile(name: str | None = None) -> Profile:
-    """The active profile: ``name`` if given, else ``$HQDIT_PROFILE``, else ``"book"``."""
+    """The active profile: ``name`` if given, else ``$HQDIT_PROFILE``, else ``"book"``.
+
+    Raises:
+        ProfileError: an unknown name (the message says where it came from and lists the names), or a
+            ``$HQDIT_TABLE_SEEDS`` that is not an integer >= 2.
+    """
+    origin = "profile" if name else "$HQDIT_PROFILE"
     name = name or os.environ.get("HQDIT_PROFILE", "book")
     try:
         prof = PROFILES[name]
     except KeyError:
-        raise ValueError(f"unknown HQDIT_PROFILE {name!r}; choose one of {sorted(PROFILES)}") from None
+        fix = "e.g. HQDIT_PROFILE=ci, or unset it for book" if origin != "profile" else "e.g. profile='ci'"
+        raise ProfileError(f"unknown {origin} {name!r}: choose one of {sorted(PROFILES)} ({fix})") from None
     override = os.environ.get(ENV_TABLE_SEEDS)
     if override:
         try:
             n = int(override)
         except ValueError:
-            raise ValueError(f"${ENV_TABLE_SEEDS} must be an integer >= 2; got {override!r}") from None
+            raise ProfileError(f"${ENV_TABLE_SEEDS} must be an integer >= 2; got {override!r}") from None
         if n < 2:
-            raise ValueError(f"${ENV_TABLE_SEEDS} must be >= 2 (a paired interval needs two seeds); got {n}")
+            raise ProfileError(f"${ENV_TABLE_SEEDS} must be >= 2 (a paired interval needs two seeds); got {n}")
         prof = replace(prof, table_seeds=n)
     return prof

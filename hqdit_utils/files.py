@@ -18,7 +18,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "write_text_atomic", "strict_json", "write_json_atomic", "sha256_file", "load_error_reason"]
+__all__ = ["atomic_path", "write_text_atomic", "strict_json", "write_json_atomic", "sha256_file", "load_error_reason",
+           "MANIFEST", "IntegrityError", "file_digests", "write_manifest", "verify_files"]
+
+#: The file of a folder that lists every other file's sha256 and size (:func:`write_manifest`).
+MANIFEST = "MANIFEST.json"
+
+
+class IntegrityError(ValueError):
+    """A file listed in a folder's manifest is missing, or its size or sha256 differs (damaged or changed)."""
 
 
 @contextmanager
@@ -69,6 +77,43 @@ def sha256_file(path: "str | os.PathLike", chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def file_digests(folder: "str | os.PathLike", skip: tuple[str, ...] = (MANIFEST,)) -> dict:
+    """``{relative path: {"sha256": hex, "bytes": size}}`` of every file under ``folder`` (recursively, sorted),
+    except names in ``skip`` and the temporary files of :func:`atomic_path`."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in skip and ".tmp" not in p.name}
+
+
+def write_manifest(folder: "str | os.PathLike", record: dict | None = None) -> dict:
+    """Write ``folder/MANIFEST.json``: ``record`` plus ``files`` (:func:`file_digests`) and ``total_bytes``,
+    atomically; returns what it wrote."""
+    files = file_digests(folder)
+    record = {**(record or {}), "files": files, "total_bytes": sum(f["bytes"] for f in files.values())}
+    write_text_atomic(Path(folder) / MANIFEST, strict_json(record) + "\n")
+    return record
+
+
+def verify_files(folder: "str | os.PathLike", files: dict) -> None:
+    """Check every ``{relative path: {"sha256", "bytes"}}`` of ``files`` (a manifest's) against ``folder``.
+
+    Raises:
+        IntegrityError: one line naming the first file that is missing, of another size, or of another sha256.
+    """
+    folder = Path(folder)
+    for rel, info in files.items():
+        p = folder / rel
+        if not p.is_file():
+            raise IntegrityError(f"{p} is listed in {folder / MANIFEST} but missing")
+        size = p.stat().st_size
+        if "bytes" in info and size != info["bytes"]:
+            raise IntegrityError(f"{p} has {size} bytes, {MANIFEST} says {info['bytes']}: the file is truncated or "
+                                 "was changed after it was written")
+        if sha256_file(p) != info["sha256"]:
+            raise IntegrityError(f"{p} fails its sha256 check ({MANIFEST}): the file was damaged or changed after "
+                                 "it was written")
 
 
 def load_error_reason(err: BaseException) -> str:

@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+import types
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,10 +37,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import lowbit
-from .calibration import Calibration, LayerCalibration
+from .calibration import Calibration, LayerCalibration, warn_other_weights, weight_fingerprint
 from .clipping import ClipResult, alpha_to_scale, clip_activation, clip_weight, gamma_grid
 from .export import load_packed, save_packed
-from .files import strict_json
+from .files import MANIFEST, IntegrityError, sha256_file, strict_json, verify_files, write_json_atomic, write_manifest
 from .format_select import FormatChoice, FormatPlan, LayerFormat, choose_format, ratio_statistics
 from .formats import NoFormat, parse_format
 from .gptq import GPTQ
@@ -49,7 +52,7 @@ from .quantizer import (block_fake_quantize, block_weight_scales, fake_quantize,
 from .recipes import AUTO, QuantRecipe, get_recipe
 
 __all__ = ["QuantizationError", "LayerReport", "QuantReport", "quantize_", "check_rotation", "is_quantized", "save_quantized",
-           "load_quantized"]
+           "load_quantized", "save_pretrained_quantized", "is_pretrained_folder", "folder_tag"]
 
 
 class QuantizationError(ValueError):
@@ -549,6 +552,7 @@ def _install(model: nn.Module, modules: dict[str, QuantLinear], shared_groups: d
     if ts_ctx is not None:
         model._hqdit_ts_hook = model.register_forward_pre_hook(ts_ctx.hook, with_kwargs=True)
     model._hqdit_recipe = recipe.name
+    _attach_save_pretrained(model)
     return lowbit.set_execution(model, lowbit.DEFAULT_MODE)
 
 
@@ -609,6 +613,7 @@ def quantize_(model: nn.Module, recipe: "QuantRecipe | str", calibration: Calibr
         if verbose:
             print(f"{name}: W {report.weight_format} A {report.act_format} SQNR out {report.output_sqnr:.2f} dB "
                   f"({report.seconds:.2f} s)")
+    model._hqdit_weights = {name: weight_fingerprint(lin) for name, lin in selected.items()}  # checked on reload
     paths = _install(model, modules, shared_groups, recipe, calibration, ts_ctx)
     for r in reports:
         r.execution = paths.get(r.layer, "")
@@ -619,13 +624,26 @@ def quantize_(model: nn.Module, recipe: "QuantRecipe | str", calibration: Calibr
 # --------------------------------------------------------------------------------------------------
 # Saving and loading the quantized state
 # --------------------------------------------------------------------------------------------------
+#: How to reload a quantized folder, named in every message about one.
+LOADER = "hqdit_utils.load_quantized"
+#: ``quant_method`` of the ``quantization_config`` that :func:`save_pretrained_quantized` writes into
+#: ``config.json``. Diffusers' ``from_pretrained`` refuses an unknown method with "Unknown quantization type,
+#: got <this> - …", so the name says how to load the folder.
+QUANT_METHOD = f"hqdit (load with {LOADER})"
+#: The file of a ``save_pretrained`` folder that holds the parameters and buffers outside the quantized layers.
+BASE_FILE = "base_weights.safetensors"
+
+
 def save_quantized(model: nn.Module, out_dir, report: QuantReport | None = None, *, packed: bool = False) -> Path:
     """Write ``quant_state.safetensors`` (every QuantLinear's buffers), ``quant_config.json`` (their
-    configs + the recipe), and, with a report, ``plan.json`` and ``report.csv`` into ``out_dir``.
+    configs, the recipe and the weight fingerprints of the FP32 layers they replaced), with a report
+    ``plan.json`` and ``report.csv``, and last ``MANIFEST.json`` (sha256 and size of every file of ``out_dir``,
+    verified by :func:`load_quantized`) into ``out_dir``.
 
     ``packed=True``: the weights of integer-path layers go to ``packed_weights.safetensors`` as 4-bit codes two
     per byte + float32 row scales (``lowbit.packed_weights``) instead of float tensors; :func:`load_quantized`
-    rebuilds those layers' integer path bit for bit."""
+    rebuilds those layers' integer path bit for bit. A file added to ``out_dir`` later (``run.json`` of
+    ``hqdit quantize``) is covered by calling :func:`~hqdit_utils.files.write_manifest` again."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     coded = lowbit.packed_weights(model) if packed else {}
@@ -651,13 +669,54 @@ def save_quantized(model: nn.Module, out_dir, report: QuantReport | None = None,
     attention = {name: {"format": str(m.processor.fmt), "scales": dict(m.processor.scales)}
                  for name, m in model.named_modules() if isinstance(getattr(m, "processor", None), QuantAttnProcessor)}
     meta = {"recipe": getattr(model, "_hqdit_recipe", None), "layers": configs,
-            "shared_inputs": list(shared.values()), "attention": attention}
+            "shared_inputs": list(shared.values()), "attention": attention,
+            "weights": getattr(model, "_hqdit_weights", None)}
     if report is not None:
         meta["recipe_fields"] = report.recipe.to_dict()
         report.plan.save(out / "plan.json")
         report.to_pandas().to_csv(out / "report.csv")
     (out / "quant_config.json").write_text(strict_json(meta))
+    write_manifest(out, {"written_by": "hqdit_utils.qmodel.save_quantized", "recipe": meta["recipe"]})
     return out
+
+
+def save_pretrained_quantized(model: nn.Module, save_directory, **kwargs) -> Path:
+    """``model.save_pretrained(save_directory)`` of a quantized diffusers transformer (:func:`quantize_` and
+    :func:`load_quantized` install it on the model, so ``pipe.save_pretrained`` uses it too).
+
+    Writes ``config.json`` (the model's config plus a ``quantization_config`` whose ``quant_method``,
+    :data:`QUANT_METHOD`, a plain ``from_pretrained`` refuses in one line naming :data:`LOADER`),
+    ``base_weights.safetensors`` (every parameter and buffer outside the quantized layers) and what :func:`save_quantized` writes (``packed=True``), ``MANIFEST.json`` last.
+    ``load_quantized(save_directory)`` rebuilds the same quantized model, bit for bit. ``kwargs`` of diffusers'
+    ``save_pretrained`` are accepted and ignored (safetensors only), except ``push_to_hub``, which is refused.
+    """
+    if kwargs.get("push_to_hub"):
+        raise QuantizationError("save_pretrained of an hqdit-quantized model does not push to the Hub: save it, "
+                                "then upload the folder (huggingface-cli upload)")
+    if not kwargs.get("is_main_process", True):
+        return Path(save_directory)
+    out = Path(save_directory)
+    if out.is_file():
+        raise QuantizationError(f"save_pretrained: {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("diffusion_pytorch_model*"):  # float weights of an earlier save would be loaded instead
+        stale.unlink()
+    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    base = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
+            if not any(k.startswith(q + ".") for q in quantized)}
+    save_file(base, str(out / BASE_FILE))
+    model.save_config(out)
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": QUANT_METHOD, "recipe": getattr(model, "_hqdit_recipe", None)}
+    write_json_atomic(out / "config.json", config)
+    return save_quantized(model, out, packed=True)
+
+
+def _attach_save_pretrained(model: nn.Module) -> None:
+    """Make ``model.save_pretrained`` (of a diffusers model) :func:`save_pretrained_quantized`: an instance
+    attribute, so the class's float-weights save can no longer write a quantized model as a plain one."""
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.save_pretrained = types.MethodType(save_pretrained_quantized, model)
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module | None:
@@ -667,26 +726,127 @@ def _submodule(model: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
-def load_quantized(model: nn.Module, out_dir) -> nn.Module:
-    """Rebuild the quantized model saved by :func:`save_quantized` into a fresh FP32 ``model`` (in place): its
-    QuantLinears, the quantized attention processors (``quantize_attention``), the timestep hook of
-    per-timestep-group scales, and the shared input of ``to_q``/``to_k``/``to_v``. Folders written before
-    attention and shared inputs were recorded load their linears only.
+def _check_manifest(out: Path, redo: str) -> bool:
+    """Verify every file listed in ``out/MANIFEST.json`` (``QuantizationError`` naming the first damaged one);
+    ``False`` for a folder written before manifests existed (loaded with a warning)."""
+    man = out / MANIFEST
+    if not man.is_file():
+        warnings.warn(f"{out} has no {MANIFEST} (written by an older hqdit_utils): its files cannot be checked for "
+                      f"damage; save it again (save_quantized / hqdit quantize) to add one", UserWarning, stacklevel=3)
+        return False
+    try:
+        files = json.loads(man.read_text())["files"]
+        verify_files(out, files)
+    except (ValueError, KeyError, TypeError) as err:
+        what = str(err) if isinstance(err, IntegrityError) else f"{man} is damaged ({type(err).__name__}: {err})"
+        raise QuantizationError(f"{what}; {redo}") from None
+    missing = {"quant_config.json", "quant_state.safetensors"} - set(files)
+    if missing:
+        raise QuantizationError(f"{man} does not list {sorted(missing)}; {redo}")
+    return True
+
+
+def folder_tag(out_dir) -> str:
+    """``sha256 <16 hex digits>`` naming a quantized folder: of its ``MANIFEST.json`` (which holds every file's
+    sha256, so the tag changes with any file), or of ``quant_state.safetensors`` in an older folder."""
+    out = Path(out_dir)
+    if (out / MANIFEST).is_file():
+        return f"sha256 {sha256_file(out / MANIFEST)[:16]}"
+    return f"sha256 {sha256_file(out / 'quant_state.safetensors')[:16]} (state file only: no {MANIFEST})"
+
+
+def is_pretrained_folder(folder) -> bool:
+    """Whether ``folder`` holds a quantized transformer written by ``save_pretrained`` (a ``config.json`` whose
+    ``quantization_config`` names hqdit)."""
+    cfg = Path(folder) / "config.json"
+    try:
+        qc = json.loads(cfg.read_text()).get("quantization_config") if cfg.is_file() else None
+    except (ValueError, OSError):
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+
+
+def _load_pretrained_folder(out: Path) -> nn.Module:
+    """The quantized transformer of a ``save_pretrained`` folder (:func:`save_pretrained_quantized`)."""
+    redo = "save the quantized model again with model.save_pretrained(folder)"
+    if not out.is_dir():
+        raise FileNotFoundError(f"{out} is not a folder: load_quantized(folder) takes a folder written by "
+                                "save_pretrained of a quantized model, load_quantized(model, folder) one of save_quantized")
+    if not is_pretrained_folder(out):
+        raise QuantizationError(f"{out} holds no config.json with an hqdit quantization_config: a folder of "
+                                "save_quantized or hqdit quantize loads into its FP32 model, load_quantized(model, "
+                                f"{out})")
+    _check_manifest(out, redo)
+    import diffusers  # deferred: diffusers takes seconds to import
+
+    config = json.loads((out / "config.json").read_text())
+    config.pop("quantization_config")
+    cls = getattr(diffusers, str(config.get("_class_name")), None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise QuantizationError(f"{out / 'config.json'} names the class {config.get('_class_name')!r}, which diffusers "
+                                f"{diffusers.__version__} has not; {redo}")
+    base = load_file(str(out / BASE_FILE))
+    model = cls.from_config(config).eval()
+    floats = [v.dtype for v in base.values() if v.is_floating_point()]
+    if floats and floats[0] != torch.float32:
+        model.to(floats[0])
+    layers = json.loads((out / "quant_config.json").read_text())["layers"]
+    missing, unexpected = model.load_state_dict(base, strict=False)
+    stray = [k for k in missing if not any(k.startswith(q + ".") for q in layers)]
+    if stray or unexpected:
+        raise QuantizationError(f"{out / BASE_FILE} does not match {cls.__name__}: missing {stray[:4]}, unexpected "
+                                f"{list(unexpected)[:4]}; {redo}")
+    return _load_state(model, out, check_weights=False, verified=True)
+
+
+def load_quantized(model: "nn.Module | str | os.PathLike", out_dir=None) -> nn.Module:
+    """Rebuild a quantized model: ``load_quantized(model, folder)`` into a fresh FP32 ``model`` (in place) from a
+    folder of :func:`save_quantized` / ``hqdit quantize``; ``load_quantized(folder)`` from a folder of
+    ``save_pretrained`` of a quantized diffusers transformer (the model is built from its ``config.json``).
+
+    Rebuilt: the QuantLinears, the quantized attention processors (``quantize_attention``), the timestep hook of
+    per-timestep-group scales, and the shared input of ``to_q``/``to_k``/``to_v`` (folders written before
+    attention and shared inputs were recorded load their linears only). Every file listed in the folder's
+    ``MANIFEST.json`` is checked first (sha256 and size).
 
     Raises:
         FileNotFoundError: ``quant_config.json`` or ``quant_state.safetensors`` is missing.
-        QuantizationError: a damaged file, missing or unexpected tensors, or layers that ``model`` lacks;
-            the model is left unchanged.
+        QuantizationError: a damaged file (named), missing or unexpected tensors, layers that ``model`` lacks, or
+            the arguments swapped; the model is left unchanged.
+    Warns:
+        UserWarning: ``model``'s weights differ from those the folder was quantized from (same shapes), or the
+            folder has no manifest (written by an older version: nothing to check it against).
     """
-    out = Path(out_dir)
+    if isinstance(model, (str, os.PathLike)):
+        if isinstance(out_dir, nn.Module):
+            raise QuantizationError(f"load_quantized got a path then a {type(out_dir).__name__}: the arguments are "
+                                    "swapped; call load_quantized(model, folder)")
+        if out_dir is not None:
+            raise QuantizationError("load_quantized takes (model, folder) or (folder), got two paths")
+        return _load_pretrained_folder(Path(model))
+    if not isinstance(model, nn.Module):
+        raise QuantizationError(f"load_quantized needs the FP32 transformer (an nn.Module) and a folder, got a "
+                                f"{type(model).__name__}; call load_quantized(model, folder) or load_quantized(folder)")
+    if out_dir is None:
+        raise QuantizationError("load_quantized(model) needs the folder too: load_quantized(model, folder)")
+    if is_pretrained_folder(out_dir):
+        raise QuantizationError(f"{out_dir} was written by save_pretrained and holds the whole model: load it with "
+                                f"{LOADER}({str(out_dir)!r}), without a model")
+    return _load_state(model, Path(out_dir))
+
+
+def _load_state(model: nn.Module, out: Path, *, check_weights: bool = True, verified: bool = False) -> nn.Module:
     redo = f"re-create it with `hqdit quantize --recipe NAME --out {out}` (or save_quantized)"
     cfg_file, state_file = out / "quant_config.json", out / "quant_state.safetensors"
     for f in (cfg_file, state_file):
         if not f.is_file():
-            raise FileNotFoundError(f"{f} not found: {out} is not a complete quantized-model folder; {redo}")
+            hint = (f"; it was written by save_pretrained: load it with {LOADER}({str(out)!r})"
+                    if is_pretrained_folder(out) else "")
+            raise FileNotFoundError(f"{f} not found: {out} is not a complete quantized-model folder; {redo}{hint}")
     if is_quantized(model):
         raise QuantizationError("load_quantized needs an unquantized model")
-
+    if not verified:
+        _check_manifest(out, redo)
     try:
         meta = json.loads(cfg_file.read_text())
         tensors = load_file(str(state_file))
@@ -709,6 +869,11 @@ def load_quantized(model: nn.Module, out_dir) -> nn.Module:
     if missing or unexpected:
         raise QuantizationError(f"{state_file} does not match {cfg_file.name}: missing tensors {missing[:8]}, "
                                 f"unexpected tensors {unexpected[:8]}; {redo}")
+    if check_weights and meta.get("weights"):
+        warn_other_weights(meta["weights"], {n: model.get_submodule(n) for n in meta["layers"]},
+                           "the quantized state was made from", "its weights and scales belong to that model. Load "
+                           "it into the model it was quantized from (load_dit(SOURCE).transformer) unless that is "
+                           "intended", stacklevel=4)
     new_modules = {}
     for name, cfg in meta["layers"].items():
         rot = None
@@ -750,5 +915,8 @@ def load_quantized(model: nn.Module, out_dir) -> nn.Module:
             ql.ts_ctx = ts_ctx
         model._hqdit_ts_hook = model.register_forward_pre_hook(ts_ctx.hook, with_kwargs=True)
     model._hqdit_recipe = meta.get("recipe")
+    if meta.get("weights"):
+        model._hqdit_weights = meta["weights"]
+    _attach_save_pretrained(model)
     lowbit.set_execution(model, lowbit.DEFAULT_MODE)
     return model

@@ -3,8 +3,9 @@
 Writes into ``DIR``: ``quant_state.safetensors`` + ``quant_config.json`` + ``packed_weights.safetensors`` (the
 weights of the layers that run on the exact integer path as 4-bit codes two per byte; ``--float-weights``
 keeps float tensors instead), ``plan.json`` (the :class:`~hqdit_utils.format_select.FormatPlan`),
-``report.csv`` (per-layer formats, α, SQNR) and ``run.json`` (recipe, the model source, calibration
-protocol, wall times, peak memory), written last. ``hqdit sample --quantized DIR`` samples from it (reload
+``report.csv`` (per-layer formats, α, SQNR), ``run.json`` (recipe, the model source, calibration
+protocol, wall times, peak memory) and ``MANIFEST.json`` (sha256 and size of every other file, checked on
+every load), written last. ``hqdit sample --quantized DIR`` samples from it (reload
 in Python with :func:`~hqdit_utils.qmodel.load_quantized` into a fresh ``load_dit(SOURCE).transformer``).
 
 The model is ``--model``, else ``$HQDIT_DIT_WEIGHTS``, else the embedded model. Each stage (load,
@@ -18,13 +19,14 @@ import json
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .calibration import calibrate
 from .cli_common import CliError, load_model, one_line, require_device
-from .files import sha256_file, write_json_atomic
+from .files import write_json_atomic, write_manifest
 from .hadamard import is_supported
-from .qmodel import check_rotation, load_quantized, quantize_, save_quantized
+from .qmodel import check_rotation, folder_tag, load_quantized, quantize_, save_quantized
 from .recipes import RECIPES, QuantRecipe, get_recipe
 
 #: The file ``hqdit quantize`` writes last; ``hqdit sample --quantized`` reads the model source from it.
@@ -88,6 +90,7 @@ def run(recipe_name: "str | QuantRecipe", out: str | Path, *, model: str | None 
             else calib.nbytes(), "seconds_load": t_load - t0, "seconds_calibration": t1 - t_load,
             "seconds_quantize": t2 - t1, "peak_rss_mb": _peak_rss_mb(), "summary": report.summary()}
     write_json_atomic(out / RUN_FILE, info)
+    write_manifest(out, {"written_by": "hqdit quantize", "recipe": recipe.name})  # now covering run.json too
     log(f"saved to {out}", time.perf_counter() - t2)
     return info
 
@@ -95,7 +98,9 @@ def run(recipe_name: "str | QuantRecipe", out: str | Path, *, model: str | None 
 def load_quantized_folder(folder: "str | Path", model: str | None = None, device: str = "cpu"):
     """``(bundle, tag)``: the model recorded in ``folder/run.json`` (or ``model``, when given) with the quantized
     state of ``folder`` loaded into its transformer (packed 4-bit weights included); ``tag`` names the recipe
-    and the state file's sha256, for :func:`~hqdit_utils.sampling.write_samples`. Expected problems raise
+    and the folder's :func:`~hqdit_utils.qmodel.folder_tag` (the sha256 of its manifest, which lists every file's),
+    for :func:`~hqdit_utils.sampling.write_samples`; warnings of the reload (a ``model`` of other weights than
+    the folder was quantized from, a folder without manifest) are printed as one line each on stderr. Expected problems raise
     :class:`CliError` (or the ``FileNotFoundError`` / ``QuantizationError`` of ``load_quantized``)."""
     folder = Path(folder)
     redo = f"re-create it with hqdit quantize --recipe NAME --out {folder} --force"
@@ -113,9 +118,13 @@ def load_quantized_folder(folder: "str | Path", model: str | None = None, device
         raise CliError(f"{run_file} not found, so the model {folder} was quantized from is unknown (pass --model "
                        f"SOURCE, or {redo})")
     bundle, _ = load_model(model or recorded, "--model", device=device)
-    load_quantized(bundle.transformer, folder)
+    with warnings.catch_warnings(record=True) as caught:  # other weights, no manifest: one line each
+        warnings.simplefilter("always")
+        load_quantized(bundle.transformer, folder)
+    for w in caught:
+        print(f"[hqdit] warning: {one_line(w.message)}", file=sys.stderr, flush=True)
     recipe = getattr(bundle.transformer, "_hqdit_recipe", None)
-    return bundle, f"quantized {recipe} sha256 {sha256_file(folder / 'quant_state.safetensors')[:16]}"
+    return bundle, f"quantized {recipe} {folder_tag(folder)}"
 
 
 def unrestored_parts(folder: "str | Path") -> list[str]:

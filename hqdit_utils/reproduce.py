@@ -47,7 +47,7 @@ from .experiments import calibration_for, model_checksum
 from .files import sha256_file, write_json_atomic
 from .metrics.adm import evaluate
 from .metrics.features import InceptionExtractor, ProxyExtractor
-from .models import WeightsError
+from .models import ENV_WEIGHTS, WeightsError
 from .provenance import run_versions
 from .qmodel import is_quantized, load_quantized, quantize_, save_quantized
 from .recipes import get_recipe
@@ -61,6 +61,33 @@ TABLES = {
 }
 #: Environment variable of the ADM reference batch.
 ENV_REFERENCE = "HQDIT_ADM_REFERENCE"
+#: The weights a plan names when none are given (a dry run prints the full-scale plan without them).
+DEFAULT_WEIGHTS = "DiT-XL-2-256x256.pt"
+#: GPU throughput behind the GPU-hour estimate — OUR ASSUMPTIONS, printed with it: an NVIDIA A100's dense BF16
+#: tensor-core peak (312 TFLOP/s, its data sheet) at 40 % utilisation (our guess for batched DiT inference).
+GPU_PEAK_FLOPS, GPU_UTILISATION, GPU_NAME = 312e12, 0.40, "A100 dense BF16 peak"
+
+
+def dit_forward_flops(num_layers: int = 28, hidden: int = 1152, tokens: int = 256, patch_size: int = 2,
+                      in_channels: int = 4, out_channels: int = 8, mlp_ratio: int = 4, freq_dim: int = 256) -> float:
+    """FLOPs (2 per multiply-add) of one DiT forward of ONE image; the defaults are DiT-XL/2 at 256 px (28 blocks,
+    width 1152, 256 tokens). Per block: the token-wise linears (q, k, v, out: 4·d², MLP: 2·r·d² per token), the
+    attention matmuls (Q·Kᵀ and P·V: 2·T²·d) and the adaLN modulation (6·d² per image); plus the patch
+    embedding, the timestep/class embedders and the final layer. Softmax, norms and activations are left out
+    (under 1 % here). Classifier-free guidance runs two forwards per image and step (counted by the caller)."""
+    d, t, r = hidden, tokens, mlp_ratio
+    block = t * (4 * d * d + 2 * r * d * d) + 2 * t * t * d + 6 * d * d
+    patch = patch_size * patch_size
+    rest = t * patch * in_channels * d + freq_dim * d + d * d + 2 * d * d + t * d * patch * out_channels
+    return 2.0 * (num_layers * block + rest)
+
+
+def _config_flops(config) -> float:
+    """:func:`dit_forward_flops` of a diffusers ``DiTTransformer2DModel`` config."""
+    hidden = int(config.num_attention_heads) * int(config.attention_head_dim)
+    tokens = (int(config.sample_size) // int(config.patch_size)) ** 2
+    return dit_forward_flops(int(config.num_layers), hidden, tokens, int(config.patch_size), int(config.in_channels),
+                             int(config.out_channels or config.in_channels))
 
 
 @dataclass
@@ -92,6 +119,8 @@ class Plan:
     step_seconds: float | None = None  # measured seconds per image per denoising step (guided)
     decode_seconds: float | None = None  # measured seconds per image for decoding latents
     world_size: int = 1
+    forward_flops: float | None = None  # FLOPs of one forward of one image (default: DiT-XL/2 at the weights' size)
+    gpus: int = 8  # GPUs of the printed torchrun command
 
     def spec(self, recipe: str) -> dict:
         return {"weights": str(self.weights), "recipe": recipe, "samples": self.samples, "steps": self.steps,
@@ -111,6 +140,27 @@ class Plan:
         h, w, c = self.image_shape
         return int(self.samples * h * w * c)
 
+    def flops_per_run(self) -> float:
+        """FLOPs of one run's sampling plus calibration trajectories: images × steps × 2 forwards (CFG) × FLOPs per
+        forward (:func:`dit_forward_flops`, DiT-XL/2 at 256 or 512 px unless the model's config gave them)."""
+        per_forward = self.forward_flops or dit_forward_flops(tokens=(self._side() // 16) ** 2)
+        images = self.samples + get_profile("full").calib_trajectories
+        return images * self.steps * (2 if self.cfg != 1.0 else 1) * per_forward
+
+    def _side(self) -> int:
+        return 512 if "512" in Path(self.weights).name else 256
+
+    def torchrun_command(self) -> str:
+        """The command that runs this plan on :attr:`gpus` GPUs of one machine."""
+        recipes = ",".join(r.recipe for r in self.runs)
+        default = ",".join(get_recipe(r).name for r in TABLES[self.table])
+        return (f"torchrun --nproc-per-node {self.gpus} -m hqdit_utils.cli reproduce --table {self.table} "
+                f"--weights {self.weights} --samples {self.samples} --steps {self.steps} --cfg {self.cfg:g} "
+                f"--seed-offset {self.seed_offset} --batch-size {self.batch_size} --out {self.out}"
+                + ("" if recipes == default else f" --recipes {recipes}")
+                + " --reference VIRTUAL_imagenet256_labeled.npz --inception-weights "
+                "weights-inception-2015-12-05-6726825d.pth")
+
     def describe(self) -> str:
         todo = [r for r in self.runs if r.status != "done"]
         lines = [f"hqdit reproduce --table {self.table}: {len(self.runs)} runs ({len(todo)} to do), "
@@ -126,7 +176,15 @@ class Plan:
             lines.append(f"  estimated sampling time: {sec / 3600:.2f} h per run, {sec * len(todo) / 3600:.2f} h "
                          f"for the runs to do (+ quantization and evaluation; fake-quantized runs are slower)")
         else:
-            lines.append("  estimated time: unknown (per-image cost not measured)")
+            lines.append("  this machine's cost: not measured (model not loaded)")
+        gpu_h = self.flops_per_run() / (GPU_PEAK_FLOPS * GPU_UTILISATION) / 3600
+        lines.append(f"  GPU time: {self.flops_per_run() / 1e18:.2f} EFLOP per run (images x steps x 2 forwards for "
+                     f"CFG x {(self.forward_flops or dit_forward_flops(tokens=(self._side() // 16) ** 2)) / 1e9:.0f} "
+                     f"GFLOP per forward) = {gpu_h:.1f} GPU-hours per run, {gpu_h * len(todo):.1f} for the runs to do, "
+                     f"about {gpu_h * len(todo) / self.gpus:.1f} h on {self.gpus} GPUs (our assumption: "
+                     f"{GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s {GPU_NAME} x {GPU_UTILISATION:.0%} utilisation; sampling and "
+                     "calibration only; fake-quantized runs are slower)")
+        lines.append(f"  on {self.gpus} GPUs: {self.torchrun_command()}")
         assumed = ""
         if b is None:  # model not loaded: assume the resolution named in the weights (256 unless 512)
             side = 512 if "512" in Path(self.weights).name else 256
@@ -157,14 +215,14 @@ def _status(r: Run, samples: int) -> str:
 
 
 def make_plan(table: str, weights: str, *, samples: int, steps: int, cfg: float, out: "str | Path",
-              seed_offset: int = 0, batch_size: int = 32, recipes: list[str] | None = None) -> Plan:
+              seed_offset: int = 0, batch_size: int = 32, recipes: list[str] | None = None, gpus: int = 8) -> Plan:
     """The runs of ``table`` (or ``recipes``) with their folders and current status; nothing is computed."""
     if table not in TABLES:
         raise ValueError(f"unknown table {table!r}; choose one of {sorted(TABLES)}")
     names = [get_recipe(r).name for r in (recipes or TABLES[table])]
     out = Path(out)
     plan = Plan(table, str(weights), samples, steps, cfg, seed_offset, batch_size, out,
-                world_size=int(os.environ.get("WORLD_SIZE", "1")))
+                world_size=int(os.environ.get("WORLD_SIZE", "1")), gpus=gpus)
     for name in names:
         rid = run_id(weights, name, samples, steps, cfg)
         r = Run(name, rid, out / rid)
@@ -287,15 +345,17 @@ def _cmd(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     say = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)  # noqa: E731
     require_device(args.device)
-    weights, _ = weights_source(args.weights, "--weights", default=None)
+    weights, origin = weights_source(args.weights, "--weights", default=DEFAULT_WEIGHTS if args.dry_run else None)
     try:
         plan = make_plan(args.table, weights, samples=args.samples, steps=args.steps, cfg=args.cfg, out=out,
                          seed_offset=args.seed_offset, batch_size=args.batch_size,
-                         recipes=args.recipes.split(",") if args.recipes else None)
+                         recipes=args.recipes.split(",") if args.recipes else None, gpus=args.gpus)
     except (ValueError, KeyError) as err:
         raise with_fix(err.args[0] if isinstance(err, KeyError) else err, "fix --recipes or the flags named") from None
     bundle = None
-    if not args.no_measure or not args.dry_run:
+    if origin == "default":
+        say(f"(no --weights or ${ENV_WEIGHTS}: the plan of {DEFAULT_WEIGHTS}; this machine's cost is not measured)")
+    elif not args.no_measure or not args.dry_run:
         try:
             bundle, _ = load_model(args.weights, "--weights", default=None, vae=args.vae, device=args.device)
         except (CliError, WeightsError, FileNotFoundError) as err:
@@ -304,6 +364,8 @@ def _cmd(args: argparse.Namespace) -> int:
             say(f"(model not loaded, so the cost is not measured: {one_line(err)})")
         if bundle is not None and not args.no_measure:
             measure_cost(bundle, plan)
+        if bundle is not None:
+            plan.forward_flops = _config_flops(bundle.transformer.config)
     say(plan.describe())
     if args.dry_run:
         return 0
@@ -357,6 +419,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--dry-run", action="store_true", help="print the plan only")
     p.add_argument("--no-measure", action="store_true", help="with --dry-run: do not load the model to time it")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs of the torchrun command and GPU-hour plan printed")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd)
     return p

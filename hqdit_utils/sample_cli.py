@@ -50,6 +50,14 @@ def _cmd(args: argparse.Namespace) -> int:
                   "only", file=sys.stderr, flush=True)
     else:
         (bundle, _), tag = load_model(args.model, "--model", vae=args.vae, device=args.device), ""
+    train_steps = int(bundle.scheduler.config.num_train_timesteps)
+    if args.steps > train_steps:
+        raise CliError(f"--steps {args.steps} exceeds the {train_steps} timesteps the model was trained with (pass "
+                       f"--steps {train_steps} or fewer)")
+    if rank == 0 and bundle.vae is None and bundle.image_channels not in (1, 3):
+        print(f"[hqdit sample] warning: {bundle.name} has no vae/, so its {bundle.image_channels}-channel latents are "
+              f"written as the images of {args.out} (image metrics need decoded images: pass --vae DIR, or add vae/ "
+              "to the model folder)", file=sys.stderr, flush=True)
     if rank == 0:
         print(f"[hqdit sample] {bundle.name}{' ' + tag if tag else ''}: {args.n} samples, {args.sampler}-{args.steps}, "
               f"cfg {args.cfg}, batch {args.batch_size} -> {args.out}", file=sys.stderr, flush=True)

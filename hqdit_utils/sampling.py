@@ -56,6 +56,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .files import atomic_path, strict_json, write_text_atomic
+from .models import as_bundle
 
 
 class SamplingError(RuntimeError):
@@ -170,7 +171,9 @@ def sample(bundle, class_labels, *, num_steps: int, cfg_scale: float, seeds: Seq
     """Class-conditional samples with classifier-free guidance.
 
     Args:
-        bundle: a :class:`~hqdit_utils.models.DiTBundle` (``load_dit(...)``, ``tiny_dit()``, …).
+        bundle: a :class:`~hqdit_utils.models.DiTBundle` (``load_dit(...)``, ``tiny_dit()``, …) or a bare diffusers
+            transformer, wrapped as :func:`~hqdit_utils.calibration.calibrate` wraps it
+            (:func:`~hqdit_utils.models.as_bundle`: default DDPM scheduler, the identity decoder).
         class_labels: ``N`` class ids in ``0 .. bundle.num_classes-1`` (list, array or tensor).
         num_steps: denoising steps (the scheduler is respaced from its 1000 training steps).
         cfg_scale: guidance scale ``s`` (1.0 = no guidance; DiT's FID-50k protocol uses 1.5).
@@ -187,6 +190,7 @@ def sample(bundle, class_labels, *, num_steps: int, cfg_scale: float, seeds: Seq
     """
     if int(num_steps) < 1 or int(batch_size) < 1:
         raise ValueError(f"num_steps and batch_size must be >= 1; got num_steps={num_steps}, batch_size={batch_size}")
+    bundle = as_bundle(bundle)
     labels = _as_long(class_labels)
     seeds = [int(s) for s in seeds]
     if len(seeds) != len(labels):

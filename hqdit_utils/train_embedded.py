@@ -55,7 +55,8 @@ from tqdm import tqdm
 
 from .config import CACHE_DIR
 from .digits import DATASET_NAME, IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, DigitsData, load_digits16, to_uint8_nhwc
-from .files import atomic_path, load_error_reason, sha256_file, strict_json, write_text_atomic
+from .files import atomic_path, load_error_reason, strict_json
+from .files import write_manifest as files_write_manifest
 from .metrics.proxy_net import ProxyNet, load_proxy_net, save_proxy_net
 from .models import load_dit
 from .provenance import package_versions
@@ -255,11 +256,6 @@ def _atomic_torch_save(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, text)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -588,15 +584,7 @@ def class_consistency(out: Path, cfg: TrainConfig, progress: bool = True) -> dic
 
 def write_manifest(out: Path, record: dict) -> dict:
     """Hash every file under ``out`` (except the manifest) and write ``out/MANIFEST.json``."""
-    files = {}
-    for p in sorted(out.rglob("*")):
-        if p.is_file() and p.name != "MANIFEST.json" and ".tmp" not in p.name:
-            files[str(p.relative_to(out))] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-    record = dict(record)
-    record["files"] = files
-    record["total_bytes"] = sum(f["bytes"] for f in files.values())
-    _atomic_write_text(out / "MANIFEST.json", strict_json(record) + "\n")
-    return record
+    return files_write_manifest(out, record)
 
 
 def _environment() -> dict:

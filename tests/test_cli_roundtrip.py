@@ -138,7 +138,9 @@ def test_cuda_unavailable(argv, cmd, needle, tmp_path, capsys):
     (["evaluate", "{tmp}/s.npz", "--reference", "embedded"], "evaluate", "add --proxy"),
     (["evaluate", "{tmp}/s.npz", "--reference", "{tmp}/r.npz", "--proxy"], "evaluate", "reference batch"),
     (["evaluate", "{tmp}/s.npz", "--reference", "embedded", "--proxy-path", "{tmp}"], "evaluate", "needs --proxy"),
-    (["reproduce", "--dry-run"], "reproduce", "pass --weights PATH or set $HQDIT_DIT_WEIGHTS"),
+    (["reproduce", "--samples", "8"], "reproduce", "pass --weights PATH or set $HQDIT_DIT_WEIGHTS"),
+    (["sample", "--out", "{tmp}/s.npz", "--steps", "2000"], "sample",
+     "--steps 2000 exceeds the 1000 timesteps the model was trained with (pass --steps 1000 or fewer)"),
     (["reproduce", "--weights", "{tmp}/w.pt", "--samples", "8"], "reproduce",
      "(from --weights) does not exist (pass --weights PATH"),
     (["sample", "--bogus-flag", "--out", "x.npz"], "", "unrecognized arguments"),
@@ -195,3 +197,55 @@ def test_the_command_in_a_process_exits_2_without_traceback(tmp_path):
     assert res.stderr.strip().splitlines() == [
         f"hqdit sample: error: --quantized {tmp_path / 'none'} is not a folder (create one with hqdit quantize "
         f"--recipe NAME --out {tmp_path / 'none'})"]
+
+
+def test_unknown_profile_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HQDIT_PROFILE", "fast")
+    assert main(["quantize", "--recipe", "hqdit-w4a4", "--out", str(tmp_path / "q")]) == 2
+    assert "unknown $HQDIT_PROFILE 'fast': choose one of ['book', 'ci', 'full']" in one_error_line(capsys, "quantize")
+
+
+def test_a_quantized_folder_as_model_points_to_quantized(quantized, tmp_path, capsys):
+    assert main(["sample", "--model", str(quantized), "--out", str(tmp_path / "s.npz")]) == 2
+    line = one_error_line(capsys, "sample")
+    assert "is a quantized-model folder" in line and f"use hqdit sample --quantized {quantized}" in line
+    assert "download" not in line
+
+
+def _other_weights_folder(path, in_channels=None):
+    """The embedded model's architecture with other weights (or a tiny 4-channel latent model), as a folder."""
+    import torch
+
+    from hqdit_utils.models import load_dit, tiny_dit
+
+    if in_channels:
+        b = tiny_dit(0, in_channels=in_channels)
+    else:
+        b = load_dit("embedded")
+        with torch.no_grad():
+            for p in b.transformer.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+    b.transformer.save_pretrained(path / "transformer")
+    b.scheduler.save_pretrained(path / "scheduler")
+    return path
+
+
+def test_sample_quantized_into_other_weights_warns_and_the_tag_covers_every_file(quantized, tmp_path, capsys):
+    from hqdit_utils.qmodel import folder_tag
+
+    other = _other_weights_folder(tmp_path / "other")
+    out = tmp_path / "s.npz"
+    assert main(["sample", "--quantized", str(quantized), "--model", str(other), "--out", str(out), "--n", "2",
+                 "--steps", "2", "--batch-size", "2", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "[hqdit] warning: the quantized state was made from a model with other weights" in err
+    assert folder_tag(quantized) in json.loads(out.with_suffix(".json").read_text())["spec"]["tag"]
+    assert "MANIFEST" not in folder_tag(quantized)  # hqdit quantize writes one, covering run.json too
+    assert "run.json" in strict_load(quantized / "MANIFEST.json")["files"]
+
+
+def test_latents_without_vae_are_written_with_a_warning(tmp_path, capsys):
+    model = _other_weights_folder(tmp_path / "m", in_channels=4)
+    assert main(["sample", "--model", str(model), "--out", str(tmp_path / "s.npz"), "--n", "2", "--steps", "2",
+                 "--batch-size", "2", "--no-progress"]) == 0
+    assert "4-channel latents are written as the images" in capsys.readouterr().err

@@ -325,12 +325,15 @@ def test_save_and_load_restore_attention_timestep_groups_and_shared_inputs(bundl
 def test_loading_attention_into_a_model_without_it_is_refused_unchanged(bundle, calib, tmp_path):
     import json
 
+    from hqdit_utils.files import write_manifest
+
     m = _fresh(bundle)
     save_quantized(m, tmp_path / "q", quantize_(m, _r("fp4-clip", name="a", quantize_attention=True,
                                                        attn_format="fp4_e2m1"), calib))
     cfg = json.loads((tmp_path / "q" / "quant_config.json").read_text())
     cfg["attention"]["transformer_blocks.0.nope"] = cfg["attention"].pop("transformer_blocks.0.attn1")
     (tmp_path / "q" / "quant_config.json").write_text(json.dumps(cfg))
+    write_manifest(tmp_path / "q")  # a deliberate edit, hashed again (else the manifest check refuses first)
     fresh = _fresh(bundle)
     with pytest.raises(QuantizationError, match="quantizes the attention 'transformer_blocks.0.nope'"):
         load_quantized(fresh, tmp_path / "q")

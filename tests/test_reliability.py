@@ -259,6 +259,7 @@ def test_quantized_state_missing_truncated_or_with_extra_keys(tmp_path, tiny):
 
     from safetensors.torch import load_file, save_file
 
+    from hqdit_utils.files import write_manifest
     from hqdit_utils.recipes import get_recipe
 
     model = copy.deepcopy(tiny.transformer)
@@ -272,6 +273,7 @@ def test_quantized_state_missing_truncated_or_with_extra_keys(tmp_path, tiny):
     sd["transformer_blocks.0.attn1.to_q.stray"] = torch.zeros(1)
     del sd["transformer_blocks.1.ff.net.2.weight"]
     save_file(sd, str(state))
+    write_manifest(out)  # a deliberate edit, hashed again: the tensor check behind the manifest check
     m = fresh()
     with pytest.raises(QuantizationError, match=r"missing tensors \['transformer_blocks\.1\.ff\.net\.2\.weight'\], "
                                                 r"unexpected tensors \['transformer_blocks\.0\.attn1\.to_q\.stray'\]; "
@@ -279,11 +281,16 @@ def test_quantized_state_missing_truncated_or_with_extra_keys(tmp_path, tiny):
         load_quantized(m, out)
     assert not any(isinstance(x, QuantLinear) for x in m.modules())  # nothing swapped half-way
     state.write_bytes(good[:-50])
+    with pytest.raises(QuantizationError, match="quant_state.safetensors has .* bytes, MANIFEST.json says .*: the file "
+                                                "is truncated or was changed after it was written; re-create it"):
+        load_quantized(fresh(), out)
+    write_manifest(out)  # the truncation hashed: the reader's own check behind the manifest's
     with pytest.raises(QuantizationError, match="corrupted or truncated; re-create it"):
         load_quantized(fresh(), out)
     with pytest.raises(QuantizationError, match=r"holds layer 'transformer_blocks\.0\.attn1\.to_q' \[72x72\], which "
                                                 r"the model has not"):
         state.write_bytes(good)
+        write_manifest(out)
         load_quantized(tiny_dit(0, width=144, heads=2).transformer, out)
     state.unlink()
     with pytest.raises(FileNotFoundError, match="quant_state.safetensors not found.*hqdit quantize"):

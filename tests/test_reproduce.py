@@ -8,7 +8,7 @@ import torch
 
 from hqdit_utils.config import Profile
 from hqdit_utils.models import load_dit, tiny_dit
-from hqdit_utils.reproduce import TABLES, add_parser, execute, make_plan, measure_cost
+from hqdit_utils.reproduce import TABLES, add_parser, dit_forward_flops, execute, make_plan, measure_cost
 from hqdit_utils.tables import full_scale_results
 
 PROF = Profile("test", calib_trajectories=2, calib_timesteps=2, eval_samples=8, sampling_steps=2, seeds=1, batch_size=4)
@@ -39,6 +39,28 @@ def test_dry_run_without_weights_prints_the_plan(tmp_path, capsys):
     for r in TABLES["sfid"]:
         assert f"missing-{r}-n50000-s100-cfg1.5" in out
     assert not any(tmp_path.iterdir())  # a dry run writes nothing
+
+
+def test_dry_run_without_any_weights_prints_the_full_scale_plan(tmp_path, capsys, monkeypatch):
+    """Issue 32: no --weights (and no $HQDIT_DIT_WEIGHTS) -> the DiT-XL/2 plan: runs, disk, torchrun, GPU-hours."""
+    monkeypatch.delenv("HQDIT_DIT_WEIGHTS", raising=False)
+    rc = _cli(["--dry-run", "--out", str(tmp_path), "--device", "cpu", "--gpus", "4"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "7 runs (7 to do)" in out and "DiT-XL-2-256x256-hqdit-w4a4-n50000-s100-cfg1.5" in out
+    assert "torchrun --nproc-per-node 4 -m hqdit_utils.cli reproduce --table sfid --weights DiT-XL-2-256x256.pt" in out
+    assert "9.83 GB of samples per run" in out  # 50000 x 256 x 256 x 3 bytes
+    # 50032 images (50000 + 32 calibration trajectories) x 100 steps x 2 (CFG) x 237.24 GFLOP / (312e12 x 0.4) / 3600
+    gpu_h = 50032 * 100 * 2 * dit_forward_flops() / (312e12 * 0.4) / 3600
+    assert f"= {gpu_h:.1f} GPU-hours per run, {7 * gpu_h:.1f} for the runs to do, about {7 * gpu_h / 4:.1f} h on 4 GPUs" in out
+    assert "our assumption" in out
+    assert not any(tmp_path.iterdir())
+
+
+def test_dit_xl2_forward_flops_match_the_dit_paper():
+    """Peebles & Xie (DiT paper, Table 4) give DiT-XL/2 at 256 px 118.6 Gflops, counting a multiply-add once;
+    our count is in FLOPs (2 per multiply-add) from the config (28 blocks, width 1152, 256 tokens)."""
+    assert abs(dit_forward_flops() / 2 / 1e9 - 118.6) < 0.5
+    assert abs(dit_forward_flops(tokens=1024) / 2 / 1e9 - 524.6) < 2  # DiT-XL/2 at 512 px: 524.6 Gflops
 
 
 def test_dry_run_measures_cost_and_disk(folder, tmp_path, capsys):
