@@ -38,6 +38,7 @@ from typing import Callable
 import torch
 
 from .config import DATA_DIR
+from .errors import MissingWeightsError, WeightsError
 from .files import load_error_reason, sha256_file
 
 #: Environment variables read by :func:`load_dit`.
@@ -54,14 +55,6 @@ DOWNLOAD_HELP = (
     "                            huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir sd-vae-ft-ema\n"
     f"then pass the path to load_dit(...) / --model, or set ${ENV_WEIGHTS} (and ${ENV_VAE} for the VAE folder)."
 )
-
-
-class WeightsError(RuntimeError):
-    """Weights that are missing, damaged, or do not fit the model."""
-
-
-class MissingWeightsError(WeightsError, FileNotFoundError):
-    """Weights not found where they were looked for."""
 
 
 @dataclass

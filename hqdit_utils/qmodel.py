@@ -36,6 +36,7 @@ from torch import nn
 from . import lowbit
 from .calibration import Calibration, LayerCalibration
 from .clipping import ClipResult, alpha_to_scale, clip_activation, clip_weight, gamma_grid
+from .errors import QuantizationError
 from .export import load_packed, save_packed
 from .files import strict_json
 from .format_select import FormatChoice, FormatPlan, LayerFormat, choose_format, ratio_statistics
@@ -50,10 +51,6 @@ from .recipes import AUTO, QuantRecipe, get_recipe
 
 __all__ = ["QuantizationError", "LayerReport", "QuantReport", "quantize_", "check_rotation", "is_quantized", "save_quantized",
            "load_quantized"]
-
-
-class QuantizationError(ValueError):
-    """Misuse of :func:`quantize_` (already quantized, no layer selected, missing calibration …)."""
 
 
 # --------------------------------------------------------------------------------------------------
