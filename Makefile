@@ -64,7 +64,7 @@ book-results: env
 	@echo "data/book-runs: $$(du -sh data/book-runs | cut -f1)"
 
 bench: env
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python -m benchmarks.run_all
 
 clean-book:
 	rm -rf _build

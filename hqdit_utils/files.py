@@ -1,4 +1,5 @@
-"""Files: atomic writes, sha256 checksums, and why a ``torch.load`` refused a file.
+"""Files: atomic writes, strict JSON, sha256 checksums (of a file, of a model's tensors), and why a ``torch.load``
+refused a file.
 
 Atomic writes — a file is either absent or complete, never half-written. Every long job of the package
 (training checkpoints, sample shards, calibrations, cached runs, exports) writes through
@@ -18,7 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "write_text_atomic", "strict_json", "write_json_atomic", "sha256_file", "load_error_reason"]
+__all__ = ["atomic_path", "write_text_atomic", "strict_json", "write_json_atomic", "sha256_file", "state_dict_sha256",
+           "load_error_reason"]
 
 
 @contextmanager
@@ -69,6 +71,19 @@ def sha256_file(path: "str | os.PathLike", chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def state_dict_sha256(module) -> str:
+    """Hex sha256 of a ``torch.nn.Module``'s parameters and buffers (names, dtypes, shapes and bytes, in key
+    order): the package's one encoding of a model's identity (``tests/test_package_layout.py`` holds it)."""
+    import torch  # deferred: the rest of this module is the standard library only
+
+    digest = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        t = value.detach().cpu().contiguous()
+        digest.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_error_reason(err: BaseException) -> str:
