@@ -304,3 +304,23 @@ def test_cli_common_imports_no_engine_module_for_an_exception():
     name = next(n for n in modules if n.endswith(".cli_common"))
     imported = {m for m, _, _ in _imports(name, modules[name], modules)}
     assert not {m for m in imported if m.rsplit(".", 1)[-1] in ("qmodel", "sampling")}, imported
+
+
+def test_each_command_module_registers_its_name_with_the_listed_help():
+    """``hqdit --help`` lists :data:`~hqdit_utils.cli.COMMANDS` without importing their modules; each module
+    registers exactly that name with exactly that help (fails when one of them changes alone)."""
+    from hqdit_utils.cli import COMMANDS, build_parser
+
+    for name, (_, help_line) in COMMANDS.items():
+        action = next(a for a in build_parser(name)._actions if a.dest == "command")
+        assert [(c.dest, c.help) for c in action._choices_actions] == [(name, help_line)], name
+
+
+def test_help_imports_no_command_module():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom hqdit_utils.cli import COMMANDS, main\nassert main(['--help']) == 0\n"
+            "print(sorted(m for m, _ in COMMANDS.values() if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
