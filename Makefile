@@ -78,7 +78,7 @@ check-store: env
 	$(BIN)/python -m hqdit_utils.golden store
 
 bench: env
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python -m benchmarks.run_all
 
 clean-book:
 	rm -rf _build

@@ -6,10 +6,10 @@ import time
 
 import torch
 
-from _timing import interleaved_medians
 from hqdit_utils.calibration import calibrate
 from hqdit_utils.qmodel import quantize_
 from hqdit_utils.sampling import denoise_batch
+from hqdit_utils.timing import interleaved_medians
 
 #: The recipes whose denoiser forward is timed, with the issue's targets (× the FP32 forward; None = report).
 FORWARD_TARGETS = {"int4-rtn": None, "fp4-hybrid": 1.3, "hqdit-w4a4": 1.6}

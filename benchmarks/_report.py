@@ -16,11 +16,12 @@ arithmetic. Both sides of every ratio run with the same setting.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 from pathlib import Path
 
 import torch
+
+from hqdit_utils.files import write_json_atomic
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -79,4 +80,4 @@ def finish(args, name: str, checks: list[dict], details: dict | None = None) -> 
     if args.json is not None:
         payload = {"benchmark": name, "quick": bool(args.quick), "threads": torch.get_num_threads(),
                    "checks": checks, "details": details or {}}
-        args.json.write_text(json.dumps(payload, indent=1, default=float))
+        write_json_atomic(args.json, payload)

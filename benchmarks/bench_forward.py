@@ -5,21 +5,17 @@ forward does not depend on how well the recipe was calibrated. Medians of 7 forw
 after one warm-up, all in one process. Targets (issue 9): ``fp4-hybrid`` ≤ 1.3× FP32, ``hqdit-w4a4``
 (online rotation) ≤ 1.6× FP32; ``int4-rtn`` reported.
 
-    python benchmarks/bench_forward.py [--quick] [--json out.json]
+    python -m benchmarks.bench_forward [--quick] [--json out.json]
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _dit import FORWARD_TARGETS, denoiser_inputs, forward_medians, quantized_copy  # noqa: E402
-from _report import check, finish, parser, setup  # noqa: E402
+from hqdit_utils.calibration import calibrate
+from hqdit_utils.models import load_dit
 
-from hqdit_utils.calibration import calibrate  # noqa: E402
-from hqdit_utils.models import load_dit  # noqa: E402
+from ._dit import FORWARD_TARGETS, denoiser_inputs, forward_medians, quantized_copy
+from ._report import check, finish, parser, setup
 
 
 def main(argv=None) -> list[dict]:

@@ -8,9 +8,9 @@
 
 Run::
 
-    .venv/bin/python benchmarks/bench_hadamard.py                 # 1 thread (see below)
-    .venv/bin/python benchmarks/bench_hadamard.py --threads 2 --calib-rows 2048
-    .venv/bin/python benchmarks/bench_hadamard.py --quick          # 3 repeats, 256 GPTQ rows
+    .venv/bin/python -m benchmarks.bench_hadamard                 # 1 thread (see below)
+    .venv/bin/python -m benchmarks.bench_hadamard --threads 2 --calib-rows 2048
+    .venv/bin/python -m benchmarks.bench_hadamard --quick          # 3 repeats, 256 GPTQ rows
 
 Threads: the default is 1 thread. On a shared machine, multi-threaded small element-wise ops can wait a
 whole scheduler slice for a busy core, which makes timings of short kernels meaningless; one thread
@@ -23,18 +23,15 @@ waits for a descheduled worker thread (the dense matmul is one kernel). GPTQ, 51
 """
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import check, finish, parser, setup  # noqa: E402
-from _timing import median_seconds  # noqa: E402
-
 from hqdit_utils.gptq import GPTQ
 from hqdit_utils.hadamard import HadamardSpec, fast_hadamard_transform
+from hqdit_utils.timing import median_seconds
+
+from ._report import check, finish, parser, setup
 
 
 def _median_time(fn, repeats: int) -> float:

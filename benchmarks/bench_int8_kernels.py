@@ -17,17 +17,13 @@ measures the choice ``lowbit.int_kernel`` makes; ``benchmarks/bench_lowbit.py`` 
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import check, finish, parser  # noqa: E402
-from _timing import interleaved_medians  # noqa: E402
+from hqdit_utils.lowbit import int_mm_fast
+from hqdit_utils.timing import interleaved_medians
 
-from hqdit_utils.lowbit import int_mm_fast  # noqa: E402
+from ._report import check, finish, parser
 
 #: (name, rows, in_features, out_features): DiT-XL/2's quantized block linears at 1024 tokens (q, k, v and the
 #: attention output share one shape) and the embedded model's (width 144, MLP 576) at 64 × 64 tokens.

@@ -24,7 +24,7 @@ are timed round-robin (``_timing.interleaved_medians``). ``int8`` = weight codes
    block linears, and every FC layer incl. adaLN (``*-all-fc``). Targets: peak ≤ 0.4× FP32 (block linears),
    weight bytes of the quantized layers ≤ 0.135× FP32.
 
-    python benchmarks/bench_lowbit.py [--quick] [--threads-list 1,2] [--blocks N] [--json out.json]
+    python -m benchmarks.bench_lowbit [--quick] [--threads-list 1,2] [--blocks N] [--json out.json]
 """
 from __future__ import annotations
 
@@ -34,31 +34,27 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _dit import calibration_protocol, denoiser_inputs, forward_medians, quantized_copy  # noqa: E402
-from _report import check, finish, parser, peak_rss_gb  # noqa: E402
-from _timing import interleaved_medians  # noqa: E402
+from hqdit_utils import lowbit
+from hqdit_utils.calibration import calibrate
+from hqdit_utils.dit_configs import DiT_XL_2
+from hqdit_utils.layers import ALL_FC_LAYERS, DEFAULT_LAYERS, select_linears
+from hqdit_utils.models import dit_xl2_shaped_random, load_dit
+from hqdit_utils.qlinear import QuantLinear
+from hqdit_utils.recipes import get_recipe
+from hqdit_utils.timing import interleaved_medians
 
-from hqdit_utils import lowbit  # noqa: E402
-from hqdit_utils.calibration import calibrate  # noqa: E402
-from hqdit_utils.layers import ALL_FC_LAYERS, DEFAULT_LAYERS, select_linears  # noqa: E402
-from hqdit_utils.models import dit_xl2_shaped_random, load_dit  # noqa: E402
-from hqdit_utils.qlinear import QuantLinear  # noqa: E402
-from hqdit_utils.recipes import get_recipe  # noqa: E402
+from ._dit import calibration_protocol, denoiser_inputs, forward_medians, quantized_copy
+from ._report import check, finish, parser, peak_rss_gb
 
 RECIPE = "hqdit-w4a4"
 #: The memory subprocesses return every freed block of 64 KiB or more to the system (a fixed mmap threshold), so
 #: that peak RSS counts live tensors, not the allocator's kept free blocks (run_all.py's settings keep up to
 #: 1 GB of them for speed, which would count in whichever process frees most temporaries).
 MEMORY_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 16), "MALLOC_TRIM_THRESHOLD_": str(1 << 16)}
-XL_CONFIG = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
-                 sample_size=32, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero",
-                 activation_fn="gelu-approximate", norm_elementwise_affine=False)
 
 
 def _variants(q) -> dict:
@@ -172,7 +168,7 @@ def _memory_child(kind: str, layers: str, blocks: int) -> dict:
     torch.set_num_threads(1)
     rss0 = peak_rss_gb()
     with torch.device("meta"):
-        model = DiTTransformer2DModel(**{**XL_CONFIG, "num_layers": blocks}).eval()
+        model = DiTTransformer2DModel(**DiT_XL_2(depth=blocks)).eval()
     g = torch.Generator().manual_seed(0)
     q_bytes = fp32_bytes = 0
     if kind == "packed":
@@ -213,8 +209,9 @@ def _memory_child(kind: str, layers: str, blocks: int) -> dict:
 def _memory(blocks: int) -> dict:
     out = {}
     for kind, layers in (("fp32", "-"), ("packed", "block"), ("packed", "all-fc")):
-        cmd = [sys.executable, __file__, "--memory-child", kind, "--memory-layers", layers, "--blocks", str(blocks)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=MEMORY_ENV)
+        cmd = [sys.executable, "-m", "benchmarks.bench_lowbit", "--memory-child", kind, "--memory-layers", layers, "--blocks", str(blocks)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=MEMORY_ENV,
+                              cwd=Path(__file__).resolve().parents[1])
         out[f"{kind} {layers}".strip(" -")] = json.loads(proc.stdout.strip().splitlines()[-1])
     return out
 

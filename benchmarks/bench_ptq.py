@@ -9,24 +9,22 @@
    (packed layers + everything else in FP32) against the whole FP32 / FP16 transformer. Target: packed
    layers ≤ 0.135× FP32.
 
-    python benchmarks/bench_ptq.py [--quick] [--json out.json]
+    python -m benchmarks.bench_ptq [--quick] [--json out.json]
 """
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _dit import plain_trajectories_seconds, profile_protocol, timed_ptq  # noqa: E402
-from _report import check, finish, parser, setup  # noqa: E402
+from hqdit_utils.config import profile
+from hqdit_utils.export import pack_quantized, save_packed
+from hqdit_utils.models import load_dit
+from hqdit_utils.qlinear import QuantLinear
 
-from hqdit_utils.config import profile  # noqa: E402
-from hqdit_utils.export import pack_quantized, save_packed  # noqa: E402
-from hqdit_utils.models import load_dit  # noqa: E402
-from hqdit_utils.qlinear import QuantLinear  # noqa: E402
+from ._dit import plain_trajectories_seconds, profile_protocol, timed_ptq
+from ._report import check, finish, parser, setup
 
 
 def export_sizes(qmodel, fp32_model) -> dict:

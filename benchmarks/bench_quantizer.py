@@ -6,20 +6,16 @@ medians of 21 repeats (one call takes tens of ms, and short timings on a shared 
 cases timed round-robin, and the ratios. Target (issue 9): FP4 per-tensor ≤ 2× INT4 and ≤ 6× clone; the
 per-channel, MXFP4 and NVFP4 ratios are reported against the same baselines.
 
-    python benchmarks/bench_quantizer.py [--quick] [--json out.json]
+    python -m benchmarks.bench_quantizer [--quick] [--json out.json]
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import check, finish, parser, setup  # noqa: E402
-from _timing import interleaved_medians  # noqa: E402
+from hqdit_utils.quantizer import fake_quantize
+from hqdit_utils.timing import interleaved_medians
 
-from hqdit_utils.quantizer import fake_quantize  # noqa: E402
+from ._report import check, finish, parser, setup
 
 
 def int4_round_clamp(x: torch.Tensor) -> torch.Tensor:

@@ -25,25 +25,22 @@
 ``--quick``: 2 blocks instead of 28 and 2 repeats (the ratios are roughly independent of the depth); the
 PTQ of 4. then uses the ``ci`` profile's calibration size.
 
-    python benchmarks/bench_xl.py [--quick] [--json out.json]
+    python -m benchmarks.bench_xl [--quick] [--json out.json]
 """
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _dit import (FORWARD_TARGETS, calibration_protocol, denoiser_inputs, forward_medians,  # noqa: E402
-                  plain_trajectories_seconds, profile_protocol, quantized_copy, timed_ptq)
-from _report import check, finish, parser, peak_rss_gb, setup  # noqa: E402
+from hqdit_utils.calibration import calibrate
+from hqdit_utils.config import profile
+from hqdit_utils.models import dit_xl2_shaped_random
+from hqdit_utils.recipes import get_recipe
 
-from hqdit_utils.calibration import calibrate  # noqa: E402
-from hqdit_utils.config import profile  # noqa: E402
-from hqdit_utils.models import dit_xl2_shaped_random  # noqa: E402
-from hqdit_utils.recipes import get_recipe  # noqa: E402
+from ._dit import (FORWARD_TARGETS, calibration_protocol, denoiser_inputs, forward_medians,
+                   plain_trajectories_seconds, profile_protocol, quantized_copy, timed_ptq)
+from ._report import check, finish, parser, peak_rss_gb, setup
 
 
 def small_calibration(blocks: int, repeats: int) -> tuple[list[dict], dict]:

@@ -1,7 +1,7 @@
 """Run every benchmark (``benchmarks/bench_*.py``), one after the other, and write ``results.md`` + ``results.json``.
 
-    make bench                                   # or: python benchmarks/run_all.py
-    python benchmarks/run_all.py --quick         # small sizes, few repeats (development; not for the record)
+    make bench                                   # or: python -m benchmarks.run_all
+    python -m benchmarks.run_all --quick         # small sizes, few repeats (development; not for the record)
 
 Each benchmark runs in its own process (so its peak memory is its own), measures its baseline in the same
 process and reports ratios (medians of repeated timings), with the target of issue 9 and PASS/FAIL. The
@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -37,12 +36,9 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(256 << 20), "MALLOC_TRIM_THRESHOLD_"
 def machine() -> dict:
     # torch (and the package, which imports it) load here, not at the top: the runner itself stays light, the
     # benchmarks run in subprocesses started with MALLOC_ENV
-    import torch
+    from hqdit_utils.provenance import machine_facts
 
-    from hqdit_utils.provenance import cpu_model
-
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
+    return machine_facts()
 
 
 def loadavg() -> str:
@@ -55,10 +51,11 @@ def loadavg() -> str:
 def book_times() -> dict:
     """``{"cold_s": …, "warm_s": …}`` with a provenance line each: cold = the pages of book/chapter_times.json."""
     out = {}
-    chapters = HERE.parent / "book" / "chapter_times.json"
-    if chapters.is_file():
-        c = json.loads(chapters.read_text())
-        secs = [e.get("seconds") for e in c.get("pages", {}).values()]
+    from hqdit_utils.provenance import load_chapter_times  # deferred like machine(): it imports torch
+
+    c = load_chapter_times()
+    if c["pages"]:
+        secs = [e.get("seconds") for e in c["pages"].values()]
         if secs and None not in secs:
             seeds = f", chapter 7 at {c['table_seeds']} paired seeds" if c.get("table_seeds") else ""
             out["cold_s"] = (sum(secs), f"book/chapter_times.json: {c.get('measured', 'undated')}, commit "
@@ -123,7 +120,7 @@ def main(argv=None) -> int:
         name = script.stem[len("bench_"):]
         if args.only and name not in args.only:
             continue
-        cmd = [sys.executable, str(script)]
+        cmd = [sys.executable, "-m", f"benchmarks.{script.stem}"]
         if args.quick:
             cmd.append("--quick")
         if name in ("xl", "lowbit") and args.xl_blocks:
@@ -132,7 +129,7 @@ def main(argv=None) -> int:
             out = Path(tmp) / "r.json"
             print(f"== {script.name}", flush=True)
             t0 = time.perf_counter()
-            proc = subprocess.run(cmd + ["--json", str(out)], capture_output=True, text=True, env=env)
+            proc = subprocess.run(cmd + ["--json", str(out)], capture_output=True, text=True, env=env, cwd=HERE.parent)
             sec = time.perf_counter() - t0
             print(proc.stdout, end="", flush=True)
             if proc.returncode or not out.is_file():
@@ -159,9 +156,10 @@ def main(argv=None) -> int:
     md = head + table(checks) + "\n\n## Reports of the scripts\n\n" + "\n".join(sections)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(md)
-    (args.out / "results.json").write_text(json.dumps({"stamp": stamp, "quick": args.quick, "machine": info,
-                                                       "checks": checks, "details": details, "failed": failed},
-                                                      indent=1, default=float))
+    from hqdit_utils.files import write_json_atomic  # deferred like machine()
+
+    write_json_atomic(args.out / "results.json", {"stamp": stamp, "quick": args.quick, "machine": info,
+                                                  "checks": checks, "details": details, "failed": failed})
     print("\n" + table(checks))
     print(f"\nwhole run {info['total_s'] / 60:.1f} min; load average before {info['load_before']}, after "
           f"{info['load_after']}; wrote {args.out / 'results.md'}")

@@ -32,6 +32,7 @@ from .gptq import GPTQ, rtn_quantize
 from .hadamard import HadamardSpec, fast_hadamard_transform, hadamard_factors, hadamard_signs
 from .layers import BLOCK_LINEARS
 from .quantizer import fake_quantize, round_to_grid, sqnr_db
+from .timing import time_call
 
 __all__ = [
     "BlockLinear", "block_linears", "crest_factor", "outlier_profile", "Rotation", "rotation_spec", "rotate_pair",
@@ -222,22 +223,6 @@ def rotation_table(layers: Sequence[BlockLinear], formats: Sequence[str] = ("fp4
 # --------------------------------------------------------------------------------------------------
 # Run-time cost of the online rotation
 # --------------------------------------------------------------------------------------------------
-def time_call(fn: Callable[[], object], *, min_time: float = 0.05, repeats: int = 5) -> float:
-    """Median wall time (s) of one call of ``fn``: ``repeats`` measurements, each running ``fn`` enough
-    times to last about ``min_time`` s (after one warm-up call)."""
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    one = max(time.perf_counter() - t0, 1e-7)
-    inner = max(1, int(min_time / one))
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        samples.append((time.perf_counter() - t0) / inner)
-    samples.sort()
-    return samples[len(samples) // 2]
 
 
 def rotation_cost(widths: Sequence[int], rows: int = 256, *, out_features: Sequence[int] | None = None,

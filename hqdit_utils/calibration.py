@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from .config import profile as get_profile
+from .errors import CalibrationError
 from .files import atomic_path, load_error_reason
 from .layers import DEFAULT_LAYERS, LayerSelectionError, select_linears
 from .models import as_bundle
@@ -51,10 +52,6 @@ from .stats import TensorStats, hash_coefficients
 
 __all__ = ["CalibrationError", "LayerCalibration", "Calibration", "ActivationRecorder", "calibrate",
            "calibration_timesteps", "weight_fingerprint", "warn_other_weights"]
-
-
-class CalibrationError(ValueError):
-    """Calibration failed (non-finite activations, nothing recorded, a layer pattern matching nothing)."""
 
 
 

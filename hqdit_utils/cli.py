@@ -1,7 +1,9 @@
 """The ``hqdit`` command line.
 
 Each module that owns a job registers its own sub-command through an ``add_parser(subparsers)``
-function, so the code that runs a job and the flags that drive it live side by side.
+function, so the code that runs a job and the flags that drive it live side by side. Only the module of the
+sub-command being run is imported: ``hqdit --help`` lists the sub-commands from :data:`COMMANDS` alone
+(``tests/test_package_layout.py`` checks that each module registers its name with the same one-line help).
 """
 from __future__ import annotations
 
@@ -10,17 +12,22 @@ import importlib
 import sys
 
 from .cli_common import EXIT_ERROR, CommandParser, run_command
-#: module name -> it defines ``add_parser(subparsers)`` that registers one or more sub-commands.
-COMMAND_MODULES = [
-    "hqdit_utils.train_embedded",
-    "hqdit_utils.quantize_cli",
-    "hqdit_utils.sample_cli",
-    "hqdit_utils.metrics.evaluate",
-    "hqdit_utils.reproduce",
-]
+
+#: sub-command -> (module that defines ``add_parser(subparsers)`` registering it, its one-line help).
+COMMANDS = {
+    "train-embedded": ("hqdit_utils.train_embedded", "train the embedded DiT and its proxy classifier (resumable)"),
+    "quantize": ("hqdit_utils.quantize_cli", "calibrate and quantize a DiT with a named recipe; save state + plan"),
+    "sample": ("hqdit_utils.sample_cli", "write class-conditional samples to an ADM .npz (resumable, torchrun-aware)"),
+    "evaluate": ("hqdit_utils.metrics.evaluate",
+                 "FID, sFID, IS, precision/recall of a sample .npz against a reference .npz"),
+    "reproduce": ("hqdit_utils.reproduce",
+                  "full-scale tables on DiT-XL/2: print the plan, then run it resumably (torchrun-aware)"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``hqdit`` parser: with ``command`` (a key of :data:`COMMANDS`) that sub-command's full parser, its
+    module imported; otherwise every sub-command by name and help only (nothing imported)."""
     parser = CommandParser(
         prog="hqdit",
         description=(
@@ -29,15 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_parser(sub)
+    if command in COMMANDS:
+        importlib.import_module(COMMANDS[command][0]).add_parser(sub)
+    else:
+        for name, (_, help_line) in COMMANDS.items():
+            sub.add_parser(name, help=help_line)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``hqdit`` with ``argv`` (default: the process's); returns the exit code (2: an expected error,
     printed as one line on stderr)."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     try:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # --help (0) or a usage error, already printed as one line (2)

@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 
 from .config import ProfileError
-from .models import ENV_WEIGHTS, WeightsError, check_device, load_dit
-from .qmodel import QuantizationError
-from .sampling import SamplingError
+from .errors import QuantizationError, SamplingError, WeightsError
+from .models import ENV_WEIGHTS, check_device, load_dit
 
 __all__ = ["CliError", "EXIT_ERROR", "CommandParser", "one_line", "with_fix", "run_command", "require_device",
            "weights_source", "load_model"]

@@ -1,4 +1,5 @@
-"""Files: atomic writes, sha256 checksums, and why a ``torch.load`` refused a file.
+"""Files: atomic writes, strict JSON, sha256 checksums (of a file, of a model's tensors), and why a ``torch.load``
+refused a file.
 
 Atomic writes — a file is either absent or complete, never half-written. Every long job of the package
 (training checkpoints, sample shards, calibrations, cached runs, exports) writes through
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 __all__ = ["atomic_path", "write_text_atomic", "strict_json", "write_json_atomic", "sha256_file", "load_error_reason",
-           "MANIFEST", "IntegrityError", "file_digests", "write_manifest", "verify_files"]
+           "state_dict_sha256", "MANIFEST", "IntegrityError", "file_digests", "write_manifest", "verify_files"]
 
 #: The file of a folder that lists every other file's sha256 and size (:func:`write_manifest`).
 MANIFEST = "MANIFEST.json"
@@ -114,6 +115,19 @@ def verify_files(folder: "str | os.PathLike", files: dict) -> None:
         if sha256_file(p) != info["sha256"]:
             raise IntegrityError(f"{p} fails its sha256 check ({MANIFEST}): the file was damaged or changed after "
                                  "it was written")
+
+
+def state_dict_sha256(module) -> str:
+    """Hex sha256 of a ``torch.nn.Module``'s parameters and buffers (names, dtypes, shapes and bytes, in key
+    order): the package's one encoding of a model's identity (``tests/test_package_layout.py`` holds it)."""
+    import torch  # deferred: the rest of this module is the standard library only
+
+    digest = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        t = value.detach().cpu().contiguous()
+        digest.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_error_reason(err: BaseException) -> str:

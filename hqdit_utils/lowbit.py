@@ -49,6 +49,7 @@ from torch import nn
 
 from .codes import PackedWeight, decode, encode, pack_nibbles
 from .formats import FloatFormat, Format, IntFormat, NoFormat, parse_format
+from .provenance import cpu_flags
 from .qlinear import QuantLinear
 from .quantizer import round_to_grid_
 
@@ -273,10 +274,8 @@ def int_mm_fast() -> bool:
     that file does not exist, whether PyTorch's CPU capability is AVX512 or AMX). Without them ``torch._int_mm``
     runs a slow kernel — measured on a 2-core AVX2 machine, one thread: 904 ms for int8 512×1152 @ 1152×1152
     against 20 ms for the same product in float32 — so ``"auto"`` keeps layers with float weights simulated."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            flags = set(f.read().split())
-    except OSError:
+    flags = cpu_flags()
+    if flags is None:
         return torch.backends.cpu.get_cpu_capability().upper().startswith(("AVX512", "AMX"))
     return any(flag in flags for flag in INT8_DOT_FLAGS)
 

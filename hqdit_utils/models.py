@@ -38,6 +38,8 @@ from typing import Callable
 import torch
 
 from .config import DATA_DIR
+from .dit_configs import HEADS_BY_WIDTH, DiT_XL_2, dit_config
+from .errors import MissingWeightsError, WeightsError
 from .files import load_error_reason, sha256_file
 
 #: Environment variables read by :func:`load_dit`.
@@ -54,14 +56,6 @@ DOWNLOAD_HELP = (
     "                            huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir sd-vae-ft-ema\n"
     f"then pass the path to load_dit(...) / --model, or set ${ENV_WEIGHTS} (and ${ENV_VAE} for the VAE folder)."
 )
-
-
-class WeightsError(RuntimeError):
-    """Weights that are missing, damaged, or do not fit the model."""
-
-
-class MissingWeightsError(WeightsError, FileNotFoundError):
-    """Weights not found where they were looked for."""
 
 
 @dataclass
@@ -383,7 +377,6 @@ _BLOCK_MAP = {  # original per-block suffix -> diffusers per-block suffix (q/k/v
     "mlp.fc2": "ff.net.2",
 }
 #: Heads of the published DiT sizes, by width (S, B, L, XL); other widths use ``width // 72``.
-_HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16}
 
 
 def original_config_from_state_dict(sd: dict, num_attention_heads: int | None = None) -> dict:
@@ -399,16 +392,14 @@ def original_config_from_state_dict(sd: dict, num_attention_heads: int | None = 
     out_ch = int(sd["final_layer.linear.weight"].shape[0]) // (patch * patch)
     rows = int(sd["y_embedder.embedding_table.weight"].shape[0])
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
-    heads = num_attention_heads or _HEADS_BY_WIDTH.get(hidden) or (hidden // 72 if hidden % 72 == 0 else None)
+    heads = num_attention_heads or HEADS_BY_WIDTH.get(hidden) or (hidden // 72 if hidden % 72 == 0 else None)
     if heads is None:
         raise WeightsError(f"cannot infer the number of attention heads for width {hidden}; pass num_attention_heads=")
     mlp_hidden = int(sd["blocks.0.mlp.fc1.weight"].shape[0])
     if mlp_hidden != 4 * hidden:
         raise WeightsError(f"MLP width {mlp_hidden} != 4 x {hidden}; diffusers' DiT block needs mlp_ratio 4")
-    return dict(num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=in_ch,
-                out_channels=out_ch, num_layers=depth, sample_size=grid * patch, patch_size=patch,
-                num_embeds_ada_norm=rows - 1 if rows > 1 else rows, norm_type="ada_norm_zero",
-                activation_fn="gelu-approximate", norm_elementwise_affine=False)
+    return dit_config(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch, in_channels=in_ch,
+                      out_channels=out_ch, input_size=grid * patch, num_classes=rows - 1 if rows > 1 else rows)
 
 
 def convert_original_state_dict(sd: dict, num_layers: int) -> dict:
@@ -645,9 +636,7 @@ def _random_bundle(config: dict, seed: int, name: str, image_channels: int | Non
 
 
 #: ``DiTTransformer2DModel`` config of DiT-XL/2-256 (diffusers port): 28 blocks × 1152 (16 heads × 72), patch 2.
-DIT_XL2_256_CONFIG = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
-                          sample_size=32, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero",
-                          activation_fn="gelu-approximate", norm_elementwise_affine=False)
+DIT_XL2_256_CONFIG = DiT_XL_2()
 
 
 def dit_xl2_meta():
@@ -668,15 +657,13 @@ def dit_xl2_shaped_random(seed: int = 0, num_layers: int = 28) -> DiTBundle:
     Its decoder is the identity on the 4 latent channels (there is no VAE): use it for shapes, memory
     and timing, never for images. ``num_layers`` can be lowered for quicker shape checks.
     """
-    cfg = dict(DIT_XL2_256_CONFIG, num_layers=num_layers)
+    cfg = DiT_XL_2(depth=num_layers)
     return _random_bundle(cfg, seed, f"RANDOM untrained DiT-XL/2-shaped model (seed {seed}, {num_layers} blocks)")
 
 
 def tiny_dit(seed: int = 0, *, width: int = 72, heads: int = 1, num_layers: int = 2, in_channels: int = 1,
              sample_size: int = 8, patch_size: int = 2, num_classes: int = 4) -> DiTBundle:
     """A tiny **random** DiT for unit tests (default: 2 blocks × 72 wide, 8×8 pixels, 4 classes + null)."""
-    cfg = dict(num_attention_heads=heads, attention_head_dim=width // heads, in_channels=in_channels,
-               out_channels=2 * in_channels, num_layers=num_layers, sample_size=sample_size,
-               patch_size=patch_size, num_embeds_ada_norm=num_classes, norm_type="ada_norm_zero",
-               activation_fn="gelu-approximate", norm_elementwise_affine=False)
+    cfg = dit_config(depth=num_layers, hidden_size=width, num_heads=heads, patch_size=patch_size,
+                     in_channels=in_channels, input_size=sample_size, num_classes=num_classes)
     return _random_bundle(cfg, seed, f"RANDOM tiny DiT (seed {seed}, {num_layers} blocks x {width})")

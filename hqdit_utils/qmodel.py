@@ -39,6 +39,7 @@ from torch import nn
 from . import lowbit
 from .calibration import Calibration, LayerCalibration, warn_other_weights, weight_fingerprint
 from .clipping import ClipResult, alpha_to_scale, clip_activation, clip_weight, gamma_grid
+from .errors import QuantizationError
 from .export import load_packed, save_packed
 from .files import MANIFEST, IntegrityError, sha256_file, strict_json, verify_files, write_json_atomic, write_manifest
 from .format_select import FormatChoice, FormatPlan, LayerFormat, choose_format, ratio_statistics
@@ -53,10 +54,6 @@ from .recipes import AUTO, QuantRecipe, get_recipe
 
 __all__ = ["QuantizationError", "LayerReport", "QuantReport", "quantize_", "check_rotation", "is_quantized", "save_quantized",
            "load_quantized", "save_pretrained_quantized", "is_pretrained_folder", "folder_tag"]
-
-
-class QuantizationError(ValueError):
-    """Misuse of :func:`quantize_` (already quantized, no layer selected, missing calibration …)."""
 
 
 # --------------------------------------------------------------------------------------------------

@@ -55,13 +55,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from .errors import SamplingError
 from .files import atomic_path, strict_json, write_text_atomic
 from .models import as_bundle
-
-
-class SamplingError(RuntimeError):
-    """An output of :func:`write_samples` that cannot be made as asked (shards of other settings in the way,
-    damaged shards); the message ends with what to do."""
 
 
 SAMPLERS = ("ddpm", "ddim")

@@ -55,6 +55,7 @@ from tqdm import tqdm
 
 from .config import CACHE_DIR
 from .digits import DATASET_NAME, IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, DigitsData, load_digits16, to_uint8_nhwc
+from .dit_configs import dit_config
 from .files import atomic_path, load_error_reason, strict_json
 from .files import write_manifest as files_write_manifest
 from .metrics.proxy_net import ProxyNet, load_proxy_net, save_proxy_net
@@ -86,19 +87,9 @@ def embedded_dit_config(width: int = 144, head_dim: int = 72, num_layers: int = 
     """``DiTTransformer2DModel`` config of the embedded model (pixel space, 1 channel, 16×16, patch 2)."""
     if width % head_dim:
         raise ValueError(f"width {width} must be a multiple of the head dimension {head_dim}")
-    return dict(
-        num_attention_heads=width // head_dim,
-        attention_head_dim=head_dim,
-        in_channels=1,
-        out_channels=2,  # learned-sigma layout: [eps, variance interpolation] as DiT-XL/2
-        num_layers=num_layers,
-        sample_size=IMAGE_SIZE,
-        patch_size=2,
-        num_embeds_ada_norm=NUM_CLASSES,
-        norm_type="ada_norm_zero",
-        activation_fn="gelu-approximate",
-        norm_elementwise_affine=False,
-    )
+    # out_channels default 2: the learned-sigma layout [eps, variance interpolation], as DiT-XL/2
+    return dit_config(depth=num_layers, hidden_size=width, num_heads=width // head_dim, patch_size=2,
+                      in_channels=1, input_size=IMAGE_SIZE, num_classes=NUM_CLASSES)
 
 
 def dit_initialize(model: nn.Module, block_init_std: float = 0.0) -> None:

@@ -192,3 +192,17 @@ def test_original_checkpoint_with_vae_folder_samples_rgb(tmp_path, monkeypatch):
     assert (b.latent_channels, b.latent_size, b.image_size, b.image_channels) == (4, 8, 16, 3)
     imgs = sample(b, [0, 3], num_steps=2, cfg_scale=1.5, seeds=[0, 1], progress=False)
     assert imgs.shape == (2, 16, 16, 3) and imgs.dtype == torch.uint8
+
+
+def test_named_dit_configs_are_the_configs_written_out_before():
+    """``dit_config`` and its named sizes give exactly the dicts the package wrote out by hand before (the
+    embedded model's weights and every run's key depend on them)."""
+    from hqdit_utils.dit_configs import DiT_XL_2
+    from hqdit_utils.train_embedded import embedded_dit_config
+
+    common = dict(norm_type="ada_norm_zero", activation_fn="gelu-approximate", norm_elementwise_affine=False)
+    assert DiT_XL_2() == dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
+                              num_layers=28, sample_size=32, patch_size=2, num_embeds_ada_norm=1000, **common)
+    assert embedded_dit_config() == dict(num_attention_heads=2, attention_head_dim=72, in_channels=1, out_channels=2,
+                                         num_layers=6, sample_size=16, patch_size=2, num_embeds_ada_norm=10, **common)
+    assert DiT_XL_2(depth=1)["num_layers"] == 1

@@ -2,8 +2,10 @@
 a document outside the repository, a README that lists every module."""
 import ast
 import re
+from importlib import import_module
 from pathlib import Path
 
+import pytest
 
 import hqdit_utils
 
@@ -148,3 +150,177 @@ def test_readme_lists_every_module():
     named = set(re.findall(r"`(?:hqdit_utils/)?([a-z_]+\.py)`", table))
     files = {p.name for p in PACKAGE.glob("*.py")}
     assert named == files, f"missing from README: {sorted(files - named)}; gone: {sorted(named - files)}"
+
+
+# -- one home per cross-cutting idea -----------------------------------------------------------------------
+# Each test below finds the idea wherever it is written out again in the package, the benchmarks or the book's
+# extensions (tests are left out: they may restate a value to check it), and names the home to use instead.
+TOOL_FOLDERS = ["hqdit_utils", "benchmarks", "book/_ext"]
+
+
+def _sources() -> dict[str, ast.Module]:
+    out = {}
+    for folder in TOOL_FOLDERS:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            out[str(path.relative_to(ROOT))] = ast.parse(path.read_text(), str(path))
+    return out
+
+
+def _home(name: str) -> str:
+    """The file of the package module ``hqdit_utils.<name>`` (a wing move keeps this test true)."""
+    return str(Path(import_module(f"hqdit_utils.{name}").__file__).relative_to(ROOT))
+
+
+def _dotted(node) -> str:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+    return ".".join(reversed(parts))
+
+
+def _cpuinfo_readers(trees) -> list[str]:
+    return [f"{f}:{n.lineno}" for f, tree in trees.items() for n in ast.walk(tree) if isinstance(n, ast.Call)
+            and any(isinstance(a, ast.Constant) and a.value == "/proc/cpuinfo" for a in n.args)]
+
+
+def _version_literals(trees, version: str) -> list[str]:
+    return [f"{f}:{n.lineno}" for f, tree in trees.items() for n in ast.walk(tree)
+            if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant) and n.value.value == version]
+
+
+def _raw_json_writes(trees) -> list[str]:
+    """``json.dump(obj, f)`` and ``….write_text(json.dumps(…))``: a JSON file written around ``files``."""
+    hits = []
+    for f, tree in trees.items():
+        for n in ast.walk(tree):
+            if not isinstance(n, ast.Call):
+                continue
+            inner = {_dotted(c.func) for a in n.args for c in ast.walk(a) if isinstance(c, ast.Call)}
+            writes = isinstance(n.func, ast.Attribute) and n.func.attr in ("write_text", "write")
+            if _dotted(n.func) == "json.dump" or (writes and "json.dumps" in inner):
+                hits.append(f"{f}:{n.lineno}")
+    return hits
+
+
+def _model_hashers(trees) -> list[str]:
+    """Functions that feed a model's ``state_dict()`` into ``hashlib.sha256``."""
+    hits = []
+    for f, tree in trees.items():
+        for fn in ast.walk(tree):
+            if isinstance(fn, ast.FunctionDef):
+                calls = {_dotted(n.func) for n in ast.walk(fn) if isinstance(n, ast.Call)}
+                if "hashlib.sha256" in calls and any(c.endswith(".state_dict") for c in calls):
+                    hits.append(f"{f}:{fn.name}")
+    return hits
+
+
+def _timing_helpers(trees) -> list[str]:
+    """Functions that take the median time of repeated calls of a callable they are given: a loop holding
+    ``time.perf_counter`` and a call of a parameter or of the loop's own variable, and a median."""
+    hits = []
+    for f, tree in trees.items():
+        for fn in ast.walk(tree):
+            if not isinstance(fn, ast.FunctionDef):
+                continue
+            median = any((isinstance(n, ast.Call) and _dotted(n.func).endswith("median"))
+                         or (isinstance(n, ast.BinOp) and isinstance(n.op, ast.FloorDiv)) for n in ast.walk(fn))
+            if not median:
+                continue
+            params = {a.arg for a in fn.args.args + fn.args.kwonlyargs}
+            for loop in (n for n in ast.walk(fn) if isinstance(n, ast.For)):
+                names = params | {n.id for n in ast.walk(loop.target) if isinstance(n, ast.Name)}
+                calls = [n for n in ast.walk(loop) if isinstance(n, ast.Call)]
+                if (any(_dotted(c.func) == "time.perf_counter" for c in calls)
+                        and any(isinstance(c.func, ast.Name) and c.func.id in names for c in calls)):
+                    hits.append(f"{f}:{fn.name}")
+                    break
+    return hits
+
+
+def _dit_configs(trees) -> list[str]:
+    """A DiT config written out: a call or dict display naming both ``num_attention_heads`` and
+    ``attention_head_dim``."""
+    hits = []
+    for f, tree in trees.items():
+        for n in ast.walk(tree):
+            keys = ({k.arg for k in n.keywords} if isinstance(n, ast.Call) else
+                    {k.value for k in n.keys if isinstance(k, ast.Constant)} if isinstance(n, ast.Dict) else set())
+            if {"num_attention_heads", "attention_head_dim"} <= keys:
+                hits.append(f"{f}:{n.lineno}")
+    return hits
+
+
+#: Model hashes that are run-key material: changing their encoding re-keys every shipped run, so they move to
+#: ``files.state_dict_sha256`` with the results store's new keys, not before.
+RUN_KEY_MODEL_HASHES = {"hqdit_utils/experiments.py:model_checksum", "hqdit_utils/experiments.py:calibration_key"}
+
+ONE_HOME = {  # idea -> (finder, home module)
+    "/proc/cpuinfo read": (_cpuinfo_readers, "provenance"),
+    "JSON file written": (_raw_json_writes, "files"),
+    "model state dict hashed": (_model_hashers, "files"),
+    "timing helper": (_timing_helpers, "timing"),
+    "DiT config written out": (_dit_configs, "dit_configs"),
+}
+
+
+@pytest.mark.parametrize("idea", sorted(ONE_HOME))
+def test_one_home_per_idea(idea):
+    finder, home = ONE_HOME[idea]
+    trees = _sources()
+    found = [h for h in finder(trees) if not h.startswith(_home(home) + ":") and h not in RUN_KEY_MODEL_HASHES]
+    assert not found, f"{idea} outside {_home(home)} (use it from there): {found}"
+
+
+def test_the_version_is_written_once():
+    """The version is ``pyproject.toml``'s, read through the package metadata; no module assigns it as a literal."""
+    from hqdit_utils.provenance import __version__
+
+    assert re.search(rf'^version = "{re.escape(__version__)}"$', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert not _version_literals(_sources(), __version__)
+
+
+def test_every_finder_finds_what_it_looks_for():
+    """Each finder above, run on a snippet that writes its idea out again, finds it (a finder that finds nothing
+    would make its test pass whatever the code)."""
+    snippets = {
+        _cpuinfo_readers: 'open("/proc/cpuinfo").read()',
+        _raw_json_writes: 'Path("a.json").write_text(json.dumps({"a": 1}))',
+        _model_hashers: "def h(m):\n    d = hashlib.sha256()\n    for k, v in m.state_dict().items():\n        d.update(k)\n",
+        _timing_helpers: ("def t(fns):\n    ts = []\n    for f in fns:\n        t0 = time.perf_counter()\n        f()\n"
+                          "        ts.append(time.perf_counter() - t0)\n    return statistics.median(ts)\n"),
+        _dit_configs: "cfg = dict(num_attention_heads=16, attention_head_dim=72)",
+    }
+    for finder, code in snippets.items():
+        assert finder({"x.py": ast.parse(code)}), finder.__name__
+    assert _version_literals({"x.py": ast.parse('__version__ = "9.9.9"')}, "9.9.9")
+
+
+def test_cli_common_imports_no_engine_module_for_an_exception():
+    """The commands catch the package's typed errors from ``errors``, not from the modules that raise them."""
+    modules = _modules()
+    name = next(n for n in modules if n.endswith(".cli_common"))
+    imported = {m for m, _, _ in _imports(name, modules[name], modules)}
+    assert not {m for m in imported if m.rsplit(".", 1)[-1] in ("qmodel", "sampling")}, imported
+
+
+def test_each_command_module_registers_its_name_with_the_listed_help():
+    """``hqdit --help`` lists :data:`~hqdit_utils.cli.COMMANDS` without importing their modules; each module
+    registers exactly that name with exactly that help (fails when one of them changes alone)."""
+    from hqdit_utils.cli import COMMANDS, build_parser
+
+    for name, (_, help_line) in COMMANDS.items():
+        action = next(a for a in build_parser(name)._actions if a.dest == "command")
+        assert [(c.dest, c.help) for c in action._choices_actions] == [(name, help_line)], name
+
+
+def test_help_imports_no_command_module():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom hqdit_utils.cli import COMMANDS, main\nassert main(['--help']) == 0\n"
+            "print(sorted(m for m, _ in COMMANDS.values() if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

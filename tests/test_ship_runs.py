@@ -1,11 +1,12 @@
-"""`make book-results` (book/_ext/ship_runs.py) and the store it fills (data/book-runs/)."""
-import importlib.util
+"""`make book-results` (hqdit_utils/run_store.py, called by book/_ext/ship_runs.py) and the store it fills
+(data/book-runs/)."""
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from hqdit_utils import run_store
 from hqdit_utils.files import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,10 +15,7 @@ STORE = ROOT / "data" / "book-runs"
 
 @pytest.fixture(scope="module")
 def ship_runs():
-    spec = importlib.util.spec_from_file_location("ship_runs", ROOT / "book" / "_ext" / "ship_runs.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return run_store
 
 
 def _run_folder(runs: Path, name: str, finished: bool = True) -> Path:
@@ -74,3 +72,10 @@ def test_the_store_check_finds_a_local_path_and_changed_samples(ship_runs, tmp_p
     (out / "a-s0" / "result.json").write_text((d / "result.json").read_text())  # the unstripped entry
     np.savez(out / "a-s0" / "samples.npz", images=np.zeros((3, 4), dtype=np.uint8))
     assert _store_problems(out) == ["a-s0: machine-local samples path", "a-s0: samples sha256"]
+
+
+def test_a_wrong_call_is_one_usage_line(tmp_path, capsys):
+    assert run_store.main([str(tmp_path / "absent"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m hqdit_utils.run_store") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()

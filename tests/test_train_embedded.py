@@ -113,10 +113,9 @@ def test_shipped_proxy_and_manifest(data):
 def test_cli_registers_commands():
     from hqdit_utils.cli import build_parser
 
-    p = build_parser()
-    args = p.parse_args(["train-embedded", "--out", "x", "--steps", "3"])
+    args = build_parser("train-embedded").parse_args(["train-embedded", "--out", "x", "--steps", "3"])
     assert args.steps == 3 and callable(args.func)
-    args = p.parse_args(["sample", "--out", "x.npz", "--n", "4"])
+    args = build_parser("sample").parse_args(["sample", "--out", "x.npz", "--n", "4"])
     assert args.n == 4 and callable(args.func)
 
 

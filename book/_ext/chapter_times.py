@@ -31,7 +31,8 @@ from pathlib import Path
 import yaml
 
 from hqdit_utils.config import profile
-from hqdit_utils.provenance import cpu_description
+from hqdit_utils.files import write_json_atomic
+from hqdit_utils.provenance import cpu_description, load_chapter_times
 
 ROOT = Path(__file__).resolve().parents[2]
 HOW = ("seconds to execute each page's notebook in a cold `make book` (fresh clone, empty experiment cache),"
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     pages = collect(root, cache_path)
     missing = [d for d, e in pages.items() if e["seconds"] is None]
     if args.check:
-        old = json.loads(out.read_text(encoding="utf-8")).get("pages", {}) if out.exists() else {}
+        old = load_chapter_times(out)["pages"]
         stale = [d for d in pages if (old.get(d) or {}).get("seconds") != pages[d]["seconds"]]
         for d in stale:
             print(f"{d}: file {(old.get(d) or {}).get('seconds')} s, build records {pages[d]['seconds']} s")
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "how": HOW,
         "pages": pages,
     }
-    out.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json_atomic(out, data)
     total = sum(e["seconds"] or 0 for e in pages.values())
     print(f"wrote {out.relative_to(root) if out.is_relative_to(root) else out}: {len(pages)} pages, "
           f"{total / 60:.1f} min in all" + (f"; no record for {', '.join(missing)}" if missing else ""))

@@ -20,7 +20,6 @@ Role::
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -30,18 +29,11 @@ from sphinx import addnodes
 from sphinx.application import Sphinx
 from sphinx.util.docutils import SphinxDirective
 
+from hqdit_utils.provenance import load_chapter_times
+
 __version__ = "1.0"
 
 CORES_DEFAULT = 2
-
-
-def load_times(path: Path) -> dict:
-    """The content of chapter_times.json, or an empty record when the file does not exist."""
-    if not path.exists():
-        return {"pages": {}}
-    data = json.loads(path.read_text(encoding="utf-8"))
-    data.setdefault("pages", {})
-    return data
 
 
 def minutes_text(seconds: float | None) -> str | None:
@@ -57,7 +49,7 @@ class _TimesDirective(SphinxDirective):
     def times(self) -> dict:
         path = Path(self.env.srcdir) / self.config.course_kit_times_file
         self.env.note_dependency(str(path))
-        return load_times(path)
+        return load_chapter_times(path)
 
 
 class ChapterRuntime(_TimesDirective):
@@ -92,7 +84,7 @@ def chapter_runtime_role(name, rawtext, text, lineno, inliner, options=None, con
     env = inliner.document.settings.env
     path = Path(env.srcdir) / env.config.course_kit_times_file
     env.note_dependency(str(path))
-    entry = load_times(path)["pages"].get(text.strip()) or {}
+    entry = load_chapter_times(path)["pages"].get(text.strip()) or {}
     return [nodes.Text(minutes_text(entry.get("seconds")) or "not measured yet")], []
 
 

@@ -25,7 +25,6 @@ key           shape                    Inception-v3 (ADM)           used by
 from __future__ import annotations
 
 import abc
-import hashlib
 import io
 import os
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from ..files import load_error_reason, sha256_file
+from ..files import load_error_reason, sha256_file, state_dict_sha256
 from ..models import check_device
 from .proxy_net import WEIGHTS_FILE, default_proxy_dir, load_proxy_net
 from .sfid import TORCH_FIDELITY_SPATIAL_MODULE
@@ -96,16 +95,6 @@ def check_images(images, channels: int | None = None, what: str = "images") -> n
         hint = "; it looks like NCHW — transpose with x.transpose(0, 2, 3, 1)" if nchw else ""
         raise ValueError(f"{what} must be NHWC with {' or '.join(map(str, allowed))} channels; got shape {x.shape}{hint}")
     return x
-
-
-def state_dict_sha256(module: torch.nn.Module) -> str:
-    """Hex sha256 of a module's parameters and buffers (names, dtypes, shapes and bytes, in key order)."""
-    digest = hashlib.sha256()
-    for key, value in sorted(module.state_dict().items()):
-        t = value.detach().cpu().contiguous()
-        digest.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _to_numpy(value) -> np.ndarray:
