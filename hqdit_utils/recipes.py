@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .layers import ALL_FC_LAYERS, DEFAULT_LAYERS
 from .clipping import CLIP_METHODS, SEARCHES
