@@ -3,6 +3,12 @@
 :func:`run` is what every table of the book calls; :func:`cached_calibrate` is the calibration the
 chapters share. Both are cached on disk, and this module is the one place that caches calibrations.
 
+The one run pipeline: :func:`quantized_copy` makes every quantized model of a run (copy, calibrate from a
+:class:`CalibrationSpec` or take a ready calibration, ``quantize_``, or load the state kept in a store such as
+:func:`qmodel_store`, the one cache of quantized models), and :func:`run_protocol` writes every run's protocol
+record; :func:`run`, ``hqdit reproduce``, ``trajectory.quantized_bundle``, ``hqdit quantize`` and the
+benchmarks go through them.
+
 What a cache key holds (the rule): everything the cached computation *runs*, nothing else —
 
 * the model's weights (:func:`model_checksum`: the weight files' sha256, else the state dict's bytes);
