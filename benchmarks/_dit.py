@@ -1,13 +1,12 @@
 """Shared pieces of the model-level benchmarks: fixed denoiser inputs, timed forwards, timed PTQ."""
 from __future__ import annotations
 
-import copy
 import time
 
 import torch
 
+from hqdit_utils import experiments
 from hqdit_utils.calibration import calibrate
-from hqdit_utils.qmodel import quantize_
 from hqdit_utils.sampling import denoise_batch
 from hqdit_utils.timing import interleaved_medians
 
@@ -36,12 +35,10 @@ def forward_medians(models: dict, inputs, repeats: int, warmup: int = 1) -> dict
 
 
 def quantized_copy(model, recipe, calib):
-    """A deep copy of ``model`` quantized with ``recipe`` (a name or a QuantRecipe); returns (copy, quantize_
-    seconds)."""
-    q = copy.deepcopy(model)
-    t0 = time.perf_counter()
-    quantize_(q, recipe, calib)
-    return q, time.perf_counter() - t0
+    """A deep copy of the transformer ``model`` quantized with ``recipe`` (a name or a QuantRecipe) by the package's
+    one run pipeline (:func:`hqdit_utils.experiments.quantized_copy`); returns (copy, quantize_ seconds)."""
+    q, _, seconds = experiments.quantized_copy(model, recipe, calibration=calib)
+    return q, seconds
 
 
 def calibration_protocol(n: int, steps: int, timesteps: int, batch_size: int, cfg_scale: float = 1.5) -> dict:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .metrics.features import check_images
+from .images import check_images
 
 __all__ = ["NUM_CLASSES", "NULL_CLASS", "IMAGE_SIZE", "DATASET_NAME", "DigitsData", "load_digits16",
            "to_uint8_nhwc", "embedded_reference"]

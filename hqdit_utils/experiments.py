@@ -3,6 +3,12 @@
 :func:`run` is what every table of the book calls; :func:`cached_calibrate` is the calibration the
 chapters share. Both are cached on disk, and this module is the one place that caches calibrations.
 
+The one run pipeline: :func:`quantized_copy` makes every quantized model of a run (copy, calibrate from a
+:class:`CalibrationSpec` or take a ready calibration, ``quantize_``, or load the state kept in a store such as
+:func:`qmodel_store`, the one cache of quantized models), and :func:`run_protocol` writes every run's protocol
+record; :func:`run`, ``hqdit reproduce``, ``trajectory.quantized_bundle``, ``hqdit quantize`` and the
+benchmarks go through them.
+
 What a cache key holds (the rule): everything the cached computation *runs*, nothing else —
 
 * the model's weights (:func:`model_checksum`: the weight files' sha256, else the state dict's bytes);
@@ -63,9 +69,10 @@ from .digits import embedded_reference
 from .files import atomic_path, sha256_file, write_json_atomic, write_text_atomic
 from .metrics.adm import evaluate
 from .metrics.features import ProxyExtractor
+from .models import DiTBundle
 from .numerics import NUMERICS_VERSION
 from .provenance import run_versions
-from .qmodel import quantize_
+from .qmodel import load_quantized, quantize_, save_quantized
 from .recipes import QuantRecipe, get_recipe
 from .sampling import sample
 
@@ -196,6 +203,113 @@ def calibration_for(bundle, recipe: QuantRecipe, prof: Profile, seed: int, cfg_s
     return _CALIBRATIONS[key]
 
 
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """How a run calibrates: the profile's sizes (trajectories, timesteps, sampling steps, batch), the seed of
+    the calibration trajectories and their CFG scale. :func:`quantized_copy` turns it into the
+    :class:`~hqdit_utils.calibration.Calibration` the recipe needs (:func:`calibration_for`)."""
+
+    profile: Profile
+    seed: int = 0
+    cfg_scale: float = 1.5
+
+    def record(self) -> dict:
+        """The ``calibration`` entry of a run's protocol: ``{"trajectories", "timesteps", "seed"}``."""
+        return {"trajectories": self.profile.calib_trajectories, "timesteps": self.profile.calib_timesteps,
+                "seed": self.seed}
+
+    def store_key(self, bundle, recipe: QuantRecipe, mkey: str | None = None) -> str:
+        """The key of a quantized model made with this calibration (:func:`qmodel_store`): model, recipe,
+        profile sizes, seed, CFG scale and :data:`~hqdit_utils.numerics.NUMERICS_VERSION`."""
+        return run_key({"model": mkey or model_checksum(bundle), "recipe": recipe_material(recipe),
+                        "profile": self.profile.as_dict(), "seed": self.seed, "cfg_scale": self.cfg_scale,
+                        "numerics": NUMERICS_VERSION})
+
+
+def qmodel_store(bundle, recipe: "QuantRecipe | str", calibration: CalibrationSpec, *,
+                 cache_dir: "str | os.PathLike | None" = None, mkey: str | None = None) -> Path:
+    """The one cache of quantized models: ``<cache_dir or CACHE_DIR/"qmodels">/<recipe>-s<seed>-<key>``
+    (key: :meth:`CalibrationSpec.store_key`), a ``save_quantized`` folder; pass it as ``store`` to
+    :func:`quantized_copy`."""
+    recipe = get_recipe(recipe)
+    key = calibration.store_key(bundle, recipe, mkey)
+    return Path(cache_dir or CACHE_DIR / "qmodels") / f"{recipe.name}-s{calibration.seed}-{key}"
+
+
+def restorable(recipe: QuantRecipe) -> bool:
+    """Whether ``load_quantized`` rebuilds all of ``recipe`` (not: quantized attention matmuls, per-timestep-group
+    activation ranges), so that a stored quantized state may stand in for quantizing again."""
+    return not recipe.quantize_attention and recipe.timestep_groups == 1
+
+
+def quantized_copy(model, recipe: "QuantRecipe | str", *,
+                   calibration: "CalibrationSpec | Calibration | None" = None,
+                   store: "str | os.PathLike | None" = None, mkey: str | None = None, in_place: bool = False,
+                   quantize_identity: bool = False) -> tuple:
+    """The one way a run makes its quantized model: copy, calibrate, ``quantize_`` (or load a stored state).
+
+    Args:
+        model: a ``DiTBundle`` (its transformer is copied; a :class:`CalibrationSpec` needs a bundle, since
+            calibration samples) or a bare transformer (then ``calibration`` is a ``Calibration`` or ``None``).
+        recipe: a :class:`QuantRecipe` or a registered name.
+        calibration: a :class:`CalibrationSpec` (the calibration of :func:`calibration_for`, memoised per
+            process, made only when the recipe needs one), a ready ``Calibration``, or ``None``.
+        store: a folder for the quantized state (e.g. :func:`qmodel_store`): loaded when it holds one and the
+            recipe is :func:`restorable`, else written after quantizing. ``None``: nothing stored.
+        mkey: :func:`model_checksum` of ``model`` when the caller has it (saves hashing the weights again).
+        in_place: quantize ``model`` itself instead of a copy (a command that loaded the model for this only).
+        quantize_identity: run ``quantize_`` for an identity recipe too (``fp32``: every layer exact); by
+            default an identity recipe gives the unquantized copy, as a run's FP32 row uses.
+
+    Returns:
+        ``(quantized model, QuantReport or None, seconds)``: the report is ``None`` for an identity recipe
+        (unless ``quantize_identity``) and for a state loaded from ``store``; ``seconds`` is the wall time of
+        calibration made here, ``quantize_`` and loading or saving — the copy is not counted.
+    """
+    recipe = get_recipe(recipe)
+    is_bundle = isinstance(model, DiTBundle)
+    transformer = model.transformer if is_bundle else model
+    if not in_place:
+        transformer = copy.deepcopy(transformer)
+    out = (replace(model, transformer=transformer) if is_bundle else transformer) if not in_place else model
+    t0 = time.perf_counter()
+    if recipe.is_identity and not quantize_identity:
+        return out, None, time.perf_counter() - t0
+    if store is not None and restorable(recipe) and (Path(store) / "quant_config.json").is_file():
+        load_quantized(transformer, store)
+        return out, None, time.perf_counter() - t0
+    calib = calibration
+    if isinstance(calibration, CalibrationSpec):
+        if not is_bundle:
+            raise ValueError("quantized_copy: a CalibrationSpec needs a DiTBundle to sample from (pass the bundle, "
+                             "or a Calibration made with calibrate(bundle, ...))")
+        calib = (calibration_for(model, recipe, calibration.profile, calibration.seed, calibration.cfg_scale,
+                                 mkey or model_checksum(model)) if recipe.needs_calibration else None)
+    report = quantize_(transformer, recipe, calib)
+    if store is not None:
+        save_quantized(transformer, store, report)
+    return out, report, time.perf_counter() - t0
+
+
+def run_protocol(bundle, *, sampler: str, steps: int, cfg_scale: float, samples: int, seeds: str,
+                 calibration: CalibrationSpec | None, model: str, mkey: str, extractor: str, extractor_sha256,
+                 reference: str, n_reference: int, profile: str, seconds: dict, **extra) -> dict:
+    """The one protocol record of a run (``RunResult.protocol``, ``hqdit reproduce``'s ``result.json``):
+
+    ``sampler``, ``steps``, ``cfg_scale``, ``samples``, ``labels`` (``i mod num_classes``), ``seeds`` (the rule,
+    a string), ``calibration`` (:meth:`CalibrationSpec.record`, ``None`` for an unquantized run), ``model`` and
+    ``model_sha256``, ``extractor`` and ``extractor_sha256``, ``reference`` and ``n_reference``, ``profile``,
+    ``versions``, ``device``, ``threads``, ``seconds`` (wall times, s), then ``extra`` (e.g. ``world_size``).
+    """
+    return {"sampler": sampler, "steps": steps, "cfg_scale": cfg_scale, "samples": samples,
+            "labels": f"i mod {bundle.num_classes}", "seeds": seeds,
+            "calibration": None if calibration is None else calibration.record(),
+            "model": model, "model_sha256": mkey, "extractor": extractor, "extractor_sha256": extractor_sha256,
+            "reference": reference, "n_reference": n_reference, "profile": profile, "versions": run_versions(),
+            "device": str(next(bundle.transformer.parameters()).device), "threads": torch.get_num_threads(),
+            "seconds": seconds, **extra}
+
+
 def calibration_key(bundle, *, profile: str | None = None, seed: int = 0, **kwargs) -> str:
     """A hex key naming one calibration run: the model's weights (sha256 of every tensor of the
     transformer's state dict), the profile's sizes, ``seed``, extra ``calibrate`` arguments and
@@ -293,12 +407,9 @@ def _compute(bundle, recipe: QuantRecipe, prof: Profile, *, seed: int, cfg_scale
              samples_file: Path) -> RunResult:
     """The uncached part of :func:`run`; writes ``samples_file`` then ``result_file`` (each atomically)."""
     t0 = time.perf_counter()
-    qbundle = replace(bundle, transformer=copy.deepcopy(bundle.transformer))
-    quant: dict = {}
-    if not recipe.is_identity:
-        calib = calibration_for(bundle, recipe, prof, seed, cfg_scale, mkey) if recipe.needs_calibration else None
-        report = quantize_(qbundle.transformer, recipe, calib)
-        quant = report.summary()
+    spec = CalibrationSpec(prof, seed, cfg_scale)
+    qbundle, report, _ = quantized_copy(bundle, recipe, calibration=spec, mkey=mkey)
+    quant: dict = {} if report is None else report.summary()
     t_quant = time.perf_counter() - t0
     labels, seeds = sample_plan(bundle.num_classes, n, seed)
     t1 = time.perf_counter()
@@ -313,16 +424,13 @@ def _compute(bundle, recipe: QuantRecipe, prof: Profile, *, seed: int, cfg_scale
     if logits is not None:
         pred = torch.as_tensor(np.asarray(logits)).argmax(dim=1)
         metrics["class-consistency"] = float((pred == labels).float().mean())
-    protocol = {"sampler": sampler, "steps": prof.sampling_steps, "cfg_scale": cfg_scale, "samples": n,
-                "labels": f"i mod {bundle.num_classes}", "seeds": f"{SEED_STRIDE}*(seed+1)+i",
-                "calibration": {"trajectories": prof.calib_trajectories, "timesteps": prof.calib_timesteps,
-                                "seed": seed} if quant else None,
-                "model": bundle.name, "model_sha256": mkey, "extractor": extractor.name,
-                "extractor_sha256": extractor.weights_checksum, "reference": material["reference"],
-                "n_reference": report_m.n_reference, "profile": prof.name, "versions": run_versions(),
-                "device": str(next(bundle.transformer.parameters()).device), "threads": torch.get_num_threads(),
-                "seconds": {"quantize": round(t_quant, 2), "sample": round(t_sample, 2),
-                            "total": round(time.perf_counter() - t0, 2)}}
+    protocol = run_protocol(bundle, sampler=sampler, steps=prof.sampling_steps, cfg_scale=cfg_scale, samples=n,
+                            seeds=f"{SEED_STRIDE}*(seed+1)+i", calibration=spec if quant else None,
+                            model=bundle.name, mkey=mkey, extractor=extractor.name,
+                            extractor_sha256=extractor.weights_checksum, reference=material["reference"],
+                            n_reference=report_m.n_reference, profile=prof.name,
+                            seconds={"quantize": round(t_quant, 2), "sample": round(t_sample, 2),
+                                     "total": round(time.perf_counter() - t0, 2)})
     with atomic_path(samples_file) as tmp:
         np.savez(tmp, arr_0=images_np, labels=labels.numpy())
     result = RunResult(recipe.name, seed, metrics, quant, protocol, str(samples_file))

@@ -24,9 +24,10 @@ from pathlib import Path
 
 from .calibration import calibrate
 from .cli_common import CliError, load_model, one_line, require_device
+from .experiments import quantized_copy
 from .files import write_json_atomic, write_manifest
 from .hadamard import is_supported
-from .qmodel import check_rotation, folder_tag, load_quantized, quantize_, save_quantized
+from .qmodel import check_rotation, folder_tag, load_quantized, save_quantized
 from .recipes import RECIPES, QuantRecipe, get_recipe
 
 #: The file ``hqdit quantize`` writes last; ``hqdit sample --quantized`` reads the model source from it.
@@ -80,7 +81,7 @@ def run(recipe_name: "str | QuantRecipe", out: str | Path, *, model: str | None 
                           attention=recipe.quantize_attention, profile=profile)
     t1 = time.perf_counter()
     log("calibrated" if calib is not None else "no calibration needed", t1 - t_load)
-    report = quantize_(bundle.transformer, recipe, calib)
+    _, report, _ = quantized_copy(bundle, recipe, calibration=calib, in_place=True, quantize_identity=True)
     t2 = time.perf_counter()
     log(f"quantized {len(report.layers)} layers with {recipe.name}", t2 - t1)
     out = Path(out)

@@ -29,7 +29,6 @@ and online rotations add work, so the estimate is a lower bound for them).
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import os
@@ -43,13 +42,11 @@ import torch.distributed as dist
 from .cli_common import CliError, load_model, one_line, require_device, weights_source, with_fix
 from .config import DATA_DIR, profile as get_profile
 from .digits import embedded_reference
-from .experiments import calibration_for, model_checksum
+from .experiments import CalibrationSpec, model_checksum, quantized_copy, run_protocol
 from .files import sha256_file, write_json_atomic
 from .metrics.adm import evaluate
 from .metrics.features import InceptionExtractor, ProxyExtractor
 from .models import ENV_WEIGHTS, WeightsError
-from .provenance import run_versions
-from .qmodel import is_quantized, load_quantized, quantize_, save_quantized
 from .recipes import get_recipe
 from .sampling import SamplingError, barrier, denoise_batch, dist_setup, write_samples
 
@@ -282,19 +279,16 @@ def execute(plan: Plan, bundle, *, extractor, reference, reference_name: str = "
                 if not pf.is_file():
                     write_json_atomic(pf, spec)
             t0 = time.perf_counter()
-            qb = dataclasses.replace(bundle, transformer=copy.deepcopy(bundle.transformer))
-            qdir = r.folder / "quant"
-            if not recipe.is_identity:
-                if rank == 0 and not (qdir / "quant_config.json").is_file():
-                    log(f"[reproduce] {r.run_id}: calibrating and quantizing")
-                    calib = (calibration_for(bundle, recipe, prof, 0, plan.cfg, mkey)
-                             if recipe.needs_calibration else None)
-                    report = quantize_(qb.transformer, recipe, calib)
-                    save_quantized(qb.transformer, qdir, report)
-                    del calib
-                barrier()
-                if rank != 0 or not is_quantized(qb.transformer):
-                    load_quantized(qb.transformer, qdir)
+            calib_spec = CalibrationSpec(prof, 0, plan.cfg)
+            store = r.folder / "quant"
+            if rank == 0 and not recipe.is_identity and not (store / "quant_config.json").is_file():
+                log(f"[reproduce] {r.run_id}: calibrating and quantizing")
+            # rank 0 quantizes and stores first; then the other ranks load what it stored (a recipe the store does
+            # not restore is quantized again, with the same deterministic calibration)
+            qb = quantized_copy(bundle, recipe, calibration=calib_spec, store=store, mkey=mkey)[0] if rank == 0 else None
+            barrier()
+            if rank != 0:
+                qb = quantized_copy(bundle, recipe, calibration=calib_spec, store=store, mkey=mkey)[0]
             t_quant = time.perf_counter() - t0
             if rank == 0:
                 log(f"[reproduce] {r.run_id}: sampling {plan.samples} images")
@@ -311,22 +305,16 @@ def execute(plan: Plan, bundle, *, extractor, reference, reference_name: str = "
             rep = evaluate(path, reference, extractor, progress=progress)
             names = {"P": "Precision", "R": "Recall", "P*": "Precision*", "R*": "Recall*"}
             metrics = {names.get(n, n): float(getattr(rep, f)) for f, n in rep.metric_names().items()}
-            result = {
-                "recipe": r.recipe, "run_id": r.run_id, "metrics": metrics,
-                "protocol": {"model": Path(plan.weights).name, "model_sha256": mkey, "sampler": "ddpm",
-                             "steps": plan.steps, "cfg_scale": plan.cfg, "samples": plan.samples,
-                             "seeds": f"{plan.seed_offset}+i", "labels": f"i mod {bundle.num_classes}",
-                             "calibration": {"trajectories": prof.calib_trajectories,
-                                             "timesteps": prof.calib_timesteps, "seed": 0} if not recipe.is_identity else None,
-                             "reference": reference_name, "extractor": rep.extractor,
-                             "extractor_sha256": rep.weights_checksum, "n_reference": rep.n_reference,
-                             "versions": run_versions(),
-                             "device": str(next(bundle.transformer.parameters()).device), "world_size": world,
-                             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                             "seconds_this_invocation": {"quantize": round(t_quant, 1), "sample": round(t_sample, 1),
-                                                         "evaluate": round(time.perf_counter() - t2, 1)}},
-                "samples": str(path), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
+            seconds = {"quantize": round(t_quant, 1), "sample": round(t_sample, 1),
+                       "evaluate": round(time.perf_counter() - t2, 1)}  # of this invocation (a resumed run's are partial)
+            protocol = run_protocol(
+                bundle, sampler="ddpm", steps=plan.steps, cfg_scale=plan.cfg, samples=plan.samples,
+                seeds=f"{plan.seed_offset}+i", calibration=None if recipe.is_identity else calib_spec,
+                model=Path(plan.weights).name, mkey=mkey, extractor=rep.extractor, extractor_sha256=rep.weights_checksum,
+                reference=reference_name, n_reference=rep.n_reference, profile=prof.name, seconds=seconds,
+                world_size=world, gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+            result = {"recipe": r.recipe, "run_id": r.run_id, "metrics": metrics, "protocol": protocol,
+                      "samples": str(path), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             write_json_atomic(r.result_file, result)
             written.append(r.result_file)
             log(f"[reproduce] {r.run_id}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))

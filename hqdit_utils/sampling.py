@@ -57,6 +57,7 @@ from tqdm import tqdm
 
 from .errors import SamplingError
 from .files import atomic_path, strict_json, write_text_atomic
+from .images import NpzImages
 from .models import as_bundle
 
 
@@ -303,8 +304,6 @@ def _load_shard(path: Path, lo: int, hi: int, labels: torch.Tensor, image_shape:
 
 def _output_intact(out_npz: Path, meta: dict) -> bool:
     """Whether ``out_npz`` holds exactly the images whose sha256 ``meta`` records (streamed, no full copy)."""
-    from .metrics.adm import NpzImages  # deferred: metrics imports scipy and pandas, which sample writers never need
-
     try:
         h = hashlib.sha256()
         for batch in NpzImages(out_npz).iter_batches(1024):

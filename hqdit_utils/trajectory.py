@@ -9,24 +9,19 @@ Two complementary measurements, both on the *same* labels and per-sample seeds a
   noise and the same DDPM noise at every step) and compare its latent ``x_t`` with the FP32 trajectory's
   after every step. This is what the errors of all previous steps add up to.
 
-Both are relative L2 errors ``‖a − b‖ / ‖b‖`` over the whole batch. :func:`quantized_bundle` builds (and
-caches on disk) the quantized copy of a model with the same calibration as :func:`~hqdit_utils.experiments.run`.
+Both are relative L2 errors ``‖a − b‖ / ‖b‖`` over the whole batch. :func:`quantized_bundle` gives the quantized
+copy of a model with the same calibration as :func:`~hqdit_utils.experiments.run` (cached on disk).
 """
 from __future__ import annotations
 
-import copy
 import os
-from dataclasses import replace
-from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
 import torch
 
-from .config import CACHE_DIR, Profile, profile as get_profile
-from .experiments import calibration_for, model_checksum, recipe_material, run_key
-from .numerics import NUMERICS_VERSION
-from .qmodel import load_quantized, quantize_, save_quantized
+from .config import Profile, profile as get_profile
+from .experiments import CalibrationSpec, qmodel_store, quantized_copy
 from .recipes import get_recipe
 from .sampling import denoise_batch
 
@@ -37,29 +32,21 @@ def quantized_bundle(bundle, recipe, *, profile=None, seed: int = 0, cfg_scale: 
                      cache_dir: "str | os.PathLike | None" = None):
     """A copy of ``bundle`` whose transformer is quantized with ``recipe`` (``bundle`` is left unchanged).
 
-    Calibration is the one :func:`~hqdit_utils.experiments.run` uses for the same (profile, seed, cfg),
-    so the quantized model is the one whose images the run evaluated. The quantized state is cached in
-    ``<cache>/qmodels/<recipe>-s<seed>-<key>`` (``qmodel.save_quantized``; keyed like :func:`~hqdit_utils.experiments.run`); a second call loads it.
-    Returns ``(quantized bundle, summary dict)``.
+    :func:`~hqdit_utils.experiments.quantized_copy` with the calibration :func:`~hqdit_utils.experiments.run`
+    uses for the same (profile, seed, cfg), so the quantized model is the one whose images the run evaluated;
+    the quantized state is kept in the one cache of quantized models (:func:`~hqdit_utils.experiments.qmodel_store`,
+    under ``cache_dir`` when given) and a second call loads it.
+    Returns ``(quantized bundle, summary dict)`` (``{}`` for an identity recipe; ``cached``: loaded from the cache).
     """
     recipe = get_recipe(recipe)
     prof = profile if isinstance(profile, Profile) else get_profile(profile)
-    qb = replace(bundle, transformer=copy.deepcopy(bundle.transformer))
+    spec = CalibrationSpec(prof, seed, cfg_scale)
+    store = None if recipe.is_identity else qmodel_store(bundle, recipe, spec, cache_dir=cache_dir)
+    qb, report, _ = quantized_copy(bundle, recipe, calibration=spec, store=store)
     if recipe.is_identity:
         return qb, {}
-    mkey = model_checksum(bundle)
-    key = run_key({"model": mkey, "recipe": recipe_material(recipe), "profile": prof.as_dict(), "seed": seed,
-                   "cfg_scale": cfg_scale, "numerics": NUMERICS_VERSION})
-    folder = Path(cache_dir or CACHE_DIR / "qmodels") / f"{recipe.name}-s{seed}-{key}"
-    if (folder / "quant_config.json").is_file() and not recipe.quantize_attention and recipe.timestep_groups == 1:
-        load_quantized(qb.transformer, folder)
+    if report is None:
         return qb, {"recipe": recipe.name, "cached": True}
-    calib = calibration_for(bundle, recipe, prof, seed, cfg_scale, mkey) if recipe.needs_calibration else None
-    report = quantize_(qb.transformer, recipe, calib)
-    try:
-        save_quantized(qb.transformer, folder, report)
-    except Exception:  # caching is an optimisation only
-        pass
     return qb, {**report.summary(), "cached": False}
 
 

@@ -164,3 +164,52 @@ def test_cached_calibrate_reuses_the_file_and_keys_on_weights_and_seed(tmp_path,
     bundle2 = tiny_dit(0, width=144, heads=2, num_layers=1)
     with pytest.raises(AssertionError, match="must not run again"):
         experiments.cached_calibrate(bundle2, seed=0, cache_dir=tmp_path, **kw)
+
+
+# -- the one run pipeline ----------------------------------------------------------------------------------
+def _forward(model):
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return model(x, timestep=torch.tensor([500, 20]), class_labels=torch.tensor([0, 1])).sample
+
+
+def test_quantized_copy_makes_stores_and_reloads_the_same_model(bundle, tmp_path):
+    spec = experiments.CalibrationSpec(PROF, seed=0, cfg_scale=1.5)
+    store = experiments.qmodel_store(bundle, "int4-rtn", spec, cache_dir=tmp_path)
+    assert store.parent == tmp_path and store.name.startswith("int4-rtn-s0-")
+    assert store != experiments.qmodel_store(bundle, "int4-rtn", experiments.CalibrationSpec(PROF, seed=1),
+                                             cache_dir=tmp_path)
+    q1, report, seconds = experiments.quantized_copy(bundle, "int4-rtn", calibration=spec, store=store)
+    assert report is not None and report.summary()["layers"] > 0 and seconds > 0
+    assert (store / "quant_config.json").is_file()
+    q2, again, _ = experiments.quantized_copy(bundle, "int4-rtn", calibration=spec, store=store)
+    assert again is None  # loaded, not quantized again
+    out1, out2, fp = _forward(q1.transformer), _forward(q2.transformer), _forward(bundle.transformer)
+    assert torch.equal(out1, out2) and not torch.equal(out1, fp)
+    # the same calibration given as a Calibration (what the CLI and the benchmarks pass) gives the same model
+    calib = experiments.calibration_for(bundle, experiments.get_recipe("int4-rtn"), PROF, 0, 1.5,
+                                        experiments.model_checksum(bundle))
+    q3, _, _ = experiments.quantized_copy(bundle.transformer, "int4-rtn", calibration=calib)
+    assert torch.equal(_forward(q3), out1)
+    fp_copy, none, _ = experiments.quantized_copy(bundle, "fp32", calibration=spec)
+    assert none is None and torch.equal(_forward(fp_copy.transformer), fp)
+    with pytest.raises(ValueError, match="needs a DiTBundle"):
+        experiments.quantized_copy(bundle.transformer, "int4-rtn", calibration=spec)
+
+
+def test_run_protocol_has_the_shipped_runs_schema(bundle):
+    """The one protocol record keeps the keys, in order, of the runs the book ships (``data/book-runs``)."""
+    shipped = sorted(Path(experiments.SHIPPED_RUNS_DIR).glob("*/result.json"))
+    if not shipped:
+        pytest.skip("no shipped runs in this checkout")
+    keys = list(json.loads(shipped[0].read_text())["result"]["protocol"])
+    record = experiments.run_protocol(bundle, sampler="ddpm", steps=3, cfg_scale=1.5, samples=8, seeds="s+i",
+                                      calibration=experiments.CalibrationSpec(PROF), model="m", mkey="k",
+                                      extractor="x", extractor_sha256=None, reference="r", n_reference=16,
+                                      profile=PROF.name, seconds={})
+    assert list(record) == keys
+    assert record["calibration"] == {"trajectories": 2, "timesteps": 2, "seed": 0}
+    assert list(experiments.run_protocol(bundle, sampler="ddpm", steps=3, cfg_scale=1.5, samples=8, seeds="s",
+                                         calibration=None, model="m", mkey="k", extractor="x", extractor_sha256=None,
+                                         reference="r", n_reference=16, profile="p", seconds={}, world_size=2)
+                ) == keys + ["world_size"]

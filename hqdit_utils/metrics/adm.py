@@ -15,7 +15,6 @@ feature network's name and weights checksum. With any network but the ADM Incept
 from __future__ import annotations
 
 import math
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -25,7 +24,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..files import atomic_path
-from .features import FeatureExtractor, check_images
+from ..images import NpzImages, check_images, check_npz
+from .features import FeatureExtractor
 from .frechet import FeatureStats, frechet_distance
 from .inception_score import inception_score
 from .kid import kernel_inception_distance
@@ -39,106 +39,6 @@ DEFAULT_BATCH_SIZE = 64
 #: Where the ADM evaluator's ImageNet 256×256 reference batch is published (guided-diffusion, evaluations/).
 ADM_REFERENCE_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
                      "VIRTUAL_imagenet256_labeled.npz")
-
-
-class NpzImages:
-    """The ``arr_0`` (or ``key``) image array of an ``.npz``, validated from its header and read in batches.
-
-    Attributes:
-        path: the file.
-        shape: ``(N, H, W, C)``.
-    """
-
-    def __init__(self, path: str | Path, key: str = "arr_0"):
-        self.path = Path(path)
-        self.key = key
-        _check_npz(self.path)
-        with self._open() as f:
-            self.shape, fortran, dtype = self._read_header(f)
-        where = f"{self.path}:{key}"
-        if dtype != np.uint8:
-            raise TypeError(f"{where} must hold uint8 images (0..255); it holds {dtype}. Convert float images in "
-                            "[-1, 1] with ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8) and save them with "
-                            "metrics.adm.save_samples")
-        if fortran:
-            raise ValueError(f"{where} is stored in Fortran order; save it C-contiguous (np.ascontiguousarray)")
-        # Shape, emptiness and channel checks, on a zero-copy stand-in with the same shape.
-        check_images(np.broadcast_to(np.zeros((), np.uint8), self.shape), what=where)
-
-    def _open(self):
-        archive = zipfile.ZipFile(self.path)
-        name = f"{self.key}.npy"
-        if name not in archive.namelist():
-            keys = sorted(n[:-4] for n in archive.namelist() if n.endswith(".npy"))
-            archive.close()
-            raise KeyError(f"{self.path} has no array {self.key!r} (it has {keys}); ADM batches store images in 'arr_0'")
-        return _ClosingMember(archive, archive.open(name))
-
-    @staticmethod
-    def _read_header(f):
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        else:  # 3.0 only differs for structured dtypes with non-latin-1 field names
-            raise ValueError(f"unsupported .npy format version {version} (images are written as 1.0)")
-        if dtype.hasobject:
-            raise TypeError("arrays of Python objects are not accepted (they would need allow_pickle=True)")
-        return tuple(shape), fortran, dtype
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def iter_batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        """Yield uint8 ``[≤batch_size, H, W, C]`` batches in file order."""
-        per_image = int(np.prod(self.shape[1:]))
-        with self._open() as f:
-            self._read_header(f)
-            for start in range(0, len(self), batch_size):
-                count = min(batch_size, len(self) - start)
-                data = f.read(count * per_image)
-                if len(data) != count * per_image:
-                    raise ValueError(f"{self.path}:{self.key} is truncated (ends inside image {start + len(data) // per_image})")
-                yield np.frombuffer(bytearray(data), dtype=np.uint8).reshape(count, *self.shape[1:])  # writable
-
-    def read(self) -> np.ndarray:
-        """All images, ``[N, H, W, C]`` uint8."""
-        return np.concatenate(list(self.iter_batches(max(len(self), 1))))
-
-
-def _check_npz(path: Path) -> None:
-    if not path.is_file():
-        raise FileNotFoundError(f"no such .npz file: {path}")
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path} is not an .npz archive (write batches with np.savez / save_samples)")
-
-
-class _ClosingMember:
-    """A zip member opened for reading that also closes its archive."""
-
-    def __init__(self, archive: zipfile.ZipFile, member):
-        self.archive, self.member = archive, member
-
-    def read(self, n: int = -1) -> bytes:
-        # ZipExtFile.read(n) may return fewer bytes than asked; loop until n or EOF.
-        if n < 0:
-            return self.member.read()
-        chunks, got = [], 0
-        while got < n:
-            chunk = self.member.read(n - got)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            got += len(chunk)
-        return b"".join(chunks)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.member.close()
-        self.archive.close()
 
 
 @dataclass
@@ -182,7 +82,7 @@ def load_reference(path: str | Path) -> ReferenceBatch:
             f"ADM reference batch on a machine with internet:\n    curl -L -o VIRTUAL_imagenet256_labeled.npz "
             f"{ADM_REFERENCE_URL}\nand pass its path (--reference PATH or $HQDIT_ADM_REFERENCE). For the embedded "
             "model use digits.embedded_reference('heldout') (or `hqdit reproduce --proxy` without --reference).")
-    _check_npz(path)
+    check_npz(path)
     with np.load(path, allow_pickle=False) as npz:
         keys = set(npz.files)
         present = [k for k in STAT_KEYS if k in keys]

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..files import load_error_reason, sha256_file, state_dict_sha256
+from ..images import check_images
 from ..models import check_device
 from .proxy_net import WEIGHTS_FILE, default_proxy_dir, load_proxy_net
 from .sfid import TORCH_FIDELITY_SPATIAL_MODULE
@@ -53,48 +54,6 @@ INCEPTION_WEIGHTS_ENV = "HQDIT_INCEPTION_WEIGHTS"
 
 #: Keys an extractor may return; ``pool`` is required.
 FEATURE_KEYS = ("pool", "spatial", "logits")
-
-
-def check_images(images, channels: int | None = None, what: str = "images") -> np.ndarray:
-    """Validate an image batch and return it as a numpy array.
-
-    Args:
-        images: uint8 array (or tensor) ``[N, H, W, C]`` — NHWC, values 0..255, ``C`` in {1, 3}.
-        channels: the channel count the caller requires, or ``None`` for 1 or 3.
-        what: how to call the array in error messages.
-
-    Returns:
-        the images as a ``np.uint8`` array ``[N, H, W, C]`` (no copy when already one).
-
-    Raises:
-        TypeError: the dtype is not uint8 (the message shows the value range and how to convert).
-        ValueError: not 4-D, NCHW-looking, an unsupported channel count, or no images.
-    """
-    if isinstance(images, torch.Tensor):
-        images = images.detach().cpu().numpy()
-    x = np.asarray(images)
-    if x.dtype != np.uint8:
-        if x.size and x.dtype.kind in "fiub" and np.isfinite(x).all():
-            lo, hi = x.min(), x.max()
-            hint = (
-                " — this looks like images in [-1, 1]: convert with ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8)"
-                if lo < 0 and hi <= 1
-                else " — this looks like images in [0, 1]: convert with (x * 255).round().clip(0, 255).astype(np.uint8)"
-                if lo >= 0 and hi <= 1
-                else ""
-            )
-            raise TypeError(f"{what} must be uint8 with values 0..255; got {x.dtype} with range [{lo}, {hi}]{hint}")
-        raise TypeError(f"{what} must be uint8 with values 0..255; got dtype {x.dtype}")
-    if x.ndim != 4:
-        raise ValueError(f"{what} must be a 4-D NHWC array [N, H, W, C]; got shape {x.shape}")
-    if x.shape[0] == 0:
-        raise ValueError(f"{what}: empty batch (0 images)")
-    allowed = (1, 3) if channels is None else (channels,)
-    if x.shape[-1] not in allowed:
-        nchw = x.shape[1] in allowed and x.shape[-1] not in (1, 3)
-        hint = "; it looks like NCHW — transpose with x.transpose(0, 2, 3, 1)" if nchw else ""
-        raise ValueError(f"{what} must be NHWC with {' or '.join(map(str, allowed))} channels; got shape {x.shape}{hint}")
-    return x
 
 
 def _to_numpy(value) -> np.ndarray:
