@@ -69,13 +69,13 @@ book-results: env
 # The results store's rule (hqdit_utils/numerics.py): run keys hold a declared numerics version, not the code's text;
 # these targets regenerate and check the golden outputs that catch an undeclared behaviour change.
 golden: env
-	$(BIN)/python -m hqdit_utils.golden write
+	$(BIN)/python -m hqdit_utils.runs.golden write
 
 check-golden: env
-	$(BIN)/python -m hqdit_utils.golden check
+	$(BIN)/python -m hqdit_utils.runs.golden check
 
 check-store: env
-	$(BIN)/python -m hqdit_utils.golden store
+	$(BIN)/python -m hqdit_utils.runs.golden store
 
 bench: env
 	$(BIN)/python -m benchmarks.run_all

@@ -5,9 +5,9 @@ import time
 
 import torch
 
-from hqdit_utils import experiments
-from hqdit_utils.calibration import calibrate
-from hqdit_utils.sampling import denoise_batch
+from hqdit_utils.runs import experiments
+from hqdit_utils.engine.calibration import calibrate
+from hqdit_utils.dit.sampling import denoise_batch
 from hqdit_utils.timing import interleaved_medians
 
 #: The recipes whose denoiser forward is timed, with the issue's targets (× the FP32 forward; None = report).
@@ -36,7 +36,7 @@ def forward_medians(models: dict, inputs, repeats: int, warmup: int = 1) -> dict
 
 def quantized_copy(model, recipe, calib):
     """A deep copy of the transformer ``model`` quantized with ``recipe`` (a name or a QuantRecipe) by the package's
-    one run pipeline (:func:`hqdit_utils.experiments.quantized_copy`); returns (copy, quantize_ seconds)."""
+    one run pipeline (:func:`hqdit_utils.runs.experiments.quantized_copy`); returns (copy, quantize_ seconds)."""
     q, _, seconds = experiments.quantized_copy(model, recipe, calibration=calib)
     return q, seconds
 

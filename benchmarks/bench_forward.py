@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from hqdit_utils.calibration import calibrate
-from hqdit_utils.models import load_dit
+from hqdit_utils.engine.calibration import calibrate
+from hqdit_utils.dit.models import load_dit
 
 from ._dit import FORWARD_TARGETS, denoiser_inputs, forward_medians, quantized_copy
 from ._report import check, finish, parser, setup

@@ -1,7 +1,7 @@
 """Benchmark: online Hadamard rotation and GPTQ cost on DiT-XL/2 shapes (CPU).
 
 1. Online rotation of ``tokens`` activations of width 1152 and 4608 (DiT-XL/2's hidden and MLP widths):
-   :func:`hqdit_utils.hadamard.fast_hadamard_transform` (dense order-36 factor + butterfly) against a
+   :func:`hqdit_utils.engine.hadamard.fast_hadamard_transform` (dense order-36 factor + butterfly) against a
    dense ``x @ Q`` with the same ``Q``; median of ``--repeats`` runs; target ratio ≤ 0.5.
 2. GPTQ of one [1152 out, 4608 in] and one [4608 out, 1152 in] layer on ``--calib-rows`` calibration
    rows, against one dense ``X Wᵀ`` over the same rows (ratio reported, no target).
@@ -27,8 +27,8 @@ import time
 
 import torch
 
-from hqdit_utils.gptq import GPTQ
-from hqdit_utils.hadamard import HadamardSpec, fast_hadamard_transform
+from hqdit_utils.engine.gptq import GPTQ
+from hqdit_utils.engine.hadamard import HadamardSpec, fast_hadamard_transform
 from hqdit_utils.timing import median_seconds
 
 from ._report import check, finish, parser, setup

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hqdit_utils.lowbit import int_mm_fast
+from hqdit_utils.engine.lowbit import int_mm_fast
 from hqdit_utils.timing import interleaved_medians
 
 from ._report import check, finish, parser

@@ -39,13 +39,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hqdit_utils import lowbit
-from hqdit_utils.calibration import calibrate
+from hqdit_utils.engine import lowbit
+from hqdit_utils.engine.calibration import calibrate
 from hqdit_utils.dit_configs import DiT_XL_2
-from hqdit_utils.layers import ALL_FC_LAYERS, DEFAULT_LAYERS, select_linears
-from hqdit_utils.models import dit_xl2_shaped_random, load_dit
-from hqdit_utils.qlinear import QuantLinear
-from hqdit_utils.recipes import get_recipe
+from hqdit_utils.engine.layers import ALL_FC_LAYERS, DEFAULT_LAYERS, select_linears
+from hqdit_utils.dit.models import dit_xl2_shaped_random, load_dit
+from hqdit_utils.engine.qlinear import QuantLinear
+from hqdit_utils.engine.recipes import get_recipe
 from hqdit_utils.timing import interleaved_medians
 
 from ._dit import calibration_protocol, denoiser_inputs, forward_medians, quantized_copy
@@ -163,8 +163,8 @@ def _memory_child(kind: str, layers: str, blocks: int) -> dict:
     from diffusers import DiTTransformer2DModel
     from torch import nn
 
-    from hqdit_utils.export import PackedWeight
-    from hqdit_utils.hadamard import HadamardSpec
+    from hqdit_utils.engine.export import PackedWeight
+    from hqdit_utils.engine.hadamard import HadamardSpec
 
     torch.set_num_threads(1)
     rss0 = peak_rss_gb()

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from hqdit_utils.config import profile
-from hqdit_utils.export import pack_quantized, save_packed
-from hqdit_utils.models import load_dit
-from hqdit_utils.qlinear import QuantLinear
+from hqdit_utils.engine.export import pack_quantized, save_packed
+from hqdit_utils.dit.models import load_dit
+from hqdit_utils.engine.qlinear import QuantLinear
 
 from ._dit import plain_trajectories_seconds, profile_protocol, timed_ptq
 from ._report import check, finish, parser, setup

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from hqdit_utils.quantizer import fake_quantize
+from hqdit_utils.engine.quantizer import fake_quantize
 from hqdit_utils.timing import interleaved_medians
 
 from ._report import check, finish, parser, setup

@@ -33,10 +33,10 @@ import time
 
 import torch
 
-from hqdit_utils.calibration import calibrate
+from hqdit_utils.engine.calibration import calibrate
 from hqdit_utils.config import profile
-from hqdit_utils.models import dit_xl2_shaped_random
-from hqdit_utils.recipes import get_recipe
+from hqdit_utils.dit.models import dit_xl2_shaped_random
+from hqdit_utils.engine.recipes import get_recipe
 
 from ._dit import (FORWARD_TARGETS, calibration_protocol, denoiser_inputs, forward_medians,
                    plain_trajectories_seconds, profile_protocol, quantized_copy, timed_ptq)

@@ -12,12 +12,12 @@ has no cycle (``tests/test_package_layout.py``). The public surface, as torchao 
 """
 from importlib import import_module
 
-from .formats import FloatFormat, IntFormat, NoFormat, parse_format
-from .quantizer import fake_quantize
+from .engine.formats import FloatFormat, IntFormat, NoFormat, parse_format
+from .engine.quantizer import fake_quantize
 
 #: Public name -> the module that holds it.
-_PUBLIC = {"load_dit": "models", "calibrate": "calibration", "get_recipe": "recipes", "quantize_": "qmodel", "load_quantized": "qmodel",
-           "sample": "sampling", "evaluate": "metrics.adm", "__version__": "provenance"}
+_PUBLIC = {"load_dit": "dit.models", "calibrate": "engine.calibration", "get_recipe": "engine.recipes", "quantize_": "engine.qmodel", "load_quantized": "engine.qmodel",
+           "sample": "dit.sampling", "evaluate": "metrics.adm", "__version__": "provenance"}
 
 __all__ = ["load_dit", "calibrate", "get_recipe", "quantize_", "load_quantized", "sample", "evaluate", "FloatFormat", "IntFormat",
            "NoFormat", "parse_format", "fake_quantize", "__version__"]

@@ -19,7 +19,7 @@ DATA_DIR = Path(os.environ.get("HQDIT_DATA", REPO_ROOT / "data"))
 #: Where experiment results are cached (see ``experiments.py``).
 CACHE_DIR = Path(os.environ.get("HQDIT_CACHE", REPO_ROOT / ".hqdit_cache"))
 #: Finished runs shipped with the book (made by a cold ``make book``, copied by ``make book-results``):
-#: :func:`~hqdit_utils.experiments.run` adopts an entry from here when its key material matches exactly,
+#: :func:`~hqdit_utils.runs.experiments.run` adopts an entry from here when its key material matches exactly,
 #: else computes. ``HQDIT_SHIPPED_RUNS=none`` turns it off (every run computed).
 SHIPPED_RUNS_DIR = (None if os.environ.get("HQDIT_SHIPPED_RUNS", "").lower() in ("none", "off", "0")
                     else Path(os.environ.get("HQDIT_SHIPPED_RUNS") or DATA_DIR / "book-runs"))

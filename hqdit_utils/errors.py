@@ -1,7 +1,7 @@
 """The package's typed errors that cross from one part of the package to another (ground floor: imports nothing).
 
 A caller that reports expected errors as one line (the ``hqdit`` sub-commands) catches these without importing
-the modules that raise them; each raising module re-exports its own (``from hqdit_utils.qmodel import
+the modules that raise them; each raising module re-exports its own (``from hqdit_utils.engine.qmodel import
 QuantizationError`` keeps working).
 """
 
@@ -21,10 +21,10 @@ class CalibrationError(ValueError):
 
 
 class QuantizationError(ValueError):
-    """Misuse of :func:`~hqdit_utils.qmodel.quantize_` (already quantized, no layer selected, missing
+    """Misuse of :func:`~hqdit_utils.engine.qmodel.quantize_` (already quantized, no layer selected, missing
     calibration …)."""
 
 
 class SamplingError(RuntimeError):
-    """An output of :func:`~hqdit_utils.sampling.write_samples` that cannot be made as asked (shards of other
+    """An output of :func:`~hqdit_utils.dit.sampling.write_samples` that cannot be made as asked (shards of other
     settings in the way, damaged shards); the message ends with what to do."""

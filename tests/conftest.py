@@ -17,7 +17,7 @@ def _one_thread():
 def _int_path_as_on_a_vnni_cpu(monkeypatch):
     """The tests see the integer path as a CPU with int8 dot-product instructions does ("auto" chooses it
     wherever it is exact), whatever CPU runs them; tests/test_lowbit.py checks the rule for other CPUs."""
-    from hqdit_utils import lowbit
+    from hqdit_utils.engine import lowbit
 
     monkeypatch.setattr(lowbit, "int_mm_fast", lambda: True)
 

@@ -59,36 +59,36 @@ def toy_extractor():
 def train(work: Path) -> None:
     """``hqdit train-embedded`` into ``work/out`` with checkpoints in ``work/ck`` (a proxy network already
     in ``work/out/proxy`` is reused, as a restarted command does)."""
-    from hqdit_utils import cli
+    from hqdit_utils.commands import cli
 
     cli.main(TRAIN_ARGS + ["--out", str(work / "out"), "--checkpoint-dir", str(work / "ck")])
 
 
 def samples(work: Path) -> None:
     """:func:`write_samples` of a tiny random DiT to ``work/samples.npz``."""
-    from hqdit_utils.models import tiny_dit
-    from hqdit_utils.sampling import write_samples
+    from hqdit_utils.dit.models import tiny_dit
+    from hqdit_utils.dit.sampling import write_samples
 
     write_samples(tiny_dit(0), work / "samples.npz", SAMPLES_N, **SAMPLES_KW)
 
 
 def calib_bundle():
-    from hqdit_utils.models import tiny_dit
+    from hqdit_utils.dit.models import tiny_dit
 
     return tiny_dit(0, width=144, heads=2, num_layers=1)
 
 
 def calib(work: Path) -> None:
     """:func:`experiments.cached_calibrate` of a tiny random DiT into ``work/calibration/``."""
-    from hqdit_utils.experiments import cached_calibrate
+    from hqdit_utils.runs.experiments import cached_calibrate
 
     cached_calibrate(calib_bundle(), cache_dir=work, **CALIB_KW)
 
 
 def table(work: Path):
     """:func:`experiments.run_table` (2 recipes × 2 seeds) with its cache in ``work``; returns the table."""
-    from hqdit_utils.experiments import run_table
-    from hqdit_utils.models import tiny_dit
+    from hqdit_utils.runs.experiments import run_table
+    from hqdit_utils.dit.models import tiny_dit
 
     return run_table(tiny_dit(0), TABLE_RECIPES, seeds=TABLE_SEEDS, profile=table_profile(),
                      extractor=toy_extractor(), reference=table_reference(), cache_dir=work, progress=False)
@@ -100,8 +100,8 @@ def run_fp32(work: Path) -> dict:
     import json
     import os
 
-    from hqdit_utils.experiments import run
-    from hqdit_utils.models import tiny_dit
+    from hqdit_utils.runs.experiments import run
+    from hqdit_utils.dit.models import tiny_dit
 
     res = run(tiny_dit(0), "fp32", profile=table_profile(), extractor=toy_extractor(), reference=table_reference(),
               cache_dir=work / "cache", progress=False)
@@ -117,14 +117,14 @@ def w4a4(work: Path) -> None:
     import hashlib
     import json
 
-    from hqdit_utils.calibration import calibrate
-    from hqdit_utils.digits import embedded_reference
+    from hqdit_utils.engine.calibration import calibrate
+    from hqdit_utils.runs.digits import embedded_reference
     from hqdit_utils.metrics.adm import evaluate
     from hqdit_utils.metrics.features import ProxyExtractor
-    from hqdit_utils.models import load_dit
-    from hqdit_utils.qmodel import quantize_
-    from hqdit_utils.recipes import get_recipe
-    from hqdit_utils.sampling import sample
+    from hqdit_utils.dit.models import load_dit
+    from hqdit_utils.engine.qmodel import quantize_
+    from hqdit_utils.engine.recipes import get_recipe
+    from hqdit_utils.dit.sampling import sample
 
     bundle = load_dit("embedded")
     layers = tuple(f"re:transformer_blocks\\.[01]\\.{leaf}" for leaf in

@@ -1,4 +1,4 @@
-"""Tests of hqdit_utils.analysis: the layer-level measurements behind chapters 04 and 05."""
+"""Tests of hqdit_utils.chapters.analysis: the layer-level measurements behind chapters 04 and 05."""
 from __future__ import annotations
 
 import math
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from hqdit_utils import analysis as A
-from hqdit_utils.gptq import GPTQ, rtn_quantize
-from hqdit_utils.hadamard import hadamard_matrix
+from hqdit_utils.engine.gptq import GPTQ, rtn_quantize
+from hqdit_utils.engine.hadamard import hadamard_matrix
 
 
 def _outlier_inputs(n=512, d=144, seed=0, outliers=(3, 70), gain=20.0, mean=0.0):
@@ -120,8 +120,8 @@ def test_rotation_table_layout():
 
 # --- model plumbing -------------------------------------------------------------------------------
 def test_block_linears_on_a_tiny_dit():
-    from hqdit_utils.calibration import calibrate
-    from hqdit_utils.models import tiny_dit
+    from hqdit_utils.engine.calibration import calibrate
+    from hqdit_utils.dit.models import tiny_dit
 
     bundle = tiny_dit(0, width=144, heads=2, num_layers=2)
     calib = calibrate(bundle, num_trajectories=2, num_timesteps=2, num_steps=3, rows_per_timestep=16, batch_size=2)

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from hqdit_utils import calibrate, sample
-from hqdit_utils.calibration import CalibrationError
+from hqdit_utils.engine.calibration import CalibrationError
 from hqdit_utils.config import ProfileError, profile
-from hqdit_utils.models import as_bundle, tiny_dit
+from hqdit_utils.dit.models import as_bundle, tiny_dit
 
 CALIB = dict(num_trajectories=2, num_timesteps=2, num_steps=2, rows_per_timestep=8)
 

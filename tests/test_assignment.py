@@ -4,8 +4,8 @@ import math
 import pandas as pd
 import pytest
 
-from hqdit_utils.exercises import WrongAnswer, check_assignment
-from hqdit_utils.recipes import INGREDIENT_FIELDS, QuantRecipe, changed_ingredients, get_recipe
+from hqdit_utils.chapters.exercises import WrongAnswer, check_assignment
+from hqdit_utils.engine.recipes import INGREDIENT_FIELDS, QuantRecipe, changed_ingredients, get_recipe
 
 BASE = "hqdit-w4a4"
 ONE = get_recipe(BASE).replace(rotation_block=16, name="hqdit-w4a4-rb16")  # rotation only

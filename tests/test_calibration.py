@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from hqdit_utils import calibration as capture
-from hqdit_utils.calibration import ActivationRecorder, Calibration, CalibrationError, calibrate
-from hqdit_utils.models import tiny_dit
+from hqdit_utils.engine.calibration import ActivationRecorder, Calibration, CalibrationError, calibrate
+from hqdit_utils.dit.models import tiny_dit
 
 
 @pytest.fixture(scope="module")

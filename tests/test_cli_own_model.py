@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from hqdit_utils.cli import main
-from hqdit_utils.qlinear import QuantLinear
-from hqdit_utils.quantize_cli import load_quantized_folder
+from hqdit_utils.commands.cli import main
+from hqdit_utils.engine.qlinear import QuantLinear
+from hqdit_utils.commands.quantize_cli import load_quantized_folder
 
 TINY_CALIB = ["--trajectories", "1", "--timesteps", "2", "--steps", "2", "--rows-per-timestep", "16"]
 

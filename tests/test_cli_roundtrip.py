@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hqdit_utils.cli import main
+from hqdit_utils.commands.cli import main
 from hqdit_utils.files import strict_json
-from hqdit_utils.qlinear import QuantLinear
+from hqdit_utils.engine.qlinear import QuantLinear
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_CALIB = ["--trajectories", "1", "--timesteps", "2", "--steps", "2", "--rows-per-timestep", "16"]
@@ -63,7 +63,7 @@ def test_quantize_shows_each_stage_with_its_time(tmp_path, capsys):
 
 
 def test_sample_quantized_folder_then_evaluate_embedded(quantized, tmp_path, capsys, monkeypatch):
-    from hqdit_utils import quantize_cli
+    from hqdit_utils.commands import quantize_cli
 
     bundle, tag = quantize_cli.load_quantized_folder(quantized)
     layers = [m for m in bundle.transformer.modules() if isinstance(m, QuantLinear)]
@@ -191,7 +191,7 @@ def test_damaged_quantized_folder(quantized, tmp_path, capsys):
 
 
 def test_the_command_in_a_process_exits_2_without_traceback(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "hqdit_utils.cli", "sample", "--quantized", str(tmp_path / "none"),
+    res = subprocess.run([sys.executable, "-m", "hqdit_utils.commands.cli", "sample", "--quantized", str(tmp_path / "none"),
                           "--out", str(tmp_path / "s.npz")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
@@ -216,7 +216,7 @@ def _other_weights_folder(path, in_channels=None):
     """The embedded model's architecture with other weights (or a tiny 4-channel latent model), as a folder."""
     import torch
 
-    from hqdit_utils.models import load_dit, tiny_dit
+    from hqdit_utils.dit.models import load_dit, tiny_dit
 
     if in_channels:
         b = tiny_dit(0, in_channels=in_channels)
@@ -231,7 +231,7 @@ def _other_weights_folder(path, in_channels=None):
 
 
 def test_sample_quantized_into_other_weights_warns_and_the_tag_covers_every_file(quantized, tmp_path, capsys):
-    from hqdit_utils.qmodel import folder_tag
+    from hqdit_utils.engine.qmodel import folder_tag
 
     other = _other_weights_folder(tmp_path / "other")
     out = tmp_path / "s.npz"

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from hqdit_utils.clipping import (alpha_to_bias, alpha_to_scale, clip_activation, clip_weight, gamma_grid)
-from hqdit_utils.formats import FloatFormat, parse_format
-from hqdit_utils.quantizer import fake_quantize
+from hqdit_utils.engine.clipping import (alpha_to_bias, alpha_to_scale, clip_activation, clip_weight, gamma_grid)
+from hqdit_utils.engine.formats import FloatFormat, parse_format
+from hqdit_utils.engine.quantizer import fake_quantize
 
 
 FORMATS = ["fp4_e1m2", "fp4_e2m1", "fp4_e3m0", "int4"]
@@ -146,7 +146,7 @@ def test_coarse_fine_search_matches_grid_search_mostly_and_is_never_worse_than_m
 def test_sorted_mse_search_matches_elementwise_search(fmt, monkeypatch):
     """The sorted/prefix-sum MSE evaluation picks the same γ as quantizing every element for every γ, and
     its losses agree to float rounding (documented tolerance: relative ~1e-7 for 4-bit grids)."""
-    import hqdit_utils.clipping as clipping
+    import hqdit_utils.engine.clipping as clipping
 
     w, x = _heavy(24, 72, seed=11), _heavy(300, 40, seed=12)
     fast_w, fast_a = clip_weight(w, fmt), clip_activation(x, fmt, amax=float(x.abs().max()) * 1.3)
@@ -165,8 +165,8 @@ def test_rounding_thresholds_reproduce_round_to_grid_exactly(fmt):
     threshold, one float64 ulp either side, and on random values."""
     import numpy as np
 
-    from hqdit_utils.clipping import _rounding_thresholds
-    from hqdit_utils.quantizer import round_to_grid
+    from hqdit_utils.engine.clipping import _rounding_thresholds
+    from hqdit_utils.engine.quantizer import round_to_grid
 
     g, u = _rounding_thresholds(parse_format(fmt))
     un = u.numpy()
@@ -183,7 +183,7 @@ def test_sorted_values_are_shared_between_formats_and_follow_changes():
     dropping it, invalidates the shared entry."""
     import gc
 
-    from hqdit_utils.clipping import _PREFIX_CACHE
+    from hqdit_utils.engine.clipping import _PREFIX_CACHE
 
     x = _heavy(64, 40, seed=4)
     a1 = clip_activation(x, "fp4_e2m1")

@@ -4,7 +4,7 @@ Each chapter is executed once as a plain Python script (profile ``ci``, working 
 ``notebooks/``, matplotlib's Agg backend) with every answer cell replaced by its solution; every check
 must then pass. Afterwards, for each exercise, the answer cell is run with the wrong answer listed in
 ``WRONG`` below and the check cell must raise ``AssertionError``. The convention the chapters follow is
-documented in :mod:`hqdit_utils.exercises`.
+documented in :mod:`hqdit_utils.chapters.exercises`.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from hqdit_utils.lowbit import int_mm_fast as _this_cpu_int_mm_fast
+from hqdit_utils.engine.lowbit import int_mm_fast as _this_cpu_int_mm_fast
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -25,7 +25,7 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 def _int_path_as_on_this_cpu(monkeypatch):
     """The chapters run as they do in the book on this machine: the integer path where "auto" would choose it
     here (undoes conftest's stand-in for a CPU with int8 dot-product instructions)."""
-    from hqdit_utils import lowbit
+    from hqdit_utils.engine import lowbit
 
     monkeypatch.setattr(lowbit, "int_mm_fast", _this_cpu_int_mm_fast)
 
@@ -59,7 +59,7 @@ WRONG: dict[str, str] = {
     "ex-beyond-3": ("def _w(w):\n    b = w.reshape(w.shape[0], -1, 16)\n"
                     "    s = b.abs().amax(dim=-1, keepdim=True) / 6\n    s = torch.where(s > 0, s, torch.ones_like(s))\n"
                     "    return (round_to_grid(b / s, 'fp4_e2m1') * s).reshape(w.shape)  # unrounded scales\n"
-                    "from hqdit_utils.quantizer import round_to_grid\nanswer = _w"),
+                    "from hqdit_utils.engine.quantizer import round_to_grid\nanswer = _w"),
     "ex-sfid-1": 'answer = paired_interval(table, "hqdit-w4a4", "fp32", "sFID*")["low"]',
     "ex-sfid-2": ("def _w(d):\n    d = torch.as_tensor(d, dtype=torch.float64)\n"
                   "    h = 1.96 * d.std() / len(d) ** 0.5\n    return torch.stack([d.mean() - h, d.mean() + h])\n"

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from hqdit_utils import experiments
+from hqdit_utils.runs import experiments
 from hqdit_utils.config import Profile
-from hqdit_utils.experiments import run, run_table, sample_plan, summarize
-from hqdit_utils.models import tiny_dit
+from hqdit_utils.runs.experiments import run, run_table, sample_plan, summarize
+from hqdit_utils.dit.models import tiny_dit
 
 PROF = Profile("test", calib_trajectories=2, calib_timesteps=2, eval_samples=8, sampling_steps=3, seeds=2, batch_size=8)
 
@@ -91,7 +91,7 @@ def test_a_shipped_run_is_adopted_only_when_its_key_material_matches(bundle, ref
 
 
 def test_fp32_recipe_reproduces_plain_sampling(bundle, reference, tmp_path, toy_extractor):
-    from hqdit_utils.sampling import sample
+    from hqdit_utils.dit.sampling import sample
 
     r = run(bundle, "fp32", profile=PROF, extractor=toy_extractor, reference=reference, cache_dir=tmp_path, progress=False)
     labels, seeds = sample_plan(bundle.num_classes, PROF.eval_samples, 0)
@@ -129,7 +129,7 @@ def test_the_key_holds_the_declared_numerics_version_not_the_code_text(bundle, r
 
 
 def test_recipe_description_is_not_part_of_the_key():
-    from hqdit_utils.recipes import get_recipe
+    from hqdit_utils.engine.recipes import get_recipe
 
     r = get_recipe("fp4-clip")
     assert experiments.recipe_material(r) == experiments.recipe_material(r.replace(description="reworded"))

@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from hqdit_utils.export import (block_format_bits, decode, dit_parameter_groups, encode, load_packed,
+from hqdit_utils.engine.export import (block_format_bits, decode, dit_parameter_groups, encode, load_packed,
                                 memory_scenarios, pack_nibbles, pack_quantized, pack_weight, recover_row_scales,
                                 save_packed, storage_report, unpack_nibbles, unpack_weight)
-from hqdit_utils.formats import parse_format
-from hqdit_utils.models import tiny_dit
-from hqdit_utils.qlinear import QuantLinear
-from hqdit_utils.qmodel import quantize_
-from hqdit_utils.quantizer import fake_quantize, max_abs_scale, round_to_grid
-from hqdit_utils.recipes import get_recipe
+from hqdit_utils.engine.formats import parse_format
+from hqdit_utils.dit.models import tiny_dit
+from hqdit_utils.engine.qlinear import QuantLinear
+from hqdit_utils.engine.qmodel import quantize_
+from hqdit_utils.engine.quantizer import fake_quantize, max_abs_scale, round_to_grid
+from hqdit_utils.engine.recipes import get_recipe
 
 
 @pytest.mark.parametrize("name", ["fp4_e2m1", "fp4_e1m2", "fp4_e3m0", "int4", "fp6_e3m2", "fp8_e4m3", "int8"])
@@ -116,7 +116,7 @@ def test_pack_quantized_of_a_reloaded_packed_model(tmp_path):
     """A model reloaded from packed 4-bit codes holds no float weight; packing it again gives the same codes."""
     import copy
 
-    from hqdit_utils.qmodel import load_quantized, save_quantized
+    from hqdit_utils.engine.qmodel import load_quantized, save_quantized
 
     b = tiny_dit(seed=0)
     fresh = copy.deepcopy(b.transformer)

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from hqdit_utils.stats import TensorStats
-from hqdit_utils.format_select import (DEFAULT_CANDIDATES, FormatPlan, LayerFormat, fit_thresholds, order_by_range,
+from hqdit_utils.engine.stats import TensorStats
+from hqdit_utils.engine.format_select import (DEFAULT_CANDIDATES, FormatPlan, LayerFormat, fit_thresholds, order_by_range,
                                        ratio_rule, ratio_statistics, ratio_statistics_from_stats, select_format)
-from hqdit_utils.clipping import clip_activation, clip_weight
+from hqdit_utils.engine.clipping import clip_activation, clip_weight
 
 G = torch.Generator().manual_seed(0)
 DATA = {
@@ -100,7 +100,7 @@ def test_plan_json_round_trip_and_summaries(tmp_path):
 
 def test_choose_format_rules():
     """The one format choice: MSE (searches every candidate), output (lowest loss), ratio (no search)."""
-    from hqdit_utils.format_select import DEFAULT_THRESHOLDS, choose_format
+    from hqdit_utils.engine.format_select import DEFAULT_THRESHOLDS, choose_format
 
     x = DATA["pow2"]
     calls = []

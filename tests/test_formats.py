@@ -8,8 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from hqdit_utils.formats import FloatFormat, IntFormat, NoFormat, bias_for_clip, parse_format, scale_for_bias
-from hqdit_utils.quantizer import round_to_grid
+from hqdit_utils.engine.formats import FloatFormat, IntFormat, NoFormat, bias_for_clip, parse_format, scale_for_bias
+from hqdit_utils.engine.quantizer import round_to_grid
 
 # Non-negative half of each grid, written out from the format definitions (subnormals on).
 WRITTEN_OUT = {

@@ -1,9 +1,9 @@
 """The results store's rule: keys hold a declared numerics version, and the golden check catches what it did not
-declare (hqdit_utils.numerics, hqdit_utils.golden)."""
+declare (hqdit_utils.numerics, hqdit_utils.runs.golden)."""
 import json
 from dataclasses import replace
 
-from hqdit_utils import experiments, golden
+from hqdit_utils.runs import experiments, golden
 from hqdit_utils.config import SHIPPED_RUNS_DIR
 from hqdit_utils.numerics import NUMERICS_VERSION
 

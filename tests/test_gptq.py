@@ -1,12 +1,12 @@
-"""Tests of hqdit_utils.gptq: GPTQ on FP/INT grids with per-row scales, and its robustness."""
+"""Tests of hqdit_utils.engine.gptq: GPTQ on FP/INT grids with per-row scales, and its robustness."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hqdit_utils.gptq import GPTQ, gptq_quantize, rtn_quantize
-from hqdit_utils.hadamard import hadamard_matrix
-from hqdit_utils.quantizer import fake_quantize, max_abs_scale
+from hqdit_utils.engine.gptq import GPTQ, gptq_quantize, rtn_quantize
+from hqdit_utils.engine.hadamard import hadamard_matrix
+from hqdit_utils.engine.quantizer import fake_quantize, max_abs_scale
 
 FORMATS = ["fp4_e2m1", "fp4_e1m2", "fp4_e3m0", "int4", "int8", "fp8_e4m3fn"]
 

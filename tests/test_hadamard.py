@@ -1,4 +1,4 @@
-"""Tests of hqdit_utils.hadamard: exact Hadamard matrices, random rotations, the fast transform."""
+"""Tests of hqdit_utils.engine.hadamard: exact Hadamard matrices, random rotations, the fast transform."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from hqdit_utils.hadamard import (
+from hqdit_utils.engine.hadamard import (
     HadamardSpec,
     base_hadamard,
     block_diagonal_hadamard,

@@ -1,9 +1,9 @@
 """Tests of the DiT layer vocabulary: selection by patterns, kinds, short names."""
 import pytest
 
-from hqdit_utils.layers import (ALL_FC_LAYERS, BLOCK_LINEARS, DEFAULT_LAYERS, LEAF_KINDS, LayerSelectionError,
+from hqdit_utils.engine.layers import (ALL_FC_LAYERS, BLOCK_LINEARS, DEFAULT_LAYERS, LEAF_KINDS, LayerSelectionError,
                                 layer_kind, select_linears, short_layer_name)
-from hqdit_utils.models import tiny_dit
+from hqdit_utils.dit.models import tiny_dit
 
 
 @pytest.fixture(scope="module")

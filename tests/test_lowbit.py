@@ -6,21 +6,21 @@ import warnings
 import pytest
 import torch
 
-from hqdit_utils import lowbit
-from hqdit_utils.calibration import calibrate
-from hqdit_utils.layers import ALL_FC_LAYERS
-from hqdit_utils.export import decode, unpack_nibbles
-from hqdit_utils.formats import parse_format
-from hqdit_utils.hadamard import HadamardSpec
-from hqdit_utils.lowbit import (LowbitError, codes_to_grid, drop_float_weights_, execution, execution_paths,
+from hqdit_utils.engine import lowbit
+from hqdit_utils.engine.calibration import calibrate
+from hqdit_utils.engine.layers import ALL_FC_LAYERS
+from hqdit_utils.engine.export import decode, unpack_nibbles
+from hqdit_utils.engine.formats import parse_format
+from hqdit_utils.engine.hadamard import HadamardSpec
+from hqdit_utils.engine.lowbit import (LowbitError, codes_to_grid, drop_float_weights_, execution, execution_paths,
                                 grid_to_codes, integer_grid, pack_codes, quantize_to_codes, set_execution,
                                 unpack_codes, weight_codes)
-from hqdit_utils.lowbit import int_mm_fast as _real_int_mm_fast
-from hqdit_utils.models import tiny_dit
-from hqdit_utils.qlinear import QuantLinear
-from hqdit_utils.qmodel import load_quantized, quantize_, save_quantized
-from hqdit_utils.quantizer import fake_quantize
-from hqdit_utils.recipes import get_recipe, list_recipes
+from hqdit_utils.engine.lowbit import int_mm_fast as _real_int_mm_fast
+from hqdit_utils.dit.models import tiny_dit
+from hqdit_utils.engine.qlinear import QuantLinear
+from hqdit_utils.engine.qmodel import load_quantized, quantize_, save_quantized
+from hqdit_utils.engine.quantizer import fake_quantize
+from hqdit_utils.engine.recipes import get_recipe, list_recipes
 
 FORMATS = ["fp4_e2m1", "fp4_e1m2", "fp4_e3m0", "int4", "int8"]
 #: Recipes the integer path cannot compute exactly, with the start of the reason it gives.
@@ -180,7 +180,7 @@ def test_odd_shapes_batch_one_rotation_and_token_scales(width, fmt, kernel):
     out_f = 3 * 72 if width > 144 else 5 * width // 4
     W = torch.randn(out_f, width, generator=g) / width ** 0.5
     rot = HadamardSpec(width, seed=0)
-    from hqdit_utils.hadamard import rotate_weight
+    from hqdit_utils.engine.hadamard import rotate_weight
 
     Wq = fake_quantize(rotate_weight(W, rot), fmt, axis=0)
     for mode in ("static", "token"):
@@ -396,8 +396,8 @@ def test_saved_and_loaded_model_runs_the_integer_path_identically(bundle, calib,
 
 
 def test_packed_files_load_back_bit_identically(bundle, calib, tmp_path):
-    from hqdit_utils.export import load_packed, save_packed, unpack_weight
-    from hqdit_utils.qmodel import QuantizationError
+    from hqdit_utils.engine.export import load_packed, save_packed, unpack_weight
+    from hqdit_utils.engine.qmodel import QuantizationError
 
     m = copy.deepcopy(bundle.transformer)
     quantize_(m, get_recipe("fp4-hybrid-dyn").replace(clip_grid=(20, 0.3, 1.0)), calib)

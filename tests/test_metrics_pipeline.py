@@ -9,8 +9,8 @@ import torch.nn as nn
 
 import argparse
 
-from hqdit_utils.digits import embedded_reference
-from hqdit_utils.cli_common import run_command
+from hqdit_utils.runs.digits import embedded_reference
+from hqdit_utils.commands.cli_common import run_command
 from hqdit_utils.metrics import evaluate as evaluate_cli
 from hqdit_utils.metrics import adm
 from hqdit_utils.metrics.adm import MetricReport, evaluate, load_reference, load_samples, save_samples
@@ -301,7 +301,7 @@ def test_report_without_star_for_the_adm_network():
 
 
 def test_embedded_reference_is_the_heldout_split():
-    pytest.importorskip("hqdit_utils.digits")
+    pytest.importorskip("hqdit_utils.runs.digits")
     ref = embedded_reference()
     assert ref.shape == (360, 16, 16, 1) and ref.dtype == np.uint8
     assert ref.max() == 255 and ref.min() == 0

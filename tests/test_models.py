@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hqdit_utils import models
+from hqdit_utils.dit import models
 from hqdit_utils.files import sha256_file
-from hqdit_utils.models import (
+from hqdit_utils.dit.models import (
     MissingWeightsError,
     WeightsError,
     dit_xl2_shaped_random,
@@ -178,7 +178,7 @@ def test_original_checkpoint_with_vae_folder_samples_rgb(tmp_path, monkeypatch):
     """The DiT-XL/2 path end to end on tiny stand-ins: original .pt + a separate VAE folder."""
     from diffusers import AutoencoderKL
 
-    from hqdit_utils.sampling import sample
+    from hqdit_utils.dit.sampling import sample
 
     torch.manual_seed(0)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
@@ -198,7 +198,7 @@ def test_named_dit_configs_are_the_configs_written_out_before():
     """``dit_config`` and its named sizes give exactly the dicts the package wrote out by hand before (the
     embedded model's weights and every run's key depend on them)."""
     from hqdit_utils.dit_configs import DiT_XL_2
-    from hqdit_utils.train_embedded import embedded_dit_config
+    from hqdit_utils.runs.train_embedded import embedded_dit_config
 
     common = dict(norm_type="ada_norm_zero", activation_fn="gelu-approximate", norm_elementwise_affine=False)
     assert DiT_XL_2() == dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,

@@ -7,11 +7,11 @@ import warnings
 import pytest
 import torch
 
-from hqdit_utils.calibration import CalibrationError, calibrate
-from hqdit_utils.models import as_bundle, tiny_dit
-from hqdit_utils.qlinear import QuantLinear
-from hqdit_utils.qmodel import QuantizationError, quantize_
-from hqdit_utils.recipes import get_recipe
+from hqdit_utils.engine.calibration import CalibrationError, calibrate
+from hqdit_utils.dit.models import as_bundle, tiny_dit
+from hqdit_utils.engine.qlinear import QuantLinear
+from hqdit_utils.engine.qmodel import QuantizationError, quantize_
+from hqdit_utils.engine.recipes import get_recipe
 
 CALIB = dict(num_trajectories=2, num_timesteps=2, num_steps=3, rows_per_timestep=16)
 RECIPE = get_recipe("hqdit-w4a4").replace(clip_grid=(10, 0.3, 1.0))

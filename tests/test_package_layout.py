@@ -104,7 +104,7 @@ def test_public_surface():
 
 
 def test_quantize_reads_as_its_steps():
-    tree = ast.parse((PACKAGE / "qmodel.py").read_text())
+    tree = ast.parse((PACKAGE / "engine" / "qmodel.py").read_text())
     fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "quantize_")
     assert fn.end_lineno - fn.lineno + 1 <= 60
 
@@ -137,7 +137,7 @@ def test_no_reference_to_a_document_outside_the_repository():
 
 
 def test_recipe_descriptions_refer_only_to_the_book():
-    from hqdit_utils.recipes import RECIPES
+    from hqdit_utils.engine.recipes import RECIPES
 
     assert not [r.name for r in RECIPES.values() if FORBIDDEN.search(r.description)]
 
@@ -255,7 +255,7 @@ def _dit_configs(trees) -> list[str]:
 
 #: Model hashes that are run-key material: changing their encoding re-keys every shipped run, so they move to
 #: ``files.state_dict_sha256`` with the results store's new keys, not before.
-RUN_KEY_MODEL_HASHES = {"hqdit_utils/experiments.py:model_checksum", "hqdit_utils/experiments.py:calibration_key"}
+RUN_KEY_MODEL_HASHES = {"hqdit_utils/runs/experiments.py:model_checksum", "hqdit_utils/runs/experiments.py:calibration_key"}
 
 ONE_HOME = {  # idea -> (finder, home module)
     "/proc/cpuinfo read": (_cpuinfo_readers, "provenance"),
@@ -307,9 +307,9 @@ def test_cli_common_imports_no_engine_module_for_an_exception():
 
 
 def test_each_command_module_registers_its_name_with_the_listed_help():
-    """``hqdit --help`` lists :data:`~hqdit_utils.cli.COMMANDS` without importing their modules; each module
+    """``hqdit --help`` lists :data:`~hqdit_utils.commands.cli.COMMANDS` without importing their modules; each module
     registers exactly that name with exactly that help (fails when one of them changes alone)."""
-    from hqdit_utils.cli import COMMANDS, build_parser
+    from hqdit_utils.commands.cli import COMMANDS, build_parser
 
     for name, (_, help_line) in COMMANDS.items():
         action = next(a for a in build_parser(name)._actions if a.dest == "command")
@@ -320,7 +320,7 @@ def test_help_imports_no_command_module():
     import subprocess
     import sys
 
-    code = ("import sys\nfrom hqdit_utils.cli import COMMANDS, main\nassert main(['--help']) == 0\n"
+    code = ("import sys\nfrom hqdit_utils.commands.cli import COMMANDS, main\nassert main(['--help']) == 0\n"
             "print(sorted(m for m, _ in COMMANDS.values() if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -5,7 +5,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from hqdit_utils.plotting import plot_abs_histogram, plot_format_grids, plot_heatmap  # noqa: E402
+from hqdit_utils.chapters.plotting import plot_abs_histogram, plot_format_grids, plot_heatmap  # noqa: E402
 
 
 def test_abs_histogram_of_a_tensor_sums_to_eight_per_octave():

@@ -6,15 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from hqdit_utils.calibration import calibrate
-from hqdit_utils.formats import parse_format
-from hqdit_utils.layers import ALL_FC_LAYERS
-from hqdit_utils.lowbit import execution
-from hqdit_utils.models import tiny_dit
-from hqdit_utils.qlinear import QuantAttnProcessor, QuantLinear
-from hqdit_utils.qmodel import QuantizationError, load_quantized, quantize_, save_quantized
-from hqdit_utils.quantizer import fake_quantize
-from hqdit_utils.recipes import get_recipe
+from hqdit_utils.engine.calibration import calibrate
+from hqdit_utils.engine.formats import parse_format
+from hqdit_utils.engine.layers import ALL_FC_LAYERS
+from hqdit_utils.engine.lowbit import execution
+from hqdit_utils.dit.models import tiny_dit
+from hqdit_utils.engine.qlinear import QuantAttnProcessor, QuantLinear
+from hqdit_utils.engine.qmodel import QuantizationError, load_quantized, quantize_, save_quantized
+from hqdit_utils.engine.quantizer import fake_quantize
+from hqdit_utils.engine.recipes import get_recipe
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_identity_quantlinear_equals_linear():
 
 
 def test_fp32_recipe_leaves_sampled_images_bit_identical(bundle):
-    from hqdit_utils.sampling import sample
+    from hqdit_utils.dit.sampling import sample
 
     ref = sample(bundle, [0, 1, 2], num_steps=3, cfg_scale=1.5, seeds=[0, 1, 2], progress=False)
     b2 = copy.copy(bundle)
@@ -226,7 +226,7 @@ def test_attention_processor_matches_default_and_quantizes(bundle, calib):
 @pytest.mark.skipif(not (__import__("hqdit_utils.config", fromlist=["DATA_DIR"]).DATA_DIR / "embedded" / "transformer"
                          ).is_dir(), reason="embedded model not present")
 def test_on_the_embedded_model():
-    from hqdit_utils.models import load_dit
+    from hqdit_utils.dit.models import load_dit
 
     b = load_dit("embedded")
     cal = calibrate(b, num_trajectories=2, num_timesteps=2, num_steps=2, rows_per_timestep=16)
@@ -250,7 +250,7 @@ def _run_on(m, b):
 def test_layers_reading_one_tensor_share_its_quantized_input(bundle, calib):
     """to_q/to_k/to_v quantize their common input once (SharedInput); outputs are bit-identical to
     quantizing it in every layer, and an in-place change of the input is seen."""
-    from hqdit_utils.qlinear import SharedInput
+    from hqdit_utils.engine.qlinear import SharedInput
 
     m = _fresh(bundle)
     quantize_(m, _r("hqdit-w4a4"), calib)
@@ -275,8 +275,8 @@ def test_layers_reading_one_tensor_share_its_quantized_input(bundle, calib):
 def test_gptq_with_block_scales_uses_the_block_grid():
     """NVFP4/MXFP4 + GPTQ: with a diagonal Hessian GPTQ has nothing to propagate, so it must give exactly the
     block round-to-nearest weights; with correlated inputs it must lower the layer-output error."""
-    from hqdit_utils.gptq import GPTQ
-    from hqdit_utils.quantizer import block_fake_quantize, block_weight_scales
+    from hqdit_utils.engine.gptq import GPTQ
+    from hqdit_utils.engine.quantizer import block_fake_quantize, block_weight_scales
 
     g = torch.Generator().manual_seed(0)
     W = torch.randn(24, 48, generator=g)

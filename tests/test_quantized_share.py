@@ -1,9 +1,9 @@
 """analysis.quantized_share: the share of weights and multiply-adds that a recipe puts in 4 bits, counted."""
 import pytest
 
-from hqdit_utils.analysis import ATTENTION_MATMULS, quantized_share
-from hqdit_utils.models import dit_xl2_meta, tiny_dit
-from hqdit_utils.export import dit_parameter_groups
+from hqdit_utils.chapters.analysis import ATTENTION_MATMULS, quantized_share
+from hqdit_utils.dit.models import dit_xl2_meta, tiny_dit
+from hqdit_utils.engine.export import dit_parameter_groups
 
 
 def test_tiny_dit_counts_by_hand():
@@ -40,7 +40,7 @@ def test_dit_xl2_matches_the_architecture_count():
 
 
 def test_scope_text_quotes_the_counted_shares():
-    from hqdit_utils.analysis import w4a4_scope
+    from hqdit_utils.chapters.analysis import w4a4_scope
 
     t = tiny_dit(0, width=72, heads=1, num_layers=2).transformer
     text = w4a4_scope(t)

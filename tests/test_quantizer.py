@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
-from hqdit_utils.formats import parse_format
-from hqdit_utils.quantizer import fake_quantize, max_abs_scale, round_to_grid
+from hqdit_utils.engine.formats import parse_format
+from hqdit_utils.engine.quantizer import fake_quantize, max_abs_scale, round_to_grid
 
 FORMATS = ["fp4_e2m1", "fp4_e1m2", "fp4_e3m0", "fp6_e3m2", "fp8_e4m3fn", "int4", "int8"]
 finite = st.floats(-1e4, 1e4, allow_nan=False, width=32)
@@ -139,7 +139,7 @@ def test_cuda_matches_cpu():
 def test_in_place_rounding_is_bit_identical(fmt):
     """round_to_grid_ (in place, used by fake_quantize) gives exactly round_to_grid's result, special
     values included."""
-    from hqdit_utils.quantizer import round_to_grid_
+    from hqdit_utils.engine.quantizer import round_to_grid_
 
     f = parse_format(fmt)
     g = torch.Generator().manual_seed(3)

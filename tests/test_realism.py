@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from hqdit_utils.layers import DEFAULT_LAYERS, layer_kind, select_linears
-from hqdit_utils.models import load_dit, tiny_dit
-from hqdit_utils.realism import (MIN_ATTENTION_SV_RATIO, MIN_MEDIAN_KURTOSIS, MIN_MEDIAN_SV_RATIO,
+from hqdit_utils.engine.layers import DEFAULT_LAYERS, layer_kind, select_linears
+from hqdit_utils.dit.models import load_dit, tiny_dit
+from hqdit_utils.runs.realism import (MIN_ATTENTION_SV_RATIO, MIN_MEDIAN_KURTOSIS, MIN_MEDIAN_SV_RATIO,
                                  matrix_stats, model_realism, summarize_realism, weight_realism)
 
 

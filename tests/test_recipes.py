@@ -5,9 +5,9 @@ import dataclasses
 import pytest
 import torch
 
-from hqdit_utils.layers import ALL_FC_LAYERS, DEFAULT_LAYERS
-from hqdit_utils.formats import parse_format
-from hqdit_utils.recipes import AUTO, RECIPES, QuantRecipe, get_recipe, list_recipes, register_recipe
+from hqdit_utils.engine.layers import ALL_FC_LAYERS, DEFAULT_LAYERS
+from hqdit_utils.engine.formats import parse_format
+from hqdit_utils.engine.recipes import AUTO, RECIPES, QuantRecipe, get_recipe, list_recipes, register_recipe
 
 
 PART1 = ["fp32", "int8", "int4-rtn", "int4w-a8", "fp4-minmax", "fp4-clip", "fp4-hybrid"]
@@ -79,8 +79,8 @@ def test_recipe_contents_match_their_definitions():
 
 
 def test_quantize_cli_parser(capsys):
-    from hqdit_utils import quantize_cli
-    from hqdit_utils.cli_common import run_command
+    from hqdit_utils.commands import quantize_cli
+    from hqdit_utils.commands.cli_common import run_command
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
@@ -97,10 +97,10 @@ def test_quantize_cli_parser(capsys):
 def test_quantize_cli_end_to_end(tmp_path):
     import json
 
-    from hqdit_utils import quantize_cli
-    from hqdit_utils.models import load_dit, tiny_dit
-    from hqdit_utils.qlinear import QuantLinear
-    from hqdit_utils.qmodel import load_quantized
+    from hqdit_utils.commands import quantize_cli
+    from hqdit_utils.dit.models import load_dit, tiny_dit
+    from hqdit_utils.engine.qlinear import QuantLinear
+    from hqdit_utils.engine.qmodel import load_quantized
 
     b = tiny_dit(0, width=72, heads=1, num_layers=1)
     b.transformer.save_pretrained(tmp_path / "m" / "transformer")

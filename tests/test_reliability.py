@@ -28,13 +28,13 @@ from hypothesis import given, settings, strategies as st
 
 import reliability_child as child
 from hqdit_utils import digits, experiments, lowbit
-from hqdit_utils.calibration import Calibration, CalibrationError, calibrate
-from hqdit_utils.formats import FloatFormat, IntFormat, NoFormat, parse_format
-from hqdit_utils.lowbit import int_mm_fast as _this_cpu_int_mm_fast
-from hqdit_utils.models import MissingWeightsError, WeightsError, load_dit, tiny_dit
-from hqdit_utils.qlinear import QuantLinear
-from hqdit_utils.qmodel import QuantizationError, load_quantized, quantize_, save_quantized
-from hqdit_utils.quantizer import fake_quantize
+from hqdit_utils.engine.calibration import Calibration, CalibrationError, calibrate
+from hqdit_utils.engine.formats import FloatFormat, IntFormat, NoFormat, parse_format
+from hqdit_utils.engine.lowbit import int_mm_fast as _this_cpu_int_mm_fast
+from hqdit_utils.dit.models import MissingWeightsError, WeightsError, load_dit, tiny_dit
+from hqdit_utils.engine.qlinear import QuantLinear
+from hqdit_utils.engine.qmodel import QuantizationError, load_quantized, quantize_, save_quantized
+from hqdit_utils.engine.quantizer import fake_quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "hqdit_utils"
@@ -51,8 +51,8 @@ def processes():
     from multiprocessing import forkserver
 
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["reliability_child", "hqdit_utils.cli", "hqdit_utils.analysis",
-                                "hqdit_utils.experiments", "hqdit_utils.sampling", "hqdit_utils.train_embedded",
+    ctx.set_forkserver_preload(["reliability_child", "hqdit_utils.commands.cli", "hqdit_utils.chapters.analysis",
+                                "hqdit_utils.runs.experiments", "hqdit_utils.dit.sampling", "hqdit_utils.runs.train_embedded",
                                 "hqdit_utils.metrics.adm", "diffusers"])
     saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "OMP_NUM_THREADS")}
     os.environ["PYTHONPATH"] = str(ROOT) + os.pathsep + (saved["PYTHONPATH"] or "")
@@ -206,7 +206,7 @@ def test_quantlinear_rejects_mismatched_inputs_and_buffers():
 
 
 def test_hadamard_size_with_no_construction_lists_alternatives(tiny):
-    from hqdit_utils.hadamard import HadamardSpec
+    from hqdit_utils.engine.hadamard import HadamardSpec
 
     with pytest.raises(ValueError, match=r"no Hadamard matrix of order 92: .*Supported sizes near 92: \[80, 84, 88, "
                                          r"96.*block_diagonal_hadamard\(92, block=4\)"):
@@ -218,7 +218,7 @@ def test_hadamard_size_with_no_construction_lists_alternatives(tiny):
 def test_recipe_pattern_matching_no_layer_leaves_the_model_untouched(tiny):
     import copy
 
-    from hqdit_utils.recipes import get_recipe
+    from hqdit_utils.engine.recipes import get_recipe
 
     model = copy.deepcopy(tiny.transformer)
     recipe = get_recipe("int4-rtn").replace(layers=("*.attn1.to_q", "*.attn2.to_q"), act_format="fp32")
@@ -260,7 +260,7 @@ def test_quantized_state_missing_truncated_or_with_extra_keys(tmp_path, tiny):
     from safetensors.torch import load_file, save_file
 
     from hqdit_utils.files import write_manifest
-    from hqdit_utils.recipes import get_recipe
+    from hqdit_utils.engine.recipes import get_recipe
 
     model = copy.deepcopy(tiny.transformer)
     quantize_(model, get_recipe("int4-rtn").replace(act_format="fp32"))  # weights only: no calibration needed
@@ -323,7 +323,7 @@ def test_missing_weights_and_reference_batch_say_what_to_download(tmp_path, monk
         load_dit(str(tmp_path / "DiT-XL-2-256x256.pt"))
     monkeypatch.delenv("HQDIT_VAE", raising=False)
     with pytest.raises(MissingWeightsError, match="huggingface-cli download stabilityai/sd-vae-ft-ema"):
-        from hqdit_utils.models import _load_vae
+        from hqdit_utils.dit.models import _load_vae
 
         _load_vae(None, torch.float32)
     with pytest.raises(FileNotFoundError, match=r"(?s)Inception-v3 weights not found .*curl -L -o "
@@ -396,7 +396,7 @@ class _Payload:
 
 
 def test_malicious_pickles_are_refused_without_running_them(tmp_path, tiny):
-    from hqdit_utils import experiments, train_embedded
+    from hqdit_utils.runs import experiments, train_embedded
     from hqdit_utils.metrics.adm import load_reference, load_samples
     from hqdit_utils.metrics.features import InceptionExtractor
 
@@ -594,7 +594,7 @@ def test_train_embedded_killed_and_resumed_gives_identical_weights(tmp_path, pro
 
 
 def test_write_samples_killed_and_resumed_gives_identical_npz(tmp_path, processes):
-    from hqdit_utils.sampling import _load_shard
+    from hqdit_utils.dit.sampling import _load_shard
 
     ref = tmp_path / "ref"
     ref.mkdir()
@@ -666,7 +666,7 @@ def test_run_table_killed_and_resumed_gives_identical_table(tmp_path, processes)
 
 def test_damaged_shard_and_output_are_recomputed_not_read(tmp_path, capfd):
     """Failure injection: a truncated shard, a shard whose pixels changed, a damaged final output."""
-    from hqdit_utils.sampling import write_samples
+    from hqdit_utils.dit.sampling import write_samples
 
     out = tmp_path / "keep.npz"
     write_samples(tiny_dit(0), out, child.SAMPLES_N, keep_shards=True, **child.SAMPLES_KW)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from hqdit_utils.config import Profile
-from hqdit_utils.models import load_dit, tiny_dit
-from hqdit_utils.reproduce import TABLES, add_parser, dit_forward_flops, execute, make_plan, measure_cost
-from hqdit_utils.tables import full_scale_results
+from hqdit_utils.dit.models import load_dit, tiny_dit
+from hqdit_utils.commands.reproduce import TABLES, add_parser, dit_forward_flops, execute, make_plan, measure_cost
+from hqdit_utils.chapters.tables import full_scale_results
 
 PROF = Profile("test", calib_trajectories=2, calib_timesteps=2, eval_samples=8, sampling_steps=2, seeds=1, batch_size=4)
 
@@ -47,7 +47,7 @@ def test_dry_run_without_any_weights_prints_the_full_scale_plan(tmp_path, capsys
     rc = _cli(["--dry-run", "--out", str(tmp_path), "--device", "cpu", "--gpus", "4"])
     out = capsys.readouterr().out
     assert rc == 0 and "7 runs (7 to do)" in out and "DiT-XL-2-256x256-hqdit-w4a4-n50000-s100-cfg1.5" in out
-    assert "torchrun --nproc-per-node 4 -m hqdit_utils.cli reproduce --table sfid --weights DiT-XL-2-256x256.pt" in out
+    assert "torchrun --nproc-per-node 4 -m hqdit_utils.commands.cli reproduce --table sfid --weights DiT-XL-2-256x256.pt" in out
     assert "9.83 GB of samples per run" in out  # 50000 x 256 x 256 x 3 bytes
     # 50032 images (50000 + 32 calibration trajectories) x 100 steps x 2 (CFG) x 237.24 GFLOP / (312e12 x 0.4) / 3600
     gpu_h = 50032 * 100 * 2 * dit_forward_flops() / (312e12 * 0.4) / 3600

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from hqdit_utils.models import load_dit, tiny_dit
-from hqdit_utils.sampling import make_scheduler, sample, sample_grid, write_samples
+from hqdit_utils.dit.models import load_dit, tiny_dit
+from hqdit_utils.dit.sampling import make_scheduler, sample, sample_grid, write_samples
 
 LABELS = [0, 1, 2, 3, 0, 1, 2, 3]
 SEEDS = list(range(40, 48))
@@ -90,8 +90,8 @@ def test_sample_grid_shape(tiny):
 
 SCRIPT = """
 import sys, time, torch
-from hqdit_utils.models import tiny_dit
-from hqdit_utils.sampling import write_samples
+from hqdit_utils.dit.models import tiny_dit
+from hqdit_utils.dit.sampling import write_samples
 b = tiny_dit(seed=0)
 slow = float(sys.argv[2])
 if slow:

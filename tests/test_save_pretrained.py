@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from hqdit_utils import load_quantized
-from hqdit_utils.calibration import calibrate
+from hqdit_utils.engine.calibration import calibrate
 from hqdit_utils.files import MANIFEST
-from hqdit_utils.qlinear import QuantLinear
-from hqdit_utils.qmodel import QuantizationError, folder_tag, quantize_, save_quantized
-from hqdit_utils.recipes import get_recipe
+from hqdit_utils.engine.qlinear import QuantLinear
+from hqdit_utils.engine.qmodel import QuantizationError, folder_tag, quantize_, save_quantized
+from hqdit_utils.engine.recipes import get_recipe
 
 CALIB = dict(num_trajectories=2, num_timesteps=2, num_steps=3, rows_per_timestep=16)
 X = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))

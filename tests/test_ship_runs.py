@@ -1,4 +1,4 @@
-"""`make book-results` (hqdit_utils/run_store.py, called by book/_ext/ship_runs.py) and the store it fills
+"""`make book-results` (hqdit_utils/runs/run_store.py, called by book/_ext/ship_runs.py) and the store it fills
 (data/book-runs/)."""
 import json
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hqdit_utils import run_store
+from hqdit_utils.runs import run_store
 from hqdit_utils.files import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,5 +77,5 @@ def test_the_store_check_finds_a_local_path_and_changed_samples(ship_runs, tmp_p
 def test_a_wrong_call_is_one_usage_line(tmp_path, capsys):
     assert run_store.main([str(tmp_path / "absent"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("usage: python -m hqdit_utils.run_store") and err.count("\n") == 1
+    assert err.startswith("usage: python -m hqdit_utils.runs.run_store") and err.count("\n") == 1
     assert not (tmp_path / "out").exists()

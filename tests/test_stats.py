@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from hqdit_utils.stats import TensorStats
+from hqdit_utils.engine.stats import TensorStats
 
 
 def _coeffs(seed=0):

@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hqdit_utils.recipes import get_recipe
-from hqdit_utils.tables import (METHODS, SETTINGS, bit_recipe, full_scale_results, load_paper, mean_std,
+from hqdit_utils.engine.recipes import get_recipe
+from hqdit_utils.chapters.tables import (METHODS, SETTINGS, bit_recipe, full_scale_results, load_paper, mean_std,
                                 noise_level, paired_difference, paper_sources)
 
 
@@ -81,7 +81,7 @@ def test_full_scale_results_discovery(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # chapter 7's rule: paired t-intervals on the primary metric
 # --------------------------------------------------------------------------------------------------
-from hqdit_utils.tables import PRIMARY, SECONDARY, claim_verdict, compare, paired_interval, require_same_seeds  # noqa: E402
+from hqdit_utils.chapters.tables import PRIMARY, SECONDARY, claim_verdict, compare, paired_interval, require_same_seeds  # noqa: E402
 
 
 def _paired(diffs_primary, diffs_fid=None, base=10.0):
@@ -159,7 +159,7 @@ def test_paper_sources_carry_their_links():
 
 
 def test_compare_frame_one_row_per_pair():
-    from hqdit_utils.tables import compare_frame
+    from hqdit_utils.chapters.tables import compare_frame
 
     t = _paired([-0.3, -0.25, -0.35, -0.3])
     f = compare_frame(t, [("a", "b"), ("b", "a")], names={"a": "A!"})

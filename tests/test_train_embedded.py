@@ -8,10 +8,10 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from hqdit_utils import digits
+from hqdit_utils.runs import digits
 from hqdit_utils import train_embedded as te
 from hqdit_utils.metrics.proxy_net import POOL_DIM, ProxyNet, load_proxy_net, preprocess
-from hqdit_utils.models import default_embedded_dir, load_dit
+from hqdit_utils.dit.models import default_embedded_dir, load_dit
 
 TINY = dict(width=72, num_layers=1, batch_size=16, steps=24, warmup_steps=4, log_every=4, lr=2e-3,
             checkpoint_every_s=1e9, proxy_epochs=1)
@@ -111,7 +111,7 @@ def test_shipped_proxy_and_manifest(data):
 
 
 def test_cli_registers_commands():
-    from hqdit_utils.cli import build_parser
+    from hqdit_utils.commands.cli import build_parser
 
     args = build_parser("train-embedded").parse_args(["train-embedded", "--out", "x", "--steps", "3"])
     assert args.steps == 3 and callable(args.func)

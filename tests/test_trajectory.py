@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from hqdit_utils.config import Profile
-from hqdit_utils.models import tiny_dit
-from hqdit_utils.qmodel import is_quantized
-from hqdit_utils.trajectory import quantized_bundle, trajectory_error
+from hqdit_utils.dit.models import tiny_dit
+from hqdit_utils.engine.qmodel import is_quantized
+from hqdit_utils.chapters.trajectory import quantized_bundle, trajectory_error
 
 PROF = Profile("test", calib_trajectories=2, calib_timesteps=2, eval_samples=8, sampling_steps=4, seeds=1, batch_size=8)
 

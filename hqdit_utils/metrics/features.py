@@ -35,7 +35,7 @@ import torch
 
 from ..files import load_error_reason, sha256_file, state_dict_sha256
 from ..images import check_images
-from ..models import check_device
+from ..dit.models import check_device
 from .proxy_net import WEIGHTS_FILE, default_proxy_dir, load_proxy_net
 from .sfid import TORCH_FIDELITY_SPATIAL_MODULE
 

@@ -15,7 +15,7 @@ output          shape                       Inception-v3 analogue
 ==============  ==========================  =====================================================
 
 Input: ``uint8`` images in NHWC layout ``[N, 16, 16, 1]`` with values 0..255 — exactly the arrays the
-sampler (:func:`hqdit_utils.sampling.sample`) returns and the ADM ``.npz`` files store. A float
+sampler (:func:`hqdit_utils.dit.sampling.sample`) returns and the ADM ``.npz`` files store. A float
 tensor NCHW in [-1, 1] is also accepted (see :func:`preprocess`).
 """
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""What the book's chapters use: layer-level analyses, tables, exercises, plotting, trajectories."""

@@ -1,0 +1,1 @@
+"""The hqdit command line: every sub-command and what they share."""
