@@ -143,13 +143,47 @@ def test_recipe_descriptions_refer_only_to_the_book():
 
 
 def test_readme_lists_every_module():
-    """The README's "What is where" table names every module of the package, and no module that is gone."""
+    """The README's "What is where" table names every module of the package (path below ``hqdit_utils/``), on
+    the floor the layout test gives it, and no module that is gone."""
     readme = (ROOT / "README.md").read_text()
     table = readme[readme.index("## What is where"):]
     table = table[: table.index("\n## ", 5)]
-    named = set(re.findall(r"`(?:hqdit_utils/)?([a-z_]+\.py)`", table))
-    files = {p.name for p in PACKAGE.glob("*.py")}
-    assert named == files, f"missing from README: {sorted(files - named)}; gone: {sorted(named - files)}"
+    named = {}
+    for floor, paths in re.findall(r"^\| (\d) \| ([^|]+) \|", table, flags=re.M):
+        for path in re.findall(r"`([a-z_/]+(?:\.py|/))`", paths):
+            named[path] = int(floor)
+    files = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if p.parent.name != "metrics"
+             and not (p.name == "__init__.py" and p.parent != PACKAGE)} | {"metrics/"}
+    assert set(named) == files, f"missing from README: {sorted(files - set(named))}; gone: {sorted(set(named) - files)}"
+    wrong = {p: f for p, f in named.items() if f != FLOORS[p.split("/")[0] if "/" in p else ""]}
+    assert not wrong, f"README floors differ from the layout test's: {wrong}"
+
+
+#: The floors of the package, from the ground up: a module imports only from its own floor or below.
+FLOORS = {"": 1, "dit": 2, "engine": 3, "metrics": 4, "runs": 5, "commands": 6, "chapters": 6}
+
+
+def _floor(module: str) -> int:
+    parts = module.split(".")
+    return FLOORS[parts[1] if len(parts) > 2 else ""]
+
+
+def _upward_imports(graph) -> list[str]:
+    return sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets
+                  if b != "hqdit_utils" and a != "hqdit_utils" and _floor(b) > _floor(a))
+
+
+def test_no_module_imports_a_floor_above_its_own():
+    up = _upward_imports(_graph())
+    assert not up, f"upward imports (move the shared piece down a floor): {up}"
+    # the control: an engine module importing the runs wing would be found
+    assert _upward_imports({"hqdit_utils.engine.qmodel": {"hqdit_utils.runs.experiments"}}) == [
+        "hqdit_utils.engine.qmodel -> hqdit_utils.runs.experiments"]
+
+
+def test_every_folder_of_the_package_has_a_floor():
+    folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert folders | {""} == set(FLOORS)
 
 
 # -- one home per cross-cutting idea -----------------------------------------------------------------------
