@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from hqdit_utils import analysis as A
+from hqdit_utils.chapters import analysis as A
 from hqdit_utils.engine.gptq import GPTQ, rtn_quantize
 from hqdit_utils.engine.hadamard import hadamard_matrix
 

@@ -3,7 +3,7 @@ invariance, save/load, errors."""
 import pytest
 import torch
 
-from hqdit_utils import calibration as capture
+from hqdit_utils.engine import calibration as capture
 from hqdit_utils.engine.calibration import ActivationRecorder, Calibration, CalibrationError, calibrate
 from hqdit_utils.dit.models import tiny_dit
 

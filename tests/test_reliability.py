@@ -27,7 +27,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import reliability_child as child
-from hqdit_utils import digits, experiments, lowbit
+from hqdit_utils.engine import lowbit
+from hqdit_utils.runs import digits, experiments
 from hqdit_utils.engine.calibration import Calibration, CalibrationError, calibrate
 from hqdit_utils.engine.formats import FloatFormat, IntFormat, NoFormat, parse_format
 from hqdit_utils.engine.lowbit import int_mm_fast as _this_cpu_int_mm_fast
@@ -298,7 +299,7 @@ def test_quantized_state_missing_truncated_or_with_extra_keys(tmp_path, tiny):
 
 
 def test_training_checkpoint_damaged_or_with_missing_keys(tmp_path):
-    from hqdit_utils import train_embedded as T
+    from hqdit_utils.runs import train_embedded as T
 
     cfg = T.TrainConfig(steps=2, batch_size=4, width=72, num_layers=1, warmup_steps=1, checkpoint_every_s=0)
     data = digits.load_digits16()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hqdit_utils.runs import digits
-from hqdit_utils import train_embedded as te
+from hqdit_utils.runs import train_embedded as te
 from hqdit_utils.metrics.proxy_net import POOL_DIM, ProxyNet, load_proxy_net, preprocess
 from hqdit_utils.dit.models import default_embedded_dir, load_dit
 
