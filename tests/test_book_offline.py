@@ -121,7 +121,9 @@ def tiny_book(tmp_path_factory) -> Path:
     config["execute"]["execute_notebooks"] = "cache"
     config["bibtex_bibfiles"] = ["references.bib"]
     local = config["sphinx"].setdefault("local_extensions", {})
-    local["course_kit"] = str(EXT)
+    for name in local:  # the project's own extensions, from the checkout
+        local[name] = str(EXT)
+    assert "notebook_downloads" in local, "the book offers no .ipynb downloads (notebook_downloads extension)"
     config["sphinx"].setdefault("config", {})["course_kit_times_file"] = "chapter_times.json"
     (book / "_config.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
     (book / "_toc.yml").write_text(yaml.safe_dump({"format": "jb-book", "root": "index",
@@ -178,6 +180,16 @@ def test_runtime_line_reads_chapter_times(tiny_book):
     html = (tiny_book / "_build" / "html" / "nb.html").read_text(encoding="utf-8")
     assert f"about 3 min on 2 CPU cores ({KNOWN_CPU})" in html
     assert f"comparison at {KNOWN_SEEDS} paired seeds per row" in html
+
+
+def test_notebook_page_is_offered_as_ipynb(tiny_book):
+    """The course page promises each chapter's .ipynb: the build writes it next to the page and links it."""
+    notebook = json.loads((tiny_book / "_build" / "html" / "nb.ipynb").read_text(encoding="utf-8"))
+    code = ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
+    assert code == ["print(sum(range(10)))"]
+    html = (tiny_book / "_build" / "html" / "nb.html").read_text(encoding="utf-8")
+    assert re.search(r'href="nb\.ipynb"', html), "no .ipynb link in the download menu"
+    assert not (tiny_book / "_build" / "html" / "index.ipynb").exists()  # not a notebook page
 
 
 def test_chapter_times_script_reads_the_execution_records(tiny_book, monkeypatch):
