@@ -78,3 +78,9 @@ def test_chapter_edges_follow_references(tmp_path):
     assert ahead == {("notebooks/01_activations", "notebooks/03_format_selection")}
     assert book_facts.transitive_reduction(back) == back - {("book/fp-primer", "notebooks/03_format_selection")}
 
+
+
+def test_rotation_chapter_builds_on_format_selection():
+    """Chapter 4 teaches the formats after rotation, so it depends on chapter 3 (and no chapter depends on a later one)."""
+    back, _ = book_facts.chapter_edges(ROOT)
+    assert ("notebooks/03_format_selection", "notebooks/04_outlier_rotation") in back

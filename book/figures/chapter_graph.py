@@ -86,7 +86,7 @@ def main(root: Path = ROOT) -> Path:
         skips = round((ya - yb) / ROW_H) > 1  # bend arrows that pass a row, so they miss its boxes
         ax.add_patch(FancyArrowPatch((xa, ya - BOX_H / 2), (xb, yb + BOX_H / 2), arrowstyle="-|>",
                                      mutation_scale=12, lw=1.1, color="#555555",
-                                     connectionstyle=f"arc3,rad={0.35 if skips else 0.0}", shrinkA=2, shrinkB=2))
+                                     connectionstyle=f"arc3,rad={-0.35 if skips else 0.0}", shrinkA=2, shrinkB=2))
     ax.set_xlim(-0.5, 4.5)
     ax.set_ylim(-(n_rows - 1) * ROW_H - 0.5, 0.5)
     ax.set_aspect("equal")
