@@ -81,6 +81,20 @@ def test_chapter_edges_follow_references(tmp_path):
 
 
 def test_rotation_chapter_builds_on_format_selection():
-    """Chapter 4 teaches the formats after rotation, so it depends on chapter 3 (and no chapter depends on a later one)."""
+    """Chapter 4 teaches the formats after rotation, building on chapter 3's format choice: the graph has that edge."""
     back, _ = book_facts.chapter_edges(ROOT)
     assert ("notebooks/03_format_selection", "notebooks/04_outlier_rotation") in back
+
+
+def test_prerequisites_name_only_earlier_pages():
+    """No chapter lists a later page among its prerequisites (the order of the book is the order of the graph)."""
+    order = list(book_facts.GRAPH_PAGES)
+    late = []
+    for doc in order:
+        text = (ROOT / f"{doc}.md").read_text(encoding="utf-8")
+        line = next((ln for ln in text.splitlines() if ln.startswith("**Prerequisites:**")), "")
+        for m in book_facts.DOC_REF.finditer(line):
+            target = book_facts._resolve_doc(doc, m.group("target"))
+            if target in order and order.index(target) >= order.index(doc):
+                late.append((doc, target))
+    assert not late, late
