@@ -47,8 +47,8 @@ WRONG: dict[str, str] = {
     "ex-format-thresholds": ("def _w(values, choices):  # one threshold only: E3M0 never chosen\n"
                              "    import math\n    v = sorted(set(values))\n"
                              "    cuts = [-math.inf] + [(a + b) / 2 for a, b in zip(v, v[1:])] + [math.inf]\n"
-                             "    return max(sum(('fp4_e1m2' if x < t else 'fp4_e2m1') == c for x, c in zip(values, choices))"
-                             " / len(values) for t in cuts)\n"
+                             "    return max(sum(('fp4_e1m2' if x < t else 'fp4_e2m1') == c"
+                             " for x, c in zip(values, choices)) / len(values) for t in cuts)\n"
                              "answer = _w"),
     # chapter 4
     "ex-rotation-block": 'answer = "lower" if _ex_block_expected == "higher" else "higher"',
