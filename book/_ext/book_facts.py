@@ -160,9 +160,12 @@ class MeasuredIn(SphinxDirective):
                     para += nodes.Text(", " if j else "")
                     para += doc_link(self.env, doc)
         if missing:
-            para += nodes.Text(("; " if ran else "") + ", ".join(missing) + (" is" if len(missing) == 1 else " are")
-                               + " available in the package, but no chapter runs "
-                               + ("it" if len(missing) == 1 else "them") + " yet")
+            para += nodes.Text("; " if ran else "")
+            for i, n in enumerate(missing):
+                para += nodes.Text(", " if i else "")
+                para += nodes.literal(text=n)
+            para += nodes.Text((" is" if len(missing) == 1 else " are") + " available in the package, but no chapter"
+                               " runs " + ("it" if len(missing) == 1 else "them") + " yet")
         para += nodes.Text(" (read from the chapters' code when this page was built).")
         return [para]
 
