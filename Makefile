@@ -5,11 +5,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export IPYTHONDIR := $(CURDIR)/book/ipython_profile
 
-.PHONY: env browser test book chapter-times book-results bench golden check-golden check-store clean-book help
+.PHONY: env browser test book book-student chapter-times book-results bench golden check-golden check-store clean-book help
 
 help:
 	@echo "make test   - create .venv (pinned torch==2.14.1/torchvision==0.29.1 first) and run pytest"
 	@echo "make book   - same environment, then build the book into _build/html/index.html"
+	@echo "make book-student - the same book without the exercises' solutions, into _build/student/_build/html"
 	@echo "make bench  - run the benchmarks (~12 min), write benchmarks/results.md and results.json"
 	@echo "make chapter-times - after a cold make book: write book/chapter_times.json (each chapter's run time)"
 	@echo "make book-results  - after a cold make book: ship its finished runs in data/book-runs/"
@@ -53,6 +54,12 @@ book: export MALLOC_TRIM_THRESHOLD_ := 1073741824
 book chapter-times: export HQDIT_TABLE_SEEDS ?= 5
 book: env
 	$(BIN)/jupyter-book build . -W -n --keep-going
+
+# The student edition: every exercise's solution removed from the pages and their .md/.ipynb downloads, the check
+# cells kept (book/_ext/notebook_downloads.py). It reuses make book's notebook cache: run after make book.
+book-student: export HQDIT_TABLE_SEEDS ?= 5
+book-student: env
+	HQDIT_STUDENT=1 $(BIN)/jupyter-book build . --path-output _build/student -W -n --keep-going
 
 # Each chapter's "run time" line reads book/chapter_times.json; this writes it from the execution records of the
 # last build. Meaningful after a cold build only (fresh clone, no .hqdit_cache/): bash .ci/run, then this.

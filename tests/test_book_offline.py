@@ -99,6 +99,25 @@ kernelspec:
 ```{code-cell} ipython3
 print(sum(range(10)))
 ```
+
+```{exercise-start}
+:label: ex-tiny
+```
+What is 1 + 1?
+```{exercise-end}
+```
+
+```{code-cell} ipython3
+:tags: [exercise-check]
+print("CHECK-CELL-KEPT")
+```
+
+```{solution-start} ex-tiny
+:class: dropdown
+```
+SOLUTION-TEXT-TWO
+```{solution-end}
+```
 """
 
 KNOWN_SECONDS = 125.0  # written into the tiny book's chapter_times.json: "about 3 min"
@@ -114,6 +133,14 @@ def _chromium() -> str | None:
     return None
 
 
+def _build(book: Path, **env_extra) -> None:
+    jb = Path(sys.executable).parent / "jupyter-book"
+    env = dict(os.environ, OMP_NUM_THREADS="1", IPYTHONDIR=str(ROOT / "book" / "ipython_profile"), **env_extra)
+    proc = subprocess.run([str(jb), "build", str(book), "-W", "-n", "--keep-going"], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
 @pytest.fixture(scope="module")
 def tiny_book(tmp_path_factory) -> Path:
     book = tmp_path_factory.mktemp("tinybook")
@@ -121,7 +148,9 @@ def tiny_book(tmp_path_factory) -> Path:
     config["execute"]["execute_notebooks"] = "cache"
     config["bibtex_bibfiles"] = ["references.bib"]
     local = config["sphinx"].setdefault("local_extensions", {})
-    local["course_kit"] = str(EXT)
+    for name in local:  # the project's own extensions, from the checkout
+        local[name] = str(EXT)
+    assert "notebook_downloads" in local, "the book offers no .ipynb downloads (notebook_downloads extension)"
     config["sphinx"].setdefault("config", {})["course_kit_times_file"] = "chapter_times.json"
     (book / "_config.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
     (book / "_toc.yml").write_text(yaml.safe_dump({"format": "jb-book", "root": "index",
@@ -131,11 +160,18 @@ def tiny_book(tmp_path_factory) -> Path:
     (book / "nb.md").write_text(NOTEBOOK_PAGE, encoding="utf-8")
     (book / "chapter_times.json").write_text(json.dumps(
         {"measured": "2026-01-01", "cpu_cores": 2, "cpu": KNOWN_CPU, "table_seeds": KNOWN_SEEDS, "pages": {"nb": {"seconds": KNOWN_SECONDS}}}), encoding="utf-8")
-    jb = Path(sys.executable).parent / "jupyter-book"
-    env = dict(os.environ, OMP_NUM_THREADS="1", IPYTHONDIR=str(ROOT / "book" / "ipython_profile"))
-    proc = subprocess.run([str(jb), "build", str(book), "-W", "-n", "--keep-going"], capture_output=True,
-                          text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    _build(book)
+    return book
+
+
+@pytest.fixture(scope="module")
+def student_book(tiny_book, tmp_path_factory) -> Path:
+    """The tiny book built again as the student edition (HQDIT_STUDENT=1, what make book-student sets)."""
+    book = tmp_path_factory.mktemp("studentbook")
+    for path in tiny_book.iterdir():
+        if path.is_file():
+            shutil.copy(path, book / path.name)
+    _build(book, HQDIT_STUDENT="1")
     return book
 
 
@@ -178,6 +214,26 @@ def test_runtime_line_reads_chapter_times(tiny_book):
     html = (tiny_book / "_build" / "html" / "nb.html").read_text(encoding="utf-8")
     assert f"about 3 min on 2 CPU cores ({KNOWN_CPU})" in html
     assert f"comparison at {KNOWN_SEEDS} paired seeds per row" in html
+
+
+def test_notebook_page_is_offered_as_ipynb(tiny_book):
+    """The course page promises each chapter's .ipynb: the build writes it next to the page and links it."""
+    notebook = json.loads((tiny_book / "_build" / "html" / "nb.ipynb").read_text(encoding="utf-8"))
+    code = ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
+    assert code == ["print(sum(range(10)))", 'print("CHECK-CELL-KEPT")']
+    html = (tiny_book / "_build" / "html" / "nb.html").read_text(encoding="utf-8")
+    assert re.search(r'href="nb\.ipynb"', html), "no .ipynb link in the download menu"
+    assert not (tiny_book / "_build" / "html" / "index.ipynb").exists()  # not a notebook page
+
+
+def test_student_edition_removes_solutions_everywhere_and_keeps_checks(tiny_book, student_book):
+    html = tiny_book / "_build" / "html"
+    assert "SOLUTION-TEXT-TWO" in (html / "nb.html").read_text(encoding="utf-8")  # the normal build shows it
+    student = student_book / "_build" / "html"
+    for name in ("nb.html", "nb.ipynb", "_sources/nb.md"):
+        text = (student / name).read_text(encoding="utf-8")
+        assert "SOLUTION-TEXT-TWO" not in text, name
+        assert "CHECK-CELL-KEPT" in text, name
 
 
 def test_chapter_times_script_reads_the_execution_records(tiny_book, monkeypatch):

@@ -33,27 +33,49 @@ def _int_path_as_on_this_cpu(monkeypatch):
 #: A wrong answer for every exercise label (code that replaces the answer cell). A new exercise without
 #: an entry here fails ``test_every_exercise_has_a_wrong_answer``.
 WRONG: dict[str, str] = {
-    "ex-act-1": 'answer = "attn"',
+    "ex-primer-1": "answer = 2 ** (3 - 1) * (1 + 3 / 8)  # three mantissa bits, not two",
+    "ex-act-1": 'answer = "attn"',  # not an input kind
     "ex-act-2": 'answer = lambda chunks: float(torch.cat([c.reshape(-1) for c in chunks]).double().pow(4).mean())',
     "ex-act-3": 'answer = -1',
     "ex-clip-1": 'answer = "fp4_e9m9"',
     "ex-clip-2": 'answer = lambda x, fmt, gammas: float(gammas[0])',
     "ex-clip-3": 'answer = 0.3',
-    "ex-format-1": 'answer = ("none", "weight")',
+    "ex-format-1": ('answer = ["fp4_e2m1"] * len(bundle.transformer.transformer_blocks)'
+                    ' if _ex_f1 != ["fp4_e2m1"] * len(bundle.transformer.transformer_blocks)'
+                    ' else ["fp4_e3m0"] * len(bundle.transformer.transformer_blocks)'),
     "ex-format-2": 'answer = lambda x: fake_quantize(x, "fp4_e2m1")',
-    "ex-format-3": 'answer = -1',
+    "ex-format-thresholds": ("def _w(values, choices):  # one threshold only: E3M0 never chosen\n"
+                             "    import math\n    v = sorted(set(values))\n"
+                             "    cuts = [-math.inf] + [(a + b) / 2 for a, b in zip(v, v[1:])] + [math.inf]\n"
+                             "    return max(sum(('fp4_e1m2' if x < t else 'fp4_e2m1') == c"
+                             " for x, c in zip(values, choices)) / len(values) for t in cuts)\n"
+                             "answer = _w"),
     # chapter 4
     "ex-rotation-block": 'answer = "lower" if _ex_block_expected == "higher" else "higher"',
     "ex-rotation-onehot": "answer = (12.0, 12.0)",
-    "ex-rotation-per-token": "answer = lambda x, fmt: fake_quantize(x, fmt)",  # per tensor, not per token
+    "ex-rotation-paley": ("def _w(q):\n    n = q + 1\n    i = torch.arange(q)\n"
+                          "    sq = {a * a % q for a in range(1, q)}\n"
+                          "    chi = torch.tensor([0] + [1 if a in sq else -1 for a in range(1, q)])\n"
+                          "    C = torch.zeros(n, n, dtype=torch.int64)\n    C[0, 1:], C[1:, 0] = 1, 1\n"
+                          "    C[1:, 1:] = chi[(i[:, None] - i[None, :]) % q]\n"
+                          "    b = torch.tensor([[1, 1], [1, -1]])\n"
+                          "    return torch.kron(C, b) + torch.kron(torch.eye(n, dtype=torch.int64), b)  # b twice\n"
+                          "answer = _w"),
     # chapter 5
     "ex-gptq-uncorrelated": 'answer = "different" if _ex_uncorrelated_expected == "same" else "same"',
     "ex-gptq-damping": "answer = 0.5",
     "ex-gptq-act-order": "answer = gptq_columns",  # natural column order, not act-order
+    "ex-gptq-lazy": ("def _w(W, X, fmt, block=16):  # the block's errors never reach the later columns\n"
+                     "    return torch.cat([gptq_columns(W[:, i:i + block], X[:, i:i + block], fmt)"
+                     " for i in range(0, W.shape[1], block)], dim=1)\n"
+                     "answer = _w"),
     # chapters 6-8
-    "ex-e2e-1": 'answer = 1.0',
+    "ex-e2e-1": ('answer = float(np.abs(np.load(results["HQ-DiT", "w4a4"].samples, allow_pickle=False)["arr_0"]'
+                 ' - np.load(fp32.samples, allow_pickle=False)["arr_0"]).mean())  # uint8 wrap-around'),
     "ex-e2e-2": 'answer = "second" if _half == "first" else "first"',
-    "ex-e2e-3": 'answer = lambda x: fake_quantize(x, "fp4_e2m1")  # one scale per tensor',
+    "ex-e2e-3": ("def _w(mu1, s1, mu2, s2):\n    d = mu1 - mu2\n"
+                 "    return float(d @ d + np.trace(s1) + np.trace(s2) - 2 * np.trace(s1 @ s2) ** 0.5)"
+                 "  # tr sqrt(A) is not sqrt(tr A)\nanswer = _w"),
     "ex-beyond-1": 'answer = 1152 * 4608 // 2 + 2 * 1152  # HQ-DiT packing, not NVFP4',
     "ex-beyond-2": 'answer = 4.0',
     "ex-beyond-3": ("def _w(w):\n    b = w.reshape(w.shape[0], -1, 16)\n"
@@ -116,7 +138,8 @@ def chapter_exercises(path: Path) -> tuple[list[Cell], dict[str, str], list[str]
     return cells, solutions, labels
 
 
-ALL_CHAPTERS = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.md"))
+#: The chapters, and the foundation pages that have exercises.
+ALL_CHAPTERS = [NOTEBOOKS.parent / "book" / "fp-primer.md"] + sorted(NOTEBOOKS.glob("[0-9][0-9]_*.md"))
 #: Chapters whose exercises still have the first edition's form (check cells that pass for any answer); their
 #: rewrite is open work. The list must shrink, never grow: ``test_unconverted_chapters_are_exactly_these``.
 NOT_YET_CONVERTED: set[str] = set()

@@ -45,6 +45,14 @@ def minutes_text(seconds: float | None) -> str | None:
     return f"about {math.ceil(seconds / 60)} min"
 
 
+def doc_link(env, docname: str) -> nodes.Node:
+    """A link to the page ``docname`` (e.g. ``notebooks/02_clipping``) from the page being read, titled by its name."""
+    ref = addnodes.pending_xref("", refdomain="std", reftype="doc", reftarget="/" + docname,
+                                refexplicit=False, refwarn=True, refdoc=env.docname)
+    ref += nodes.inline(text=docname)
+    return ref
+
+
 class _TimesDirective(SphinxDirective):
     def times(self) -> dict:
         path = Path(self.env.srcdir) / self.config.course_kit_times_file
@@ -126,10 +134,7 @@ class ChapterTimesTable(_TimesDirective):
         return [table, note]
 
     def _doc_link(self, docname: str) -> nodes.Node:
-        ref = addnodes.pending_xref("", refdomain="std", reftype="doc", reftarget="/" + docname,
-                                    refexplicit=False, refwarn=True, refdoc=self.env.docname)
-        ref += nodes.inline(text=docname)
-        return ref
+        return doc_link(self.env, docname)
 
     @staticmethod
     def _row(cells):

@@ -141,6 +141,16 @@ def plot_format_plan(plan, *, ax=None):
     return ax
 
 
+def describe_format_split(hist: "dict[str, int]", what: str) -> str:
+    """The words for a format histogram (``FormatPlan.histogram``), to go with :func:`plot_format_plan`:
+    'every weight chose E1M2' or 'the activations split 30 E2M1, 6 E3M0' (short format names, most used first)."""
+    short = {f: f.split("_")[-1].upper() for f in hist}
+    if len(hist) == 1:
+        return f"every {what} chose {short[next(iter(hist))]}"
+    parts = ", ".join(f"{n} {short[f]}" for f, n in sorted(hist.items(), key=lambda kv: -kv[1]))
+    return f"the {what}s split {parts}"
+
+
 def plot_image_panels(panels: "dict[str, np.ndarray]", *, ncols: int = 3, panel_width: float = 3.4, axes=None,
                       title_size: int = 10):
     """Show tiled uint8 images (e.g. from ``sampling.tile``) side by side, one titled panel each.
