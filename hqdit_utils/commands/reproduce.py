@@ -249,7 +249,7 @@ def execute(plan: Plan, bundle, *, extractor, reference, reference_name: str = "
             calib_profile=None, log=print) -> list[Path]:
     """Run every unfinished run of ``plan`` (resumably); returns the ``result.json`` paths written or found.
 
-    ``extractor``/``reference``: the feature network and reference batch passed to ``metrics.evaluate``
+    ``extractor``/``reference``: the feature network and reference batch passed to ``metrics.adm.evaluate``
     (full scale: ``InceptionExtractor`` and the ADM ``.npz``). ``calib_profile``: sizes of calibration
     (default: the ``full`` profile with the plan's steps and batch size).
     """
