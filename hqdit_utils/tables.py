@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .config import DATA_DIR
+from .fidelity import FEATURE, RMS
 from .recipes import FP8_CANDIDATES, get_recipe
 
 __all__ = ["METHODS", "SETTINGS", "bit_recipe", "load_paper", "paper_sources", "mean_std", "noise_level",
@@ -49,8 +50,9 @@ METHODS: dict[str, dict[str, str | None]] = {
     "HQ-DiT": {"w8a8": "hqdit-w8a8", "w4a8": "hqdit-w4a8", "w4a4": "hqdit-w4a4"},
 }
 
-#: Metrics where smaller is better (FID-like); the others (IS, precision, recall, consistency) are larger-better.
-LOWER_IS_BETTER = {"FID*", "sFID*", "FID", "sFID", "KID*", "KID"}
+#: Metrics where smaller is better (FID-like, and the distances to FP32 of :mod:`.fidelity`); the others (IS,
+#: precision, recall, consistency, PSNR to FP32) are larger-better.
+LOWER_IS_BETTER = {"FID*", "sFID*", "FID", "sFID", "KID*", "KID", FEATURE, RMS}
 
 #: Chapter 7's declared primary metric (the paper's headline metric): it alone decides a verdict.
 PRIMARY = "sFID*"
