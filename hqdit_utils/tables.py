@@ -29,7 +29,7 @@ from .fidelity import FEATURE, RMS
 from .recipes import FP8_CANDIDATES, get_recipe
 
 __all__ = ["METHODS", "SETTINGS", "bit_recipe", "load_paper", "paper_sources", "mean_std", "noise_level",
-           "paired_difference", "paired_interval", "compare", "compare_frame", "claim_verdict", "require_same_seeds",
+           "paired_difference", "paired_differences", "paired_interval", "compare", "compare_frame", "claim_verdict", "require_same_seeds",
            "full_scale_results", "LOWER_IS_BETTER", "RESULTS_DIR", "PRIMARY", "SECONDARY", "LEVEL"]
 
 #: Where ``hqdit reproduce`` writes full-scale results (one folder per run id).
@@ -207,6 +207,14 @@ def require_same_seeds(table: pd.DataFrame, recipes: Sequence[str] | None = None
     return seeds
 
 
+def paired_differences(table: pd.DataFrame, a: str, b: str, metric: str) -> np.ndarray:
+    """``metric(a) − metric(b)`` per seed both recipes ran (float64 ``[seeds]``, in seed order)."""
+    x = table[table["recipe"] == a].set_index("seed")[metric]
+    y = table[table["recipe"] == b].set_index("seed")[metric]
+    common = x.index.intersection(y.index).sort_values()
+    return (x.loc[common] - y.loc[common]).astype(float).to_numpy()
+
+
 def paired_interval(table: pd.DataFrame, a: str, b: str, metric: str, level: float = LEVEL) -> dict:
     """Paired t-interval for the mean of ``metric(a) − metric(b)`` over the seeds both recipes ran.
 
@@ -220,10 +228,7 @@ def paired_interval(table: pd.DataFrame, a: str, b: str, metric: str, level: flo
     from scipy import stats
 
     d = paired_difference(table, a, b, metric)
-    x = table[table["recipe"] == a].set_index("seed")[metric]
-    y = table[table["recipe"] == b].set_index("seed")[metric]
-    common = x.index.intersection(y.index)
-    diffs = (x.loc[common] - y.loc[common]).astype(float).to_numpy()
+    diffs = paired_differences(table, a, b, metric)
     n, mean = len(diffs), float(diffs.mean())
     if n < 2 or not np.isfinite(diffs).all():
         lo = hi = t = float("nan")
