@@ -20,6 +20,7 @@ and such samples occur). A run compared with itself has RMS 0, feature distance 
 * :func:`per_sample_fidelity` — the per-sample numbers of two image batches;
 * :func:`run_fidelity` — the run-level numbers of two finished runs (:class:`RunResult` or samples files),
   after checking that they are twins (same labels, same count);
+* :func:`with_fidelity` — a :func:`~hqdit_utils.experiments.run_table` frame with those columns added;
 * :func:`fidelity_table` — one row per (recipe, seed) with the three run-level numbers, ready for
   :func:`~hqdit_utils.tables.paired_interval` (lower RMS / distance and higher PSNR are better).
 """
@@ -32,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["RMS", "PSNR", "FEATURE", "FIDELITY_METRICS", "per_sample_fidelity", "load_samples", "run_fidelity",
-           "fidelity_table"]
+           "fidelity_table", "with_fidelity"]
 
 RMS = "RMS to FP32"
 PSNR = "PSNR to FP32"
@@ -131,3 +132,13 @@ def fidelity_table(bundle, recipes: Sequence[str], seeds: Sequence[int], *, refe
     order = {r: i for i, r in enumerate(recipes)}
     return pd.DataFrame(rows).sort_values(["recipe", "seed"], key=lambda c: c.map(order) if c.name == "recipe"
                                           else c, kind="stable").reset_index(drop=True)
+
+
+def with_fidelity(bundle, table: pd.DataFrame, *, reference: str = "fp32", extractor=None, **run_kwargs) -> pd.DataFrame:
+    """``table`` (a :func:`~hqdit_utils.experiments.run_table` frame that includes ``reference``) with the
+    :data:`FIDELITY_METRICS` of each run added as columns (same rows, same order)."""
+    recipes = list(dict.fromkeys(table["recipe"]))
+    seeds = sorted(set(table["seed"]))
+    fid = fidelity_table(bundle, recipes, seeds, reference=reference, extractor=extractor, **run_kwargs)
+    return table.drop(columns=[m for m in FIDELITY_METRICS if m in table.columns]).merge(
+        fid, on=["recipe", "seed"], how="left", validate="one_to_one")

@@ -12,7 +12,11 @@ comparison answers one question at a time; a page that asks two dozen needs thre
   large an effect an "inconclusive" fails to exclude;
 * :func:`judge_family` — all of it for a family of (A, B) comparisons on one or more metrics, one row
   each, with a verdict: ``"A better"`` / ``"B better"`` (Holm-adjusted p < α), ``"equivalent"``
-  (Holm-adjusted TOST p < α) or ``"inconclusive"``.
+  (Holm-adjusted TOST p < α) or ``"inconclusive"``;
+* :func:`declared_margins` — chapter 7's equivalence margins (our choice, stated before its tables);
+* :func:`verdict_sentence` — one row of :func:`judge_family` in words;
+* :func:`cross_cpu_check` — whether a verdict's interval clears zero by more than a rerun on another CPU
+  was measured to move a row.
 """
 from __future__ import annotations
 
@@ -22,9 +26,11 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
-from .tables import LEVEL, LOWER_IS_BETTER, paired_differences, paired_interval
+from .fidelity import FEATURE
+from .tables import LEVEL, LOWER_IS_BETTER, PRIMARY, mean_std, paired_differences, paired_interval
 
-__all__ = ["ALPHA", "POWER", "holm", "t_test", "tost", "mde", "judge_family"]
+__all__ = ["ALPHA", "POWER", "holm", "t_test", "tost", "mde", "judge_family", "declared_margins", "verdict_sentence",
+           "cross_cpu_check"]
 
 #: Family-wise error rate of every family of comparisons.
 ALPHA = 1 - LEVEL
@@ -148,3 +154,58 @@ def judge_family(table: pd.DataFrame, pairs: Sequence[tuple[str, str]], margins:
     cols = ["A", "B", "metric", "difference", "low", "high", "seeds", "sd", "p", "p_holm", "margin", "p_tost",
             "p_tost_holm", "mde", "verdict"]
     return out[cols]
+
+
+def declared_margins(table: pd.DataFrame, *, reference: str = "fp32", floor: str = "hqdit-w8a8") -> dict[str, float]:
+    """Chapter 7's equivalence margins (our choice), from rows that define a scale rather than a claim:
+
+    * sFID*: one seed-to-seed standard deviation of ``reference``'s sFID* (a difference smaller than what
+      changing FP32's seed does is treated as negligible);
+    * feature distance to FP32: ``floor``'s mean distance to FP32 (a change in distance smaller than the
+      whole distance of the 8-bit HQ-DiT from FP32 is treated as negligible).
+    """
+    mean, std = mean_std(table[table["recipe"].isin([reference, floor])], [PRIMARY, FEATURE])
+    return {PRIMARY: float(std.loc[reference, PRIMARY]), FEATURE: float(mean.loc[floor, FEATURE])}
+
+
+def _iv(r, digits: int) -> str:
+    return f"{r.difference:+.{digits}g} [{r.low:+.{digits}g}, {r.high:+.{digits}g}]"
+
+
+def verdict_sentence(r, names: Mapping[str, str] | None = None, digits: int = 3) -> str:
+    """One row ``r`` of :func:`judge_family` (a namedtuple or Series) in words, with its interval, its
+    Holm-adjusted p and — for "inconclusive" — the minimum detectable effect and the margin not shown."""
+    if isinstance(r, pd.Series):
+        r = pd.DataFrame([r]).itertuples().__next__()
+    names = names or {}
+    a, b, m = names.get(r.A, r.A), names.get(r.B, r.B), r.metric
+    lvl = f"{1 - ALPHA:.0%}"
+    if r.verdict in ("A better", "B better"):
+        win, lose = (a, b) if r.verdict == "A better" else (b, a)
+        return (f"{win} is better than {lose} on {m} (A − B = {_iv(r, digits)}, {lvl} interval over {r.seeds} "
+                f"paired seeds; Holm-adjusted p = {r.p_holm:.2g})")
+    if r.verdict == "equivalent":
+        return (f"{a} and {b} are equivalent on {m} within ±{r.margin:.{digits}g} (A − B = {_iv(r, digits)}; "
+                f"two one-sided tests, Holm-adjusted p = {r.p_tost_holm:.2g})")
+    if r.verdict == "cannot be judged":
+        return f"{a} against {b} on {m} cannot be judged with one seed"
+    return (f"no {m} difference between {a} and {b} is detected (A − B = {_iv(r, digits)}; Holm-adjusted "
+            f"p = {r.p_holm:.2g}); these {r.seeds} seeds would detect a true difference of {r.mde:.{digits}g} "
+            f"with {POWER:.0%} power, and equivalence within ±{r.margin:.{digits}g} is not shown")
+
+
+def cross_cpu_check(family: pd.DataFrame, shift: float, metric: str = PRIMARY,
+                    unchanged: Sequence[str] = ("fp32",)) -> pd.DataFrame:
+    """For each ``metric`` row of ``family`` (:func:`judge_family`): could a rerun on another CPU move it
+    across zero? A quantized row's metric is taken to move by up to ``shift`` (a measured size, not a
+    bound), a row in ``unchanged`` (bit-identical across CPUs) not at all, so A − B moves by up to
+    ``tolerance`` = ``shift`` × (number of quantized rows among A and B). ``clearance``: how far the
+    interval stays from zero (negative when it contains zero); ``robust``: |clearance| > tolerance, i.e. the
+    interval's relation to zero (excluding it or containing it) survives such a move. The interval is the
+    per-comparison one of ``family`` (``low``, ``high``)."""
+    f = family[family["metric"] == metric].copy()
+    f["tolerance"] = shift * ((~f["A"].isin(unchanged)).astype(int) + (~f["B"].isin(unchanged)).astype(int))
+    f["clearance"] = np.where(f["low"] > 0, f["low"], np.where(f["high"] < 0, -f["high"],
+                                                                -np.minimum(-f["low"], f["high"])))
+    f["robust"] = f["clearance"].abs() > f["tolerance"]
+    return f[["A", "B", "verdict", "low", "high", "tolerance", "clearance", "robust"]]

@@ -4,7 +4,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from hqdit_utils.significance import holm, judge_family, mde, t_test, tost
+from hqdit_utils.significance import (cross_cpu_check, declared_margins, holm, judge_family, mde, t_test, tost,
+                                      verdict_sentence)
 
 
 def test_holm_on_a_known_p_vector():
@@ -65,3 +66,53 @@ def test_judge_family_holm_tost_and_verdicts():
     assert fam.loc["noisy", "verdict"] == "inconclusive"
     np.testing.assert_allclose(fam["p_holm"].to_numpy(), holm(fam["p"].to_numpy()))
     assert (fam["p_holm"] >= fam["p"]).all() and fam.loc["noisy", "mde"] > fam.loc["same", "mde"]
+
+
+def _toy_table():
+    from hqdit_utils.fidelity import FEATURE
+
+    rows = []
+    for s in range(4):
+        rows += [{"recipe": "fp32", "seed": s, "sFID*": 1.0 + 0.1 * (s % 2), FEATURE: 0.0},
+                 {"recipe": "hqdit-w8a8", "seed": s, "sFID*": 1.0, FEATURE: 0.02 + 0.01 * s},
+                 {"recipe": "q", "seed": s, "sFID*": 1.5 + 0.01 * s, FEATURE: 0.5}]
+    return pd.DataFrame(rows)
+
+
+def test_declared_margins_come_from_fp32_spread_and_the_8bit_floor():
+    from hqdit_utils.fidelity import FEATURE
+
+    m = declared_margins(_toy_table())
+    assert m["sFID*"] == pytest.approx(np.std([1.0, 1.1, 1.0, 1.1], ddof=1))
+    assert m[FEATURE] == pytest.approx(0.035)
+
+
+def test_verdict_sentences_say_what_the_statistics_say():
+    t = _toy_table()
+    fam = judge_family(t, [("q", "fp32"), ("hqdit-w8a8", "fp32")], {"sFID*": 0.05})
+    worse, same = fam.iloc[0], fam.iloc[1]
+    assert worse.verdict == "B better" and verdict_sentence(worse, {"q": "Q", "fp32": "FP32"}).startswith(
+        "FP32 is better than Q on sFID*")
+    assert same.verdict == "inconclusive"
+    text = verdict_sentence(same)
+    assert "no sFID* difference" in text and f"{same.mde:.3g}" in text and "±0.05" in text
+
+
+def test_cross_cpu_check_flags_intervals_within_the_measured_shift():
+    fam = pd.DataFrame({"A": ["q", "q", "r"], "B": ["fp32", "fp32", "q"], "metric": "sFID*",
+                        "verdict": ["A better", "inconclusive", "B better"],
+                        "low": [-0.05, -0.02, 0.015], "high": [-0.03, 0.01, 0.04]})
+    c = cross_cpu_check(fam, 0.01)
+    assert c["tolerance"].tolist() == [0.01, 0.01, 0.02]                 # FP32 does not move
+    np.testing.assert_allclose(c["clearance"], [0.03, -0.01, 0.015])
+    assert c["robust"].tolist() == [True, False, False]
+
+
+def test_chapter7_family_is_declared_once():
+    from hqdit_utils.tables import chapter7_family, chapter7_rows
+
+    fam = chapter7_family()
+    rows = {r for g in chapter7_rows().values() for r in g}
+    assert len(fam) == 24 and not fam.duplicated(["A", "B"]).any()
+    assert set(fam["A"]) | set(fam["B"]) <= rows
+    assert ("hqdit-w4a4", "fp32") in set(zip(fam["A"], fam["B"]))
