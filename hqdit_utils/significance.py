@@ -14,6 +14,8 @@ comparison answers one question at a time; a page that asks two dozen needs thre
   each, with a verdict: ``"A better"`` / ``"B better"`` (Holm-adjusted p < α), ``"equivalent"``
   (Holm-adjusted TOST p < α) or ``"inconclusive"``;
 * :func:`declared_margins` — chapter 7's equivalence margins (our choice, stated before its tables);
+* :func:`family_verdicts` — chapter 7's family on a run table: fidelity added, margins, verdicts (the
+  chapter and the book's results page both call it);
 * :func:`verdict_sentence` — one row of :func:`judge_family` in words;
 * :func:`cross_cpu_check` — whether a verdict's interval clears zero by more than a rerun on another CPU
   was measured to move a row.
@@ -30,7 +32,7 @@ from .fidelity import FEATURE
 from .tables import LEVEL, LOWER_IS_BETTER, PRIMARY, mean_std, paired_differences, paired_interval
 
 __all__ = ["ALPHA", "POWER", "holm", "t_test", "tost", "mde", "judge_family", "declared_margins", "verdict_sentence",
-           "cross_cpu_check"]
+           "cross_cpu_check", "family_verdicts"]
 
 #: Family-wise error rate of every family of comparisons.
 ALPHA = 1 - LEVEL
@@ -209,3 +211,23 @@ def cross_cpu_check(family: pd.DataFrame, shift: float, metric: str = PRIMARY,
                                                                 -np.minimum(-f["low"], f["high"])))
     f["robust"] = f["clearance"].abs() > f["tolerance"]
     return f[["A", "B", "verdict", "low", "high", "tolerance", "clearance", "robust"]]
+
+
+def family_verdicts(bundle, table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float]]:
+    """Chapter 7's verdicts on a :func:`~hqdit_utils.experiments.run_table` frame of its rows (every row of
+    :func:`~hqdit_utils.tables.chapter7_rows` on the same paired seeds).
+
+    Returns ``(table, family, margins)``: the table with the fidelity columns added
+    (:func:`~hqdit_utils.fidelity.with_fidelity`), :func:`judge_family` over
+    :func:`~hqdit_utils.tables.chapter7_family` on sFID* and the feature distance to FP32 (with a ``group``
+    column), and the :func:`declared_margins`.
+    """
+    from .fidelity import with_fidelity
+    from .tables import chapter7_family
+
+    table = with_fidelity(bundle, table)
+    margins = declared_margins(table)
+    fam = chapter7_family()
+    family = judge_family(table, list(zip(fam["A"], fam["B"])), margins)
+    family["group"] = list(fam["group"]) * len(margins)
+    return table, family, margins

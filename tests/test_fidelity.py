@@ -73,3 +73,23 @@ def test_runs_that_are_not_twins_are_refused(tmp_path, toy_extractor):
 
 def test_distances_count_as_lower_is_better_in_the_chapter_rule():
     assert {FEATURE, RMS} <= LOWER_IS_BETTER and PSNR not in LOWER_IS_BETTER
+
+
+def test_with_fidelity_adds_the_twin_distances_to_a_run_table(tmp_path, monkeypatch, toy_extractor):
+    import pandas as pd
+
+    from hqdit_utils import experiments
+    from hqdit_utils.fidelity import FIDELITY_METRICS, with_fidelity
+
+    x = {s: _images(4, seed=s) for s in (0, 1)}
+    labels = np.arange(4)
+    files = {("fp32", s): _save(tmp_path, f"fp32-{s}", x[s], labels) for s in (0, 1)}
+    files |= {("q", s): _save(tmp_path, f"q-{s}", x[s] + np.uint8(5 * (s + 1)), labels) for s in (0, 1)}
+    monkeypatch.setattr(experiments, "run", lambda bundle, r, *, seed, **kw: SimpleNamespace(samples=files[r, seed],
+                                                                                          seed=seed))
+    table = pd.DataFrame({"recipe": ["fp32", "fp32", "q", "q"], "seed": [0, 1, 0, 1], "sFID*": [1.0, 1.1, 1.2, 1.3]})
+    out = with_fidelity(None, table, extractor=toy_extractor)
+    assert list(out.columns) == ["recipe", "seed", "sFID*", *FIDELITY_METRICS]
+    assert out["sFID*"].tolist() == table["sFID*"].tolist()
+    assert out.loc[out.recipe == "fp32", RMS].tolist() == [0.0, 0.0]
+    np.testing.assert_allclose(out.loc[out.recipe == "q", RMS], [5.0, 10.0])  # each seed against its own FP32
