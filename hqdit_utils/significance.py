@@ -79,12 +79,13 @@ def tost(d: Sequence[float], margin: float) -> dict:
 
     H0₁: mean ≤ −margin (p_lower = P(T ≥ (mean + margin)/se)), H0₂: mean ≥ +margin (p_upper = P(T ≤ (mean
     − margin)/se)), T ~ t(n − 1). Equivalence at level α when ``p = max(p_lower, p_upper) < α`` — the same
-    as the (1 − 2α) t-interval lying inside the margins. Returns ``{"p", "p_lower", "p_upper", "margin"}``.
+    as the (1 − 2α) t-interval lying inside the margins. Returns ``{"p", "p_lower", "p_upper", "margin"}``;
+    the p-values are NaN with fewer than 2 differences or a NaN margin (e.g. estimated from one seed).
     """
-    if not margin > 0:
+    if margin <= 0:
         raise ValueError(f"an equivalence margin must be positive; got {margin}")
     d, n, mean, se = _mean_se(d)
-    if not np.isfinite(se):
+    if not (np.isfinite(se) and np.isfinite(margin)):  # one seed, or a margin that could not be estimated
         p_lo = p_hi = float("nan")
     elif se == 0:
         p_lo, p_hi = float(mean <= -margin), float(mean >= margin)

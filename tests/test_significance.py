@@ -116,3 +116,8 @@ def test_chapter7_family_is_declared_once():
     assert len(fam) == 24 and not fam.duplicated(["A", "B"]).any()
     assert set(fam["A"]) | set(fam["B"]) <= rows
     assert ("hqdit-w4a4", "fp32") in set(zip(fam["A"], fam["B"]))
+
+
+def test_tost_without_a_margin_estimate_is_undecided():
+    assert np.isnan(tost([0.1, 0.2, 0.15], float("nan"))["p"])
+    assert np.isnan(tost([0.1], 0.5)["p"])
