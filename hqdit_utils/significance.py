@@ -202,15 +202,17 @@ def cross_cpu_check(family: pd.DataFrame, shift: float, metric: str = PRIMARY,
     """For each ``metric`` row of ``family`` (:func:`judge_family`): could a rerun on another CPU move it
     across zero? A quantized row's metric is taken to move by up to ``shift`` (a measured size, not a
     bound), a row in ``unchanged`` (bit-identical across CPUs) not at all, so A − B moves by up to
-    ``tolerance`` = ``shift`` × (number of quantized rows among A and B). ``clearance``: how far the
+    ``tolerance`` = ``shift`` × (number of quantized rows among A and B); 0 when A and B score identically on
+    every seed (the same model under two names moves as one). ``clearance``: how far the
     interval stays from zero (negative when it contains zero); ``robust``: |clearance| > tolerance, i.e. the
     interval's relation to zero (excluding it or containing it) survives such a move. The interval is the
     per-comparison one of ``family`` (``low``, ``high``)."""
     f = family[family["metric"] == metric].copy()
     f["tolerance"] = shift * ((~f["A"].isin(unchanged)).astype(int) + (~f["B"].isin(unchanged)).astype(int))
+    f.loc[(f["low"] == 0) & (f["high"] == 0), "tolerance"] = 0.0  # identical on every seed: the same model twice
     f["clearance"] = np.where(f["low"] > 0, f["low"], np.where(f["high"] < 0, -f["high"],
                                                                 -np.minimum(-f["low"], f["high"])))
-    f["robust"] = f["clearance"].abs() > f["tolerance"]
+    f["robust"] = (f["clearance"].abs() > f["tolerance"]) | (f["tolerance"] == 0)
     return f[["A", "B", "verdict", "low", "high", "tolerance", "clearance", "robust"]]
 
 

@@ -99,13 +99,13 @@ def test_verdict_sentences_say_what_the_statistics_say():
 
 
 def test_cross_cpu_check_flags_intervals_within_the_measured_shift():
-    fam = pd.DataFrame({"A": ["q", "q", "r"], "B": ["fp32", "fp32", "q"], "metric": "sFID*",
-                        "verdict": ["A better", "inconclusive", "B better"],
-                        "low": [-0.05, -0.02, 0.015], "high": [-0.03, 0.01, 0.04]})
+    fam = pd.DataFrame({"A": ["q", "q", "r", "q"], "B": ["fp32", "fp32", "q", "q-alias"], "metric": "sFID*",
+                        "verdict": ["A better", "inconclusive", "B better", "equivalent"],
+                        "low": [-0.05, -0.02, 0.015, 0.0], "high": [-0.03, 0.01, 0.04, 0.0]})
     c = cross_cpu_check(fam, 0.01)
-    assert c["tolerance"].tolist() == [0.01, 0.01, 0.02]                 # FP32 does not move
-    np.testing.assert_allclose(c["clearance"], [0.03, -0.01, 0.015])
-    assert c["robust"].tolist() == [True, False, False]
+    assert c["tolerance"].tolist() == [0.01, 0.01, 0.02, 0.0]            # FP32 does not move; nor a row vs itself
+    np.testing.assert_allclose(c["clearance"], [0.03, -0.01, 0.015, 0.0])
+    assert c["robust"].tolist() == [True, False, False, True]
 
 
 def test_chapter7_family_is_declared_once():
