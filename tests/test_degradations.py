@@ -25,6 +25,8 @@ def test_blur_keeps_a_flat_image_and_smooths_a_spike():
     spike[0, 8, 8, 0] = 255
     b = blur(spike, 1.0)
     assert b[0, 8, 8, 0] < 60 and b[0, 8, 9, 0] > 0 and b[0, 0, 0, 0] == 0
+    pair = np.concatenate([spike, np.zeros_like(spike)])
+    assert not blur(pair, 1.0)[1].any()  # nothing leaks into the next image of the batch
 
 
 def test_requantize_keeps_exactly_the_stated_levels():
