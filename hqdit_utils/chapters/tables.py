@@ -12,6 +12,8 @@
 * :func:`paired_interval`, :func:`compare`, :func:`claim_verdict`, :func:`require_same_seeds` — chapter 7's
   rule: a paired t-interval (t quantile for the actual degrees of freedom) on the primary metric
   (:data:`PRIMARY`, sFID*) decides; the secondary metrics (:data:`SECONDARY`) are reported as "k of m agree".
+* :func:`chapter7_rows`, :func:`chapter7_family` — chapter 7's rows and its family of comparisons, declared
+  once here so that the chapter and the book's results page judge the same comparisons.
 * :func:`full_scale_results` — the results of ``hqdit reproduce`` runs in ``data/results/<run-id>/``.
 """
 from __future__ import annotations
@@ -25,11 +27,12 @@ import numpy as np
 import pandas as pd
 
 from ..config import DATA_DIR
-from ..engine.recipes import FP8_CANDIDATES, get_recipe
+from ..engine.recipes import ADD_ONE, FP8_CANDIDATES, REMOVE_ONE, get_recipe
+from .fidelity import FEATURE, RMS
 
 __all__ = ["METHODS", "SETTINGS", "bit_recipe", "load_paper", "paper_sources", "mean_std", "noise_level",
-           "paired_difference", "paired_interval", "compare", "compare_frame", "claim_verdict", "require_same_seeds",
-           "full_scale_results", "LOWER_IS_BETTER", "RESULTS_DIR", "PRIMARY", "SECONDARY", "LEVEL"]
+           "paired_difference", "paired_differences", "paired_interval", "compare", "compare_frame", "claim_verdict", "require_same_seeds",
+           "full_scale_results", "chapter7_rows", "chapter7_family", "LOWER_IS_BETTER", "RESULTS_DIR", "PRIMARY", "SECONDARY", "LEVEL"]
 
 #: Where ``hqdit reproduce`` writes full-scale results (one folder per run id).
 RESULTS_DIR = DATA_DIR / "results"
@@ -49,8 +52,9 @@ METHODS: dict[str, dict[str, str | None]] = {
     "HQ-DiT": {"w8a8": "hqdit-w8a8", "w4a8": "hqdit-w4a8", "w4a4": "hqdit-w4a4"},
 }
 
-#: Metrics where smaller is better (FID-like); the others (IS, precision, recall, consistency) are larger-better.
-LOWER_IS_BETTER = {"FID*", "sFID*", "FID", "sFID", "KID*", "KID"}
+#: Metrics where smaller is better (FID-like, and the distances to FP32 of :mod:`.fidelity`); the others (IS,
+#: precision, recall, consistency, PSNR to FP32) are larger-better.
+LOWER_IS_BETTER = {"FID*", "sFID*", "FID", "sFID", "KID*", "KID", FEATURE, RMS}
 
 #: Chapter 7's declared primary metric (the paper's headline metric): it alone decides a verdict.
 PRIMARY = "sFID*"
@@ -159,6 +163,39 @@ def paired_difference(table: pd.DataFrame, a: str, b: str, metric: str) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
+# chapter 7's design: its rows and its pre-declared family of comparisons
+# --------------------------------------------------------------------------------------------------
+def chapter7_rows() -> dict[str, list[str]]:
+    """Chapter 7's rows by group (recipe names; FP32 first)."""
+    return {
+        "paper's comparison": ["fp32"] + [bit_recipe(m, "w4a4").name for m in METHODS],
+        "hardware block formats": ["nvfp4", "mxfp4", "nvfp4-rot-gptq", "mxfp4-rot"],
+        "HQ-DiT variants": ["hqdit-w4a4-dyn", "hqdit-w4a4-all-fc", "hqdit-w4a4-attn",
+                            bit_recipe("HQ-DiT", "w8a8").name, bit_recipe("HQ-DiT", "w4a8").name],
+        "remove one component from HQ-DiT": list(REMOVE_ONE.values()),
+        "add one component to FP4 round-to-nearest": list(ADD_ONE.values()),
+    }
+
+
+def chapter7_family() -> pd.DataFrame:
+    """The family of comparisons chapter 7 judges, fixed before any number is read: one row per (A, B) with
+    its ``group`` — HQ-DiT vs FP32; HQ-DiT vs each baseline; each block format and HQ-DiT variant vs HQ-DiT;
+    HQ-DiT vs HQ-DiT without each ingredient; FP4 round-to-nearest with each ingredient vs without
+    (``fp4-minmax``); MinMax-FP vs INT-RTN (the abstract's "FP fits DiT better than INT")."""
+    rows = chapter7_rows()
+    hq = bit_recipe("HQ-DiT", "w4a4").name
+    base = [bit_recipe(m, "w4a4").name for m in METHODS if m != "HQ-DiT"]
+    pairs = [(hq, "fp32", "HQ-DiT vs FP32")]
+    pairs += [(hq, b, "HQ-DiT vs a baseline") for b in base]
+    pairs += [(r, hq, "block format vs HQ-DiT") for r in rows["hardware block formats"]]
+    pairs += [(r, hq, "HQ-DiT variant vs HQ-DiT") for r in rows["HQ-DiT variants"]]
+    pairs += [(hq, r, f"remove one: {c}") for c, r in REMOVE_ONE.items()]
+    pairs += [(r, "fp4-minmax", f"add one: {c}") for c, r in ADD_ONE.items()]
+    pairs += [(bit_recipe("MinMax-FP", "w4a4").name, bit_recipe("INT-RTN", "w4a4").name, "FP vs INT")]
+    return pd.DataFrame(pairs, columns=["A", "B", "group"])
+
+
+# --------------------------------------------------------------------------------------------------
 # full-scale results
 # --------------------------------------------------------------------------------------------------
 def full_scale_results(root: "str | Path | None" = None) -> pd.DataFrame:
@@ -205,6 +242,14 @@ def require_same_seeds(table: pd.DataFrame, recipes: Sequence[str] | None = None
     return seeds
 
 
+def paired_differences(table: pd.DataFrame, a: str, b: str, metric: str) -> np.ndarray:
+    """``metric(a) − metric(b)`` per seed both recipes ran (float64 ``[seeds]``, in seed order)."""
+    x = table[table["recipe"] == a].set_index("seed")[metric]
+    y = table[table["recipe"] == b].set_index("seed")[metric]
+    common = x.index.intersection(y.index).sort_values()
+    return (x.loc[common] - y.loc[common]).astype(float).to_numpy()
+
+
 def paired_interval(table: pd.DataFrame, a: str, b: str, metric: str, level: float = LEVEL) -> dict:
     """Paired t-interval for the mean of ``metric(a) − metric(b)`` over the seeds both recipes ran.
 
@@ -218,10 +263,7 @@ def paired_interval(table: pd.DataFrame, a: str, b: str, metric: str, level: flo
     from scipy import stats
 
     d = paired_difference(table, a, b, metric)
-    x = table[table["recipe"] == a].set_index("seed")[metric]
-    y = table[table["recipe"] == b].set_index("seed")[metric]
-    common = x.index.intersection(y.index)
-    diffs = (x.loc[common] - y.loc[common]).astype(float).to_numpy()
+    diffs = paired_differences(table, a, b, metric)
     n, mean = len(diffs), float(diffs.mean())
     if n < 2 or not np.isfinite(diffs).all():
         lo = hi = t = float("nan")
