@@ -10,7 +10,6 @@ from hqdit_utils.engine import lowbit
 from hqdit_utils.engine.calibration import calibrate
 from hqdit_utils.engine.layers import ALL_FC_LAYERS
 from hqdit_utils.engine.export import decode, unpack_nibbles
-from hqdit_utils.files import IntegrityError
 from hqdit_utils.engine.formats import parse_format
 from hqdit_utils.engine.hadamard import HadamardSpec
 from hqdit_utils.engine.lowbit import (LowbitError, codes_to_grid, drop_float_weights_, execution, execution_paths,
@@ -421,5 +420,5 @@ def test_packed_files_load_back_bit_identically(bundle, calib, tmp_path):
     with pytest.raises(QuantizationError, match="holds codes only; save with packed=True"):
         save_quantized(m2, tmp_path / "g")
     (tmp_path / "q" / lowbit.PACKED_FILE).unlink()
-    with pytest.raises(IntegrityError, match=f"{lowbit.PACKED_FILE} is listed in .*MANIFEST.json but missing"):
+    with pytest.raises(QuantizationError, match=f"{lowbit.PACKED_FILE} is listed in .*MANIFEST.json but missing"):
         load_quantized(copy.deepcopy(bundle.transformer), tmp_path / "q")
