@@ -406,7 +406,7 @@ def _kernel_fns(a: torch.Tensor, w: torch.Tensor, kernels) -> dict:
 
 def measure_kernels(k: int, n: int, kernels=KERNELS, rows: int = _PROBE_ROWS) -> dict:
     """Time the int8 GEMM of each of ``kernels`` on int8 [rows, k] @ [n, k]ᵀ (random 4-bit codes) at the
-    current thread count. A kernel more than 8× slower than the best on a small probe (8 × ≤256 × ≤256) is not
+    current thread count. A kernel more than 8× slower than the best on a small probe (≤64 × ≤256 × ≤256) is not
     timed on the full shape (a reference kernel can take seconds there).
 
     Returns:
@@ -416,8 +416,8 @@ def measure_kernels(k: int, n: int, kernels=KERNELS, rows: int = _PROBE_ROWS) ->
     gen = torch.Generator().manual_seed(0)
     def codes(*shape):
         return torch.randint(-7, 8, shape, generator=gen, dtype=torch.int8)
-    small = {name: _time_ms(fn, 1) for name, fn in _kernel_fns(codes(8, min(k, 256)), codes(min(n, 256), min(k, 256)),
-                                                                  kernels).items()}
+    small = {name: _time_ms(fn, 1) for name, fn in _kernel_fns(codes(min(rows, 64), min(k, 256)),
+                                                                  codes(min(n, 256), min(k, 256)), kernels).items()}
     best_small = min(small.values())
     keep = [name for name in kernels if small[name] <= 8 * best_small]
     full = {name: _time_ms(fn, 3) for name, fn in _kernel_fns(codes(rows, k), codes(n, k), keep).items()}
