@@ -34,6 +34,19 @@ def forward_medians(models: dict, inputs, repeats: int, warmup: int = 1) -> dict
     return interleaved_medians({name: call(m) for name, m in models.items()}, repeats=repeats, warmup=warmup)
 
 
+class Bf16Autocast(torch.nn.Module):
+    """``model`` called under CPU bfloat16 autocast (its linears and matmuls in BF16): what a CPU user would run
+    instead of FP32, the bar of issue 30. Same call signature as ``model``."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.model(*args, **kwargs)
+
+
 def quantized_copy(model, recipe, calib):
     """A deep copy of the transformer ``model`` quantized with ``recipe`` (a name or a QuantRecipe) by the package's
     one run pipeline (:func:`hqdit_utils.runs.experiments.quantized_copy`); returns (copy, quantize_ seconds)."""

@@ -4,7 +4,9 @@
     python -m benchmarks.run_all --quick         # small sizes, few repeats (development; not for the record)
 
 Each benchmark runs in its own process (so its peak memory is its own), measures its baseline in the same
-process and reports ratios (medians of repeated timings), with the target of issue 9 and PASS/FAIL. The
+process and reports ratios (medians of repeated timings), with the targets of issues 9 and 30 and PASS/FAIL;
+every speed baseline is given in FP32 and in BF16 (what a CPU user would run instead), and the CPU is named
+with its kind (AMX, VNNI or AVX2: the targets of issue 30 depend on it). The
 numbers are comparable across machines only as ratios. ``make book`` is not run here: its cold time is the
 sum of the page times in ``book/chapter_times.json`` (the one record of a cold build, ``make chapter-times``)
 and its warm wall time is read from ``benchmarks/book_times.json`` (``{"warm_s": …, "measured": "…"}``).
@@ -38,7 +40,9 @@ def machine() -> dict:
     # benchmarks run in subprocesses started with MALLOC_ENV
     from hqdit_utils.provenance import machine_facts
 
-    return machine_facts()
+    from ._report import cpu_kind
+
+    return {**machine_facts(), "kind": cpu_kind()}
 
 
 def loadavg() -> str:
@@ -147,7 +151,9 @@ def main(argv=None) -> int:
     n_pass = sum(c["status"] == "PASS" for c in checks)
     n_fail = sum(c["status"] == "FAIL" for c in checks)
     head = (f"# Benchmark results ({stamp}{', QUICK run: not for the record' if args.quick else ''})\n\n"
-            f"Machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, Python {info['python']}; one "
+            f"Machine: {info['cpu']} ({info['kind']}: int8 dot products {'yes' if info['kind'] in ('AMX', 'VNNI') else 'no'}, "
+            f"torch CPU capability {info['capability']}), {info['cores']} cores; torch {info['torch']}, "
+            f"Python {info['python']}; one "
             f"torch thread per benchmark; glibc malloc settings "
             f"{' '.join(f'{k}={v}' for k, v in info['malloc_env'].items()) or 'default'}. "
             f"Load average (1/5/15 min) before: {info['load_before']}, after: "

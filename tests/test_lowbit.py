@@ -64,7 +64,7 @@ def _run(m, batch=2):
 def _reference(layer, x):
     """float64 evaluation of the codes the integer path uses: (c_a · s_a / m_a) (c_w · s_w)ᵀ + b."""
     st = layer.lowbit
-    a, s = st.act_codes(layer, x.reshape(-1, x.shape[-1]))
+    a, s, _ = st.act_codes(layer, x.reshape(-1, x.shape[-1]))
     ref = (a.double() @ st.int8_codes().double().T) * s.double() / st.a_grid.multiplier * st.row_scale.double()
     if layer.bias is not None:
         ref = ref + layer.bias.double()
@@ -140,6 +140,9 @@ def test_every_recipe_runs_exactly_or_says_why(bundle, calib, name, kernel):
     m = copy.deepcopy(bundle.transformer)
     rep = quantize_(m, get_recipe(name).replace(clip_grid=(20, 0.3, 1.0)), calib)
     paths = {r.layer: r.execution for r in rep.layers}
+    # the report names the measured kernel of every integer-path layer, none for simulated ones
+    assert all((r.kernel in lowbit.KERNELS) == (r.execution == "int") for r in rep.layers)
+    assert all(r.kernel == m.get_submodule(r.layer).lowbit.kernel for r in rep.layers if r.kernel)
     why = _simulated_reason(name)
     if why is not None:
         assert all(p.startswith("sim: ") and why in p for p in paths.values()), paths
@@ -265,34 +268,149 @@ def test_auto_keeps_float_layers_simulated_on_a_cpu_without_int8_dot_products(mo
     assert set_execution(layer2, "auto") == {"": "int"}
 
 
-def test_auto_runs_onednn_where_int_mm_is_slow_and_onednn_exact(monkeypatch):
-    monkeypatch.setattr(lowbit, "int_mm_fast", lambda: False)
+FOUR_BIT = [f for f in FORMATS if f != "int8"]
+
+
+def _grid_codes(fmt, shape, g):
+    levels = torch.tensor(integer_grid(fmt).levels, dtype=torch.int8)
+    return levels[torch.randint(len(levels), shape, generator=g)]
+
+
+@pytest.mark.parametrize("w_fmt", FOUR_BIT)
+@pytest.mark.parametrize("a_fmt", FOUR_BIT)
+def test_kernels_agree_bit_for_bit_on_every_4bit_grid(w_fmt, a_fmt):
+    """torch._int_mm and oneDNN give the same float32 bits, static and per-token scales, with and without
+    bias, on random codes of every 4-bit grid pair (largest codes included)."""
+    g = torch.Generator().manual_seed(11)
+    for m, k, n in ((1, 3, 2), (7, 72, 33), (16, 144, 64)):
+        w = _grid_codes(w_fmt, (n, k), g)
+        w[0, :] = integer_grid(w_fmt).qmax
+        W = w.float() * (torch.rand(n, 1, generator=g) * 0.02 + 1e-3) / integer_grid(w_fmt).multiplier
+        for bias in (None, torch.randn(n, generator=g)):
+            layer = QuantLinear(k, n, weight=W, bias=bias, weight_format=w_fmt, act_format=a_fmt,
+                                act_mode="static", act_scale=torch.tensor([0.037]))
+            set_execution(layer, "int", kernel="onednn")
+            st = layer.lowbit
+            a = _grid_codes(a_fmt, (m, k), g)
+            for s in (torch.tensor(0.037), torch.rand(m, 1, generator=g) * 0.1 + 1e-3):
+                outs = {}
+                for kern in lowbit.KERNELS:
+                    st.kernel, st._onednn = kern, None
+                    outs[kern] = st.matmul(a, s, bias)
+                assert torch.equal(outs["onednn"], outs["torch._int_mm"]), (w_fmt, a_fmt, m, k, n, s.dim())
+                acc = a.double() @ st.int8_codes().double().t()
+                assert torch.equal(outs["onednn"], lowbit.rescale(acc.to(torch.int32), s, st.w_scale, bias))
+
+
+_AVX2_FUSED = """
+import sys, torch
+from hqdit_utils.engine import lowbit
+g = torch.Generator().manual_seed(5)
+bad = total = 0
+for m, k, n in ((1, 64, 8), (7, 96, 33), (64, 256, 256), (33, 1152, 96), (16, 4608, 24)):
+    a = torch.randint(-12, 13, (m, k), generator=g, dtype=torch.int8)
+    w = torch.randint(-12, 13, (n, k), generator=g, dtype=torch.int8)
+    sw = torch.rand(n, generator=g) * 0.05 + 1e-4
+    packed = torch.ops.onednn.qlinear_prepack(w, None)
+    zeros = torch.zeros(n, dtype=torch.int64)
+    acc = torch._int_mm(a, w.t())
+    for sa in (0.0123, 0.77):
+        for bias in (None, torch.randn(n, generator=g)):
+            fused = lowbit._onednn_linear(a, sa, packed, sw, zeros, bias)
+            ours = lowbit.rescale(acc, torch.tensor(sa), sw, bias)
+            bad += int((fused != ours).sum()); total += fused.numel()
+    per_token = lowbit._onednn_linear(a, 1.0, packed, sw, zeros, None).mul_(0.31)
+    bad += int((per_token != lowbit.rescale(acc, torch.full((m, 1), 0.31), sw, None)).sum())
+print(bad, total)
+"""
+
+
+@pytest.mark.skipif(os.uname().machine not in ("x86_64", "AMD64") or "avx2" not in open("/proc/cpuinfo").read(),
+                    reason="oneDNN's AVX2 kernel needs an x86 CPU with AVX2")
+def test_rescale_is_onednn_avx2_fused_rescale_bit_for_bit():
+    """The book's runs were made by oneDNN's AVX2 kernel with the scales and bias fused; :func:`rescale`
+    computes the same bits (oneDNN limited to AVX2 in a child process, as on such a machine)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-c", _AVX2_FUSED], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    bad, total = map(int, out.stdout.split())
+    assert total > 50_000 and bad == 0, f"{bad}/{total} elements differ"
+
+
+@pytest.mark.parametrize("mode", ["static", "token"])
+def test_nan_and_inf_behave_as_on_the_simulated_path(mode):
+    g = torch.Generator().manual_seed(8)
+    W = fake_quantize(torch.randn(24, 48, generator=g) / 7, "fp4_e2m1", axis=0)
+    layer = QuantLinear(48, 24, weight=W, bias=torch.randn(24, generator=g), weight_format="fp4_e2m1",
+                        act_format="fp4_e2m1", act_mode=mode, act_scale=torch.tensor([0.2]),
+                        rotation=HadamardSpec(48))
+    x = torch.randn(6, 48, generator=g)
+    x[1, 3], x[2, 5], x[3, 0], x[4, 7] = float("nan"), float("inf"), -float("inf"), float("nan")
+    for kern in lowbit.KERNELS:
+        set_execution(layer, "int", kernel=kern)
+        with torch.no_grad():
+            out = layer(x)
+            with execution(layer, "sim"):
+                sim = layer(x)
+        assert torch.equal(out.isnan(), sim.isnan()) and torch.equal(out.isinf(), sim.isinf()), kern
+        assert bool(out[1].isnan().all()) and bool(out[[0, 5]].isfinite().all())
+        assert _rel(out[[0, 5]], sim[[0, 5]].double()) <= 1e-5
+
+
+def test_auto_runs_the_measured_kernel_and_keeps_the_choice(monkeypatch, tmp_path):
+    """"auto" asks choose_kernel (timings measured once per machine, threads and shape, kept in a JSON file);
+    every kernel gives the same bits; a forced kernel wins; INT8 weights have torch._int_mm only."""
+    from hqdit_utils import config
+
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(lowbit, "_CHOSEN", {})
+    calls = []
+
+    def fake_measure(k, n, kernels=lowbit.KERNELS, rows=256):
+        calls.append((k, n, tuple(kernels)))
+        return {"kernel": "onednn", "ms": {"onednn": 1.0, "torch._int_mm": 9.0}, "rows": rows, "threads": 1}
+
+    monkeypatch.setattr(lowbit, "measure_kernels", fake_measure)
     g = torch.Generator().manual_seed(4)
     W = torch.randn(72, 144, generator=g) / 12
     layers = {fmt: QuantLinear(144, 72, weight=fake_quantize(W, fmt, axis=0), bias=torch.randn(72, generator=g),
                                weight_format=fmt, act_format=fmt, act_mode="static",
                                act_scale=torch.tensor([0.05])) for fmt in FORMATS}
+    x = torch.randn(5, 144, generator=g)
     for fmt, layer in layers.items():
-        paths = set_execution(layer, "auto")
-        if fmt == "int8":
-            assert "could saturate on these codes" in paths[""]
-            continue
-        assert paths == {"": "int"} and layer.lowbit.kernel == "onednn"
-        x = torch.randn(5, 144, generator=g)
+        assert set_execution(layer, "auto") == {"": "int"}
+        want = "torch._int_mm" if fmt == "int8" else "onednn"
+        assert layer.lowbit.kernel == want and (layer.lowbit.kernel_choice["kernel"] == want)
         with torch.no_grad():
             out = layer(x)
             with execution(layer, "auto", kernel="torch._int_mm"):
-                assert layer.lowbit.kernel == "torch._int_mm"
-                ref = layer(x)
-        assert layer.lowbit.kernel == "onednn"  # restored
-        assert _rel(out, _reference(layer, x)) <= 1e-5 and _rel(ref, out.double()) <= 1e-5
+                assert layer.lowbit.kernel == "torch._int_mm" and layer.lowbit.kernel_choice == {}
+                assert torch.equal(layer(x), out)  # the other kernel: the same bits
+        assert layer.lowbit.kernel == want  # restored
         set_execution(layer, "auto", weights="packed")  # packed codes: prepacked per call, same numbers
         with torch.no_grad():
             assert torch.equal(layer(x), out)
         assert copy.deepcopy(layer).lowbit._onednn is None  # the prepacked weight is not copied
-    monkeypatch.setattr(lowbit, "int_mm_fast", lambda: True)
-    assert set_execution(layers["fp4_e2m1"], "auto") == {"": "int"}
-    assert layers["fp4_e2m1"].lowbit.kernel == "torch._int_mm"
+    assert calls == [(144, 72, ("torch._int_mm", "onednn"))]  # measured once for the shape
+    import json
+
+    table = json.loads((tmp_path / lowbit.KERNEL_CACHE_FILE).read_text())
+    (key, entry), = table.items()
+    assert "threads" in key and "144x72" in key and entry["kernel"] == "onednn"
+    monkeypatch.setattr(lowbit, "_CHOSEN", {})  # a new process reads the file instead of measuring
+    assert lowbit.choose_kernel(144, 72)["kernel"] == "onednn" and len(calls) == 1
+    (tmp_path / lowbit.KERNEL_CACHE_FILE).write_text("{not json")  # unreadable: measured again
+    monkeypatch.setattr(lowbit, "_CHOSEN", {})
+    assert lowbit.choose_kernel(144, 72)["kernel"] == "onednn" and len(calls) == 2
+
+
+def test_measure_kernels_times_each_exact_kernel():
+    r = lowbit.measure_kernels(40, 24, rows=16)
+    assert r["kernel"] in lowbit.KERNELS and set(r["ms"]) == set(lowbit.KERNELS)
+    assert r["ms"][r["kernel"]] == min(v for v in r["ms"].values() if v is not None) > 0
 
 
 def test_onednn_saturates_on_int8_codes_and_is_refused():

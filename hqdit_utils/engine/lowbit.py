@@ -23,12 +23,20 @@ block-scaled (MX/NVFP4) activations or weights, formats whose integer grid excee
 a weight that is not an integer grid × per-row scale in its dtype, non-CPU tensors, and builds without
 ``torch._int_mm`` (a warning). Attention-matmul quantization (``QuantAttnProcessor``) is always simulated.
 
-Two exact int8 GEMM kernels (:data:`KERNELS`; :func:`int_kernel` picks one per layer): ``torch._int_mm`` on CPUs
-with int8 dot-product instructions (:func:`int_mm_fast`); elsewhere ``torch._int_mm`` runs a slow kernel, and
-oneDNN's quantized linear (``torch.ops.onednn.qlinear_pointwise``, weight prepacked once per layer) runs instead
-— on AVX2 it adds pairs of u8×s8 products in int16, so it is used only where no pair can saturate
-(:func:`onednn_exact`: every FP4 variant and INT4, not INT8 weights). ``"auto"`` keeps a layer simulated when
-neither kernel is fast and exact for it; ``"int"`` runs ``torch._int_mm`` there all the same.
+Two exact int8 GEMM kernels (:data:`KERNELS`): ``torch._int_mm`` and oneDNN's quantized linear
+(``torch.ops.onednn.qlinear_pointwise``, weight prepacked once per layer, called with unit scales and no bias so
+that it returns ``float(acc)`` exactly). Both give the int32 accumulator; one rescale (:func:`rescale`) turns it
+into the output, so **the kernels agree bit for bit** and the choice of kernel, or of CPU, changes no number.
+That rescale is the formula oneDNN's AVX2 kernel fuses (``float(acc) · (s_a · s_w)`` then ``+ b``, each step
+rounded to float32; measured bit for bit), the kernel of the machine that made the book's shipped runs.
+Which kernel runs is *measured* (:func:`choose_kernel`): the first time a (K, N) shape runs at a thread count,
+the exact kernels are timed on it and the fastest is kept, per machine, in ``int8_kernels.json`` under the
+package's cache dir. Their speed differs by orders of magnitude between CPUs: ``torch._int_mm`` has no fast
+kernel without int8 dot-product instructions (AVX2), and oneDNN may run its reference kernel (an AVX512 AMD
+EPYC). oneDNN on AVX2 adds pairs of u8×s8 products in int16, so it is a candidate only where no pair can
+saturate (:func:`onednn_exact`: every FP4 variant and INT4, not INT8 weights); INT8-weight layers therefore
+have ``torch._int_mm`` only, and ``"auto"`` runs them on the integer path only on CPUs with int8 dot-product
+instructions (:func:`int_mm_fast`), else simulated; ``"int"`` runs ``torch._int_mm`` there all the same.
 
 API: :func:`set_execution` / :func:`execution` (force ``"int"``, ``"sim"`` or choose ``"auto"``),
 :func:`execution_paths` (which path each layer runs and why), :func:`drop_float_weights_` (keep only the
@@ -39,23 +47,31 @@ packed=True)``, ``export.save_packed(model, path)``), and the building blocks :f
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .codes import PackedWeight, decode, encode, pack_nibbles
+from .. import config
+from ..files import write_json_atomic
 from .formats import FloatFormat, Format, IntFormat, NoFormat, parse_format
-from ..provenance import cpu_flags
+from ..provenance import cpu_flags, cpu_model
 from .qlinear import QuantLinear
 from .quantizer import round_to_grid_
 
 __all__ = ["LowbitError", "IntegerGrid", "integer_grid", "grid_to_codes", "codes_to_grid", "quantize_to_codes",
            "weight_codes", "pack_codes", "unpack_codes", "int_matmul", "int_mm_available", "int_mm_fast",
-           "INT8_DOT_FLAGS", "KERNELS", "onednn_available", "onednn_exact", "int_kernel", "IntLinearState",
+           "INT8_DOT_FLAGS", "KERNELS", "onednn_available", "onednn_exact", "int_kernel", "rescale",
+           "KERNEL_CACHE_FILE", "kernel_candidates", "measure_kernels", "choose_kernel", "IntLinearState",
            "plan_layer", "set_execution", "execution", "execution_paths", "drop_float_weights_", "MODES",
            "DEFAULT_MODE", "PACKED_FILE", "packed_weights", "placeholder_weight", "install_packed"]
 
@@ -263,7 +279,7 @@ INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 _SLOW_INT_MM = ("this CPU has no int8 dot-product instructions (AVX512-VNNI, AVX-VNNI, AMX), so torch._int_mm "
                 "would be slower than the float path, and oneDNN's int8 kernel {why}; set_execution(model, 'int') "
                 "runs torch._int_mm anyway")
-#: The exact int8 GEMM kernels of the integer path (:func:`int_kernel`).
+#: The exact int8 GEMM kernels of the integer path (:func:`choose_kernel` measures which one runs).
 KERNELS = ("torch._int_mm", "onednn")
 _INT16_MAX = 2 ** 15 - 1
 
@@ -273,7 +289,9 @@ def int_mm_fast() -> bool:
     """Whether this CPU has int8 dot-product instructions (:data:`INT8_DOT_FLAGS` in ``/proc/cpuinfo``; where
     that file does not exist, whether PyTorch's CPU capability is AVX512 or AMX). Without them ``torch._int_mm``
     runs a slow kernel — measured on a 2-core AVX2 machine, one thread: 904 ms for int8 512×1152 @ 1152×1152
-    against 20 ms for the same product in float32 — so ``"auto"`` keeps layers with float weights simulated."""
+    against 20 ms for the same product in float32 — so ``"auto"`` keeps INT8-weight layers (which only
+    ``torch._int_mm`` computes exactly) simulated there. Which kernel runs a layer is measured instead
+    (:func:`choose_kernel`)."""
     flags = cpu_flags()
     if flags is None:
         return torch.backends.cpu.get_cpu_capability().upper().startswith(("AVX512", "AMX"))
@@ -304,16 +322,131 @@ def onednn_exact(w_grid: IntegerGrid, a_grid: IntegerGrid) -> bool:
     return 2 * (a_grid.qmax + 128) * w_grid.qmax <= _INT16_MAX
 
 
-def int_kernel(w_grid: IntegerGrid, a_grid: IntegerGrid) -> str | None:
-    """The kernel ``"auto"`` runs for a layer with these grids: ``"torch._int_mm"`` on a CPU with int8
-    dot-product instructions (:func:`int_mm_fast`), else ``"onednn"`` where it is available and exact
-    (:func:`onednn_exact`; measured on a 2-core AVX2 machine at 0.49–0.67× the float32 time on DiT-XL/2's and the
-    embedded model's linear shapes, ``benchmarks/bench_int8_kernels.py``), else ``None`` (no fast exact kernel)."""
-    if int_mm_fast():
-        return "torch._int_mm"
+def kernel_candidates(w_grid: IntegerGrid, a_grid: IntegerGrid) -> tuple[str, ...]:
+    """The exact kernels of :data:`KERNELS` that this build runs for these grids: ``torch._int_mm`` where it
+    runs (:func:`int_mm_available`), oneDNN where it runs and cannot saturate (:func:`onednn_exact`)."""
+    out = ("torch._int_mm",) if int_mm_available() else ()
     if onednn_exact(w_grid, a_grid) and onednn_available():
+        out += ("onednn",)
+    return out
+
+
+def int_kernel(w_grid: IntegerGrid, a_grid: IntegerGrid) -> str | None:
+    """Whether ``"auto"`` runs a layer with these grids on the integer path: the kernel class it may use
+    (``"onednn"`` where oneDNN is exact, so the faster of both is measured per shape by :func:`choose_kernel`;
+    ``"torch._int_mm"`` for INT8 weights on a CPU with int8 dot-product instructions, :func:`int_mm_fast`), or
+    ``None``: no fast exact kernel (INT8 weights on other CPUs; the layer stays simulated)."""
+    cands = kernel_candidates(w_grid, a_grid)
+    if "onednn" in cands:
         return "onednn"
+    if cands and int_mm_fast():
+        return "torch._int_mm"
     return None
+
+
+def rescale(acc: torch.Tensor, s: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """float32 [M, N] output of every kernel from its exact accumulator: ``acc`` int32 [M, N] (or float32 holding
+    ``float(acc)``, which this function may overwrite), ``s`` the activation scale (0-d static or [M, 1] per
+    token), ``w_scale`` float32 [N], ``bias`` [N] or None.
+
+    Static: ``float(acc) · (w_scale · s)``, then ``+ bias``; per token: ``(float(acc) · w_scale) · s``, then
+    ``+ bias`` — every product and sum rounded to float32 on its own (no fused multiply-add). This is bit for bit
+    what oneDNN's AVX2 kernel computes with the scales and bias fused (measured; ``tests/test_lowbit.py`` checks
+    it), so runs made there are reproduced by every kernel on every CPU."""
+    out = acc.to(torch.float32)
+    if s.dim() == 0:
+        out.mul_(w_scale * s)
+    else:
+        out.mul_(w_scale).mul_(s)
+    return out if bias is None else out.add_(bias.to(torch.float32))
+
+
+#: The file (under ``config.CACHE_DIR``) where :func:`choose_kernel` keeps the measured kernel per machine.
+KERNEL_CACHE_FILE = "int8_kernels.json"
+_CHOSEN: dict = {}
+_PROBE_ROWS = 256  # rows of the timed product (the embedded model runs 64+ images × 64 tokens per call)
+
+
+def _machine_key() -> str:
+    """CPU model, a digest of its flags, torch version: what a measured kernel choice holds for."""
+    flags = cpu_flags() or {torch.backends.cpu.get_cpu_capability()}
+    digest = hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:12]
+    return f"{cpu_model()} | flags {digest} | torch {torch.__version__}"
+
+
+def _time_ms(fn, repeats: int) -> float:
+    """Best of ``repeats`` wall-clock times of ``fn()`` in ms, after one untimed call."""
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def _kernel_fns(a: torch.Tensor, w: torch.Tensor, kernels) -> dict:
+    fns = {}
+    for k in kernels:
+        if k == "onednn":
+            packed = torch.ops.onednn.qlinear_prepack(w, None)
+            ones, zeros = torch.ones(w.shape[0]), torch.zeros(w.shape[0], dtype=torch.int64)
+            fns[k] = lambda packed=packed, ones=ones, zeros=zeros: _onednn_linear(a, 1.0, packed, ones, zeros, None)
+        else:
+            fns[k] = lambda: int_matmul(a, w)
+    return fns
+
+
+def measure_kernels(k: int, n: int, kernels=KERNELS, rows: int = _PROBE_ROWS) -> dict:
+    """Time the int8 GEMM of each of ``kernels`` on int8 [rows, k] @ [n, k]ᵀ (random 4-bit codes) at the
+    current thread count. A kernel more than 8× slower than the best on a small probe (≤64 × ≤256 × ≤256) is not
+    timed on the full shape (a reference kernel can take seconds there).
+
+    Returns:
+        ``{"kernel": fastest, "ms": {kernel: ms on the full shape, or None (not timed)}, "probe_ms": {kernel: ms
+        on the small probe}, "rows": rows, "threads": n}``.
+    """
+    gen = torch.Generator().manual_seed(0)
+    def codes(*shape):
+        return torch.randint(-7, 8, shape, generator=gen, dtype=torch.int8)
+    small = {name: _time_ms(fn, 1) for name, fn in _kernel_fns(codes(min(rows, 64), min(k, 256)),
+                                                                  codes(min(n, 256), min(k, 256)), kernels).items()}
+    best_small = min(small.values())
+    keep = [name for name in kernels if small[name] <= 8 * best_small]
+    full = {name: _time_ms(fn, 3) for name, fn in _kernel_fns(codes(rows, k), codes(n, k), keep).items()}
+    ms = {name: (round(full[name], 4) if name in full else None) for name in kernels}
+    return {"kernel": min(full, key=full.get), "ms": ms, "probe_ms": {n: round(v, 4) for n, v in small.items()},
+            "rows": rows, "threads": torch.get_num_threads()}
+
+
+def choose_kernel(k: int, n: int, kernels=KERNELS) -> dict:
+    """The measured fastest of ``kernels`` (exact, bit-identical: :func:`rescale`) for a [*, k] → [*, n] layer
+    at the current thread count, as :func:`measure_kernels` returns it plus ``"key"``: measured once per machine
+    (:func:`_machine_key`), thread count and shape, then read from ``config.CACHE_DIR / KERNEL_CACHE_FILE``
+    (written atomically; an unreadable file is measured again). One candidate: no measurement."""
+    kernels = tuple(kernels)
+    if len(kernels) == 1:
+        return {"kernel": kernels[0], "ms": {}, "rows": 0, "threads": torch.get_num_threads(), "key": ""}
+    key = f"{_machine_key()} | threads {torch.get_num_threads()} | {k}x{n} | {','.join(sorted(kernels))}"
+    if key in _CHOSEN:
+        return _CHOSEN[key]
+    path = Path(config.CACHE_DIR) / KERNEL_CACHE_FILE
+    try:
+        table = json.loads(path.read_text())
+        if not isinstance(table, dict):
+            table = {}
+    except (OSError, ValueError):
+        table = {}
+    entry = table.get(key)
+    if not (isinstance(entry, dict) and entry.get("kernel") in kernels):
+        entry = measure_kernels(k, n, kernels)
+        table[key] = entry
+        try:
+            write_json_atomic(path, table)
+        except OSError:  # a read-only cache dir: keep the choice for this process only
+            pass
+    _CHOSEN[key] = {**entry, "key": key}
+    return _CHOSEN[key]
 
 
 def _onednn_linear(a: torch.Tensor, a_scale: float, packed: torch.Tensor, w_scale: torch.Tensor,
@@ -352,6 +485,8 @@ class IntLinearState:
         sim_reason: why it keeps it (``"forced"``, or a CPU without fast int8 products; see :func:`set_execution`).
         kernel: the int8 GEMM (:data:`KERNELS`); ``"onednn"`` keeps its prepacked weight (built on first use,
             rebuilt per call while the codes are held packed; not copied or pickled with the state).
+        kernel_choice: :func:`choose_kernel`'s record for this layer's shape (timings, thread count), or ``{}``
+            when the kernel was forced or had no rival.
         source: (data_ptr, dtype, version) of the float weight at planning time; a change re-plans the layer.
     """
 
@@ -367,7 +502,8 @@ class IntLinearState:
         self.sim_reason = "forced"  # why the simulated path runs while enabled is False
         self.kernel = "torch._int_mm"
         self.source = source
-        self._onednn: tuple | None = None  # (prepacked weight, int64 zeros [out]) of the oneDNN kernel
+        self.kernel_choice: dict = {}  # how the kernel was chosen (choose_kernel's record; {} when forced)
+        self._onednn: tuple | None = None  # (prepacked weight, ones [out], int64 zeros [out]) of the oneDNN kernel
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_onednn": None}  # oneDNN's prepacked tensor neither copies nor pickles
@@ -383,7 +519,7 @@ class IntLinearState:
             layer.lowbit = None
             return False
         new.hold("int8" if self.codes is not None else "packed")
-        new.enabled = self.enabled
+        new.enabled, new.kernel, new.kernel_choice = self.enabled, self.kernel, self.kernel_choice
         self.__dict__.update(new.__dict__)
         return True
 
@@ -416,9 +552,11 @@ class IntLinearState:
         return t.numel() * t.element_size() + 2 * self.row_scale.numel() * 4
 
     # activations --------------------------------------------------------------------------------
-    def act_codes(self, layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` [M, in] → (int8 codes [M, in], float32 activation scale: 0-d (static) or [M, 1] (per token)),
-        with the operations of ``layer.quantize_input``: SmoothQuant factor, online rotation, rounding."""
+    def act_codes(self, layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``x`` [M, in] → (int8 codes [M, in], float32 activation scale: 0-d (static) or [M, 1] (per token),
+        bool [M] rows whose rounded activation is NaN or ``None`` when there are none), with the operations of
+        ``layer.quantize_input``: SmoothQuant factor, online rotation, rounding. A NaN has no int8 code: its row
+        of the output is set to NaN, as the simulated path's product gives (±Inf saturates in both)."""
         xr = layer.transform_input(x)
         fmt = layer._act_fmt
         if layer.act_mode == "static":
@@ -428,8 +566,10 @@ class IntLinearState:
             s = torch.where(amax > 0, amax * (layer.act_gamma / fmt.max_value), torch.ones_like(amax))
         owned = xr is not x and xr.dtype == torch.float32  # a temporary of the transform: divide in place
         t = xr.div_(s) if owned else xr.to(torch.float32) / s
-        codes = round_to_grid_(t, fmt).mul_(self.a_grid.multiplier).to(torch.int8)
-        return codes, s
+        r = round_to_grid_(t, fmt)
+        # the rounded values are bounded by qmax (saturating grids): their sum is NaN only if one of them is
+        nan_rows = r.isnan().any(dim=-1) if bool(torch.isnan(r.sum())) else None
+        return r.mul_(self.a_grid.multiplier).to(torch.int8), s, nan_rows
 
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
         """``layer(x)`` on the integer path: ``x`` [..., in] (float32/16, bfloat16) → [..., out] in ``x``'s dtype
@@ -438,46 +578,37 @@ class IntLinearState:
         x2 = x.reshape(-1, k)
         shared = layer.shared
         if shared is None:
-            a, s = self.act_codes(layer, x2)
+            a, s, nan_rows = self.act_codes(layer, x2)
         else:
             # keyed on the caller's tensor x (x2 is a new view object on every call, so it never matched)
-            a, s = shared.get(layer, x, kind="int", compute=lambda t: self.act_codes(layer, t.reshape(-1, k)))
+            a, s, nan_rows = shared.get(layer, x, kind="int",
+                                        compute=lambda t: self.act_codes(layer, t.reshape(-1, k)))
         out = self.matmul(a, s, layer.bias)
+        if nan_rows is not None:
+            out[nan_rows] = float("nan")
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
         return out.to(dtype).view(*lead, out.shape[-1])
 
     def matmul(self, a: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """float32 [M, out] = ``(a · s / m_a) (c_w · row_scale)ᵀ + bias`` by this layer's kernel: ``a`` int8 [M, in]
-        activation codes, ``s`` their float32 scale (0-d static or [M, 1] per token), ``bias`` [out] or None."""
+        activation codes, ``s`` their float32 scale (0-d static or [M, 1] per token), ``bias`` [out] or None.
+        Every kernel gives the exact accumulator and :func:`rescale` the output: the kernels agree bit for bit."""
         if self.kernel == "onednn":
-            return self._onednn_forward(a, s, bias)
-        return self._int_mm_forward(a, s, bias)
+            return rescale(self._onednn_acc(a), s, self.w_scale, bias)
+        return rescale(int_matmul(a, self.int8_codes()), s, self.w_scale, bias)
 
-    def _int_mm_forward(self, a: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """float32 [M, out] from codes ``a`` [M, in] and scale ``s`` (0-d or [M, 1]) by ``torch._int_mm``."""
-        acc = int_matmul(a, self.int8_codes())
-        if s.dim() == 0:  # static: one rescale vector for the whole output
-            scale = self.w_scale * s
-            return torch.mul(acc, scale) if bias is None else torch.addcmul(bias.to(torch.float32), acc, scale)
-        out = torch.mul(acc, s)  # per token: scale rows, then columns (+ bias)
-        return out.mul_(self.w_scale) if bias is None else torch.addcmul(bias.to(torch.float32), out, self.w_scale)
-
-    def _onednn_forward(self, a: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """As :meth:`_int_mm_forward` by oneDNN: the static scale and the bias are fused into its rescale; per-token
-        scales multiply its output rows."""
+    def _onednn_acc(self, a: torch.Tensor) -> torch.Tensor:
+        """float32 [M, out] = ``float(a @ c_wᵀ)`` by oneDNN (unit scales, no bias: its int32 sum converted once)."""
+        n = self.w_scale.shape[0]
         if a.shape[0] == 0:
-            return torch.zeros(0, self.w_scale.shape[0], dtype=torch.float32)
+            return torch.zeros(0, n, dtype=torch.float32)
         packed = self._onednn
         if packed is None:
-            packed = (torch.ops.onednn.qlinear_prepack(self.int8_codes(), None),
-                      torch.zeros(self.w_scale.shape[0], dtype=torch.int64))
+            packed = (torch.ops.onednn.qlinear_prepack(self.int8_codes(), None), torch.ones(n),
+                      torch.zeros(n, dtype=torch.int64))
             if self.codes is not None:  # int8 codes held: keep the prepacked copy (packed: rebuilt per call)
                 self._onednn = packed
-        b = None if bias is None else bias.to(torch.float32)
-        if s.dim() == 0:
-            return _onednn_linear(a, float(s), packed[0], self.w_scale, packed[1], b)
-        out = _onednn_linear(a, 1.0, packed[0], self.w_scale, packed[1], None).mul_(s)
-        return out if b is None else out.add_(b)
+        return _onednn_linear(a, 1.0, packed[0], packed[1], packed[2], None)
 
 
 def _source(layer) -> tuple | None:
@@ -533,7 +664,7 @@ def set_execution(model: nn.Module, mode: str = "auto", *, weights: str | None =
         weights: ``"int8"`` (codes [out, in], fastest) or ``"packed"`` (4-bit codes two per byte, unpacked per call);
             ``None``: keep codes as they are held (newly planned layers hold int8).
         kernel: force one of :data:`KERNELS` for every integer-path layer (tests, benchmarks); ``None``: the
-            layer's :func:`int_kernel` (``"torch._int_mm"`` where none is fast).
+            fastest exact kernel measured on the layer's shape (:func:`choose_kernel`; all give the same bits).
 
     Returns:
         ``{layer name: "int" | "sim: <reason>"}`` (reason ``"forced"`` for ``mode="sim"``).
@@ -573,11 +704,17 @@ def set_execution(model: nn.Module, mode: str = "auto", *, weights: str | None =
             raise LowbitError(f"{name}: oneDNN's int8 kernel is not "
                               f"{'available' if not onednn_available() else 'exact'} for {st.w_grid.fmt} weights "
                               f"× {st.a_grid.fmt} activations; use kernel='torch._int_mm'")
-        new_kernel = kernel or fast or "torch._int_mm"
-        if new_kernel != st.kernel:
-            st.kernel, st._onednn = new_kernel, None
         keep_sim = mode == "auto" and fast is None and layer.weight is not None  # codes-only: no other path
         st.enabled = mode != "sim" and not keep_sim
+        new_kernel = kernel or st.kernel
+        if kernel is not None:
+            st.kernel_choice = {}
+        elif st.enabled:  # measured (once per machine, threads and shape); every candidate gives the same bits
+            st.kernel_choice = choose_kernel(layer.in_features, layer.out_features,
+                                             kernel_candidates(st.w_grid, st.a_grid) or ("torch._int_mm",))
+            new_kernel = st.kernel_choice["kernel"]
+        if new_kernel != st.kernel:
+            st.kernel, st._onednn = new_kernel, None
         st.sim_reason = "forced"
         if keep_sim:
             st.sim_reason = _SLOW_INT_MM.format(why="is not available in this build" if not onednn_available()
@@ -608,7 +745,7 @@ def execution(model: nn.Module, mode: str, *, weights: str | None = None, kernel
     layer's previous path."""
     layers = _quant_linears(model)
     before = {n: (layer.lowbit, None if layer.lowbit is None else
-                  (layer.lowbit.enabled, layer.lowbit.sim_reason, layer.lowbit.kernel))
+                  (layer.lowbit.enabled, layer.lowbit.sim_reason, layer.lowbit.kernel, layer.lowbit.kernel_choice))
               for n, layer in layers.items()}
     try:
         yield set_execution(model, mode, weights=weights, kernel=kernel)
@@ -618,7 +755,7 @@ def execution(model: nn.Module, mode: str, *, weights: str | None = None, kernel
             if st is not None:
                 if st.kernel != state[2]:
                     st._onednn = None
-                st.enabled, st.sim_reason, st.kernel = state
+                st.enabled, st.sim_reason, st.kernel, st.kernel_choice = state
             layer.lowbit = st
 
 

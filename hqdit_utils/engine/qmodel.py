@@ -83,6 +83,7 @@ class LayerReport:
     seconds: float
     gptq_info: dict = field(default_factory=dict)
     execution: str = ""  # "int" (exact integer path, lowbit.py) or "sim: <why not>"
+    kernel: str = ""  # the int8 GEMM of the integer path, measured fastest here (lowbit.choose_kernel); "" if sim
 
 
 @dataclass
@@ -614,6 +615,8 @@ def quantize_(model: nn.Module, recipe: "QuantRecipe | str", calibration: Calibr
     paths = _install(model, modules, shared_groups, recipe, calibration, ts_ctx)
     for r in reports:
         r.execution = paths.get(r.layer, "")
+        st = model.get_submodule(r.layer).lowbit
+        r.kernel = st.kernel if r.execution == "int" else ""
     return QuantReport(recipe, reports, plan, time.perf_counter() - t_start,
                        {"calibration": None if calibration is None else dict(calibration.meta)})
 
