@@ -32,24 +32,11 @@ def parser(description: str) -> argparse.ArgumentParser:
     return ap
 
 
-def cpu_kind() -> str:
-    """``"AMX"``, ``"VNNI"`` (AVX512-VNNI or AVX-VNNI: int8 dot products) or ``"AVX2"`` (neither) from the CPU flags
-    in /proc/cpuinfo (``"unknown"`` without it): the targets of issue 30 differ between these kinds."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            flags = set(f.read().split())
-    except OSError:
-        return "unknown"
-    if "amx_int8" in flags:
-        return "AMX"
-    return "VNNI" if flags & {"avx512_vnni", "avx_vnni"} else "AVX2"
-
-
 def cpu_line() -> str:
     """One line naming the CPU the numbers come from: model, kind, PyTorch's CPU capability, cores."""
     import os
 
-    from hqdit_utils.provenance import cpu_model
+    from hqdit_utils.provenance import cpu_kind, cpu_model
 
     return (f"CPU: {cpu_model()} ({cpu_kind()}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}; "
             f"{os.cpu_count()} cores)")

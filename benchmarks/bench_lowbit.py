@@ -52,10 +52,12 @@ from hqdit_utils.engine.recipes import get_recipe
 from hqdit_utils.timing import interleaved_medians
 
 from ._dit import Bf16Autocast, calibration_protocol, denoiser_inputs, forward_medians, quantized_copy
-from ._report import check, cpu_kind, cpu_line, finish, parser, peak_rss_gb
+from hqdit_utils.provenance import cpu_kind
+
+from ._report import check, cpu_line, finish, parser, peak_rss_gb
 
 RECIPE = "hqdit-w4a4"
-#: Issue 30's targets for the XL-shaped block's integer path (× FP32, × BF16) by CPU kind (``_report.cpu_kind``).
+#: Issue 30's targets for the XL-shaped block's integer path (× FP32, × BF16) by CPU kind (``provenance.cpu_kind``).
 BLOCK_TARGETS = {"AMX": (0.30, 1.0), "VNNI": (0.30, 1.0), "AVX2": (0.6, None), "unknown": (0.6, None)}
 #: The memory subprocesses return every freed block of 64 KiB or more to the system (a fixed mmap threshold), so
 #: that peak RSS counts live tensors, not the allocator's kept free blocks (run_all.py's settings keep up to

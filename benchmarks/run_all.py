@@ -38,9 +38,7 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(256 << 20), "MALLOC_TRIM_THRESHOLD_"
 def machine() -> dict:
     # torch (and the package, which imports it) load here, not at the top: the runner itself stays light, the
     # benchmarks run in subprocesses started with MALLOC_ENV
-    from hqdit_utils.provenance import machine_facts
-
-    from ._report import cpu_kind
+    from hqdit_utils.provenance import cpu_kind, machine_facts
 
     return {**machine_facts(), "kind": cpu_kind()}
 

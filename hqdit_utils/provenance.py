@@ -82,6 +82,17 @@ def cpu_flags() -> "frozenset[str] | None":
         return None
 
 
+def cpu_kind() -> str:
+    """``"AMX"``, ``"VNNI"`` (AVX512-VNNI or AVX-VNNI: int8 dot products) or ``"AVX2"`` (neither) from
+    :func:`cpu_flags` (``"unknown"`` without them): the kinds of CPU the benchmarks' speed targets distinguish."""
+    flags = cpu_flags()
+    if flags is None:
+        return "unknown"
+    if "amx_int8" in flags:
+        return "AMX"
+    return "VNNI" if flags & {"avx512_vnni", "avx_vnni"} else "AVX2"
+
+
 def cpu_description() -> str:
     """CPU model and PyTorch's CPU capability, e.g. ``"AMD EPYC, AVX2"``: chapters 6–8 run several times
     faster on a CPU with AVX512 than on one with AVX2 only, so a time without its CPU means little."""
