@@ -13,7 +13,8 @@ being bumped. Two checks do, both ours:
   quantization summary (weight/activation/output SQNR, format histograms). ``tests/test_golden.py`` compares
   :data:`TESTED_RECIPES` (one recipe per code path); ``make check-golden`` compares every recipe.
 * :func:`check_store` — a stated subset of the *shipped* book runs (:data:`STORE_CHECK`) recomputed from scratch
-  at the book's sizes and compared with ``data/book-runs/`` (``make check-store``, a few minutes).
+  at the book's sizes and compared with ``data/book-runs/`` (``make check-store``, a few minutes): identical images
+  on the CPU kind that made the store (``data/book-runs/machine.json``), reported differences elsewhere.
 
 Bit for bit where the machine allows: on a machine like the one that wrote the reference (same CPU model, PyTorch
 CPU capability and torch version, :func:`machine_key`) every image must be identical and every number equal to
@@ -172,7 +173,7 @@ def compare_golden(folder: "str | Path" = GOLDEN_DIR, recipes: Iterable[str] | N
 def check_store(pairs: Iterable[tuple[str, int]] = STORE_CHECK, *, shipped_dir: "str | Path" = SHIPPED_RUNS_DIR,
                 profile: str = "book") -> list[dict]:
     """Recompute the shipped runs ``pairs`` (recipe, seed) from scratch at ``profile``'s sizes and compare them
-    with the store: one dict per run (``identical`` images out of ``images``, largest metric difference)."""
+    with the store: one dict per run (``identical`` images out of ``images``, ``Δ <metric>`` = now − stored)."""
     from ..dit.models import load_dit
 
     bundle, prof, rows = load_dit("embedded"), get_profile(profile), []
@@ -188,9 +189,7 @@ def check_store(pairs: Iterable[tuple[str, int]] = STORE_CHECK, *, shipped_dir: 
                 same = [np.array_equal(x, y) for x, y in zip(a["arr_0"], b["arr_0"])]
             old = json.loads((shipped / "result.json").read_text())["result"]["metrics"]
             rows.append({"recipe": name, "seed": seed, "shipped": True, "identical": int(sum(same)),
-                         "images": len(same), "max metric difference": max(
-                             (abs(old[k] - new.metrics[k]) for k in old
-                              if old[k] is not None and not math.isnan(new.metrics[k])), default=0.0)})
+                         "images": len(same), **{f"Δ {k}": new.metrics[k] - old[k] for k in old if old[k] is not None}})
     return rows
 
 
@@ -208,6 +207,13 @@ if __name__ == "__main__":  # make golden / make check-store
         rows = check_store()
         for r in rows:
             print(r)
-        sys.exit(0 if all(r.get("shipped") and r["identical"] == r["images"] for r in rows) else 1)
+        made_on = json.loads((SHIPPED_RUNS_DIR / "machine.json").read_text())
+        same_kind = (made_on["cpu"], made_on["torch cpu capability"]) == (cpu_model(), machine_key()["capability"])
+        print(f"store made on {made_on['cpu']} ({made_on['torch cpu capability']}); this machine: {cpu_model()} "
+              f"({machine_key()['capability']}): " + ("images must be identical" if same_kind else
+              "another CPU kind — float rounding differs, a flipped activation code moves a quantized trajectory; "
+              "differences reported, not failed"))
+        ok = all(r.get("shipped") for r in rows) and (not same_kind or all(r["identical"] == r["images"] for r in rows))
+        sys.exit(0 if ok else 1)
     else:
         sys.exit("usage: python -m hqdit_utils.runs.golden write|check|store")
