@@ -322,6 +322,29 @@ def test_save_and_load_restore_attention_timestep_groups_and_shared_inputs(bundl
         _run(bare)
 
 
+def test_the_model_carries_its_execution_through_save_and_load(bundle, calib, tmp_path):
+    """quantize_(execution=...) puts every layer on that path; the folder records it and load_quantized restores
+    it (or the execution it is given); an unknown execution is refused before anything changes."""
+    from hqdit_utils.engine.lowbit import execution_paths
+
+    m = _fresh(bundle)
+    report = quantize_(m, "hqdit-w4a4", calib, execution="sim")
+    assert {r.execution[:3] for r in report.layers} == {"sim"}
+    assert set(p[:3] for p in execution_paths(m).values()) == {"sim"}
+    save_quantized(m, tmp_path / "q", report)
+    loaded = load_quantized(_fresh(bundle), tmp_path / "q")
+    assert execution_paths(loaded) == execution_paths(m)  # carried, not reset to "auto"
+    auto = load_quantized(_fresh(bundle), tmp_path / "q", execution="auto")
+    assert "int" in execution_paths(auto).values()  # 4-bit layers run on the integer path under "auto"
+    x, t, y = _inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(x, timestep=t, class_labels=y).sample, m(x, timestep=t, class_labels=y).sample)
+    fresh = _fresh(bundle)
+    with pytest.raises(QuantizationError, match="execution must be one of"):
+        quantize_(fresh, "hqdit-w4a4", calib, execution="integer")
+    assert not any(isinstance(mod, QuantLinear) for mod in fresh.modules())
+
+
 def test_loading_attention_into_a_model_without_it_is_refused_unchanged(bundle, calib, tmp_path):
     import json
 

@@ -73,11 +73,9 @@ __all__ = ["LowbitError", "IntegerGrid", "integer_grid", "grid_to_codes", "codes
            "INT8_DOT_FLAGS", "KERNELS", "onednn_available", "onednn_exact", "int_kernel", "rescale",
            "KERNEL_CACHE_FILE", "kernel_candidates", "measure_kernels", "choose_kernel", "IntLinearState",
            "plan_layer", "set_execution", "execution", "execution_paths", "drop_float_weights_", "MODES",
-           "DEFAULT_MODE", "PACKED_FILE", "packed_weights", "placeholder_weight", "install_packed"]
+           "PACKED_FILE", "packed_weights", "placeholder_weight", "install_packed"]
 
 MODES = ("auto", "int", "sim")
-#: The mode ``quantize_`` and ``load_quantized`` apply to a freshly quantized model.
-DEFAULT_MODE = "auto"
 _INT32_MAX = 2 ** 31 - 1
 
 

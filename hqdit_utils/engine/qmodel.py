@@ -526,32 +526,34 @@ def _layer_report(name, W, X, wq: QuantizedWeight, act: QuantizedActivation, rot
                        gptq=gptq, calib_rows=len(X), seconds=time.perf_counter() - t0, gptq_info=wq.gptq_info)
 
 
-def _install(model: nn.Module, modules: dict[str, QuantLinear], shared_groups: dict, recipe: QuantRecipe,
-             calibration: Calibration | None, ts_ctx: TimestepContext | None) -> dict[str, str]:
-    """Swap the QuantLinears in, link the layers that share an input, set the attention processors and
-    the timestep hook, and put every layer that can run exactly on the integer path; returns
-    ``{layer: "int" | "sim: <why not>"}``."""
-    for members in shared_groups.values():
-        if len(members) > 1:
-            shared = SharedInput(len(members))
-            for ql in members:
-                ql.shared = shared
+def _install(model: nn.Module, modules: dict[str, QuantLinear], *, shared: "list[list[str]]",
+             processors: dict, ts_ctx: TimestepContext | None, recipe_name: str | None, weights: dict | None,
+             execution: str) -> dict[str, str]:
+    """The one installer of a quantized model, for :func:`quantize_` and :func:`load_quantized`: swap the
+    QuantLinears in (``modules``: layer name → module), link the layers of each group of ``shared`` (names of
+    layers reading one input with one quantizer: ``to_q``/``to_k``/``to_v``), set the attention ``processors``
+    (attention name → :class:`QuantAttnProcessor`) and the timestep hook of ``ts_ctx``, record the recipe, the
+    FP32 weights' fingerprints and ``execution``, and put every layer on its execution path
+    (:func:`~hqdit_utils.engine.lowbit.set_execution`); returns ``{layer: "int" | "sim: <why not>"}``."""
+    for names in shared:
+        if len(names) > 1:
+            group = SharedInput(len(names))
+            for name in names:
+                modules[name].shared = group
     for name, ql in modules.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, ql)
-    if recipe.quantize_attention:
-        fmt = parse_format(recipe.attn_format)
-        for name in modules:
-            if name.endswith(".to_q"):
-                attn_name = name[: -len(".to_q")]
-                attn = model.get_submodule(attn_name)
-                attn.set_processor(QuantAttnProcessor(recipe.attn_format, _attn_scales(calibration, attn_name, fmt)))
+    for name, processor in processors.items():
+        model.get_submodule(name).set_processor(processor)
     if ts_ctx is not None:
         model._hqdit_ts_hook = model.register_forward_pre_hook(ts_ctx.hook, with_kwargs=True)
-    model._hqdit_recipe = recipe.name
+    model._hqdit_recipe = recipe_name
+    if weights:
+        model._hqdit_weights = weights
+    model._hqdit_execution = execution
     _attach_save_pretrained(model)
-    return lowbit.set_execution(model, lowbit.DEFAULT_MODE)
+    return lowbit.set_execution(model, execution)
 
 
 def _attn_scales(calibration: Calibration | None, attn_name: str, fmt) -> dict:
@@ -565,7 +567,7 @@ def _attn_scales(calibration: Calibration | None, attn_name: str, fmt) -> dict:
 
 @torch.no_grad()
 def quantize_(model: nn.Module, recipe: "QuantRecipe | str", calibration: Calibration | None = None, *,
-              verbose: bool = False) -> QuantReport:
+              execution: str = "auto", verbose: bool = False) -> QuantReport:
     """Quantize ``model`` in place according to ``recipe`` and return a :class:`QuantReport`.
 
     Every selected linear goes through the six steps of the module docstring (calibration rows,
@@ -577,6 +579,10 @@ def quantize_(model: nn.Module, recipe: "QuantRecipe | str", calibration: Calibr
         recipe: a :class:`~hqdit_utils.engine.recipes.QuantRecipe` or its name.
         calibration: from :func:`~hqdit_utils.engine.calibration.calibrate`; required unless the recipe needs none
             (``recipe.needs_calibration``), and it must cover the recipe's layers.
+        execution: how the quantized layers run (:data:`~hqdit_utils.engine.lowbit.MODES`): ``"auto"`` (the exact
+            integer path wherever it is exact and fast, else simulated), ``"int"`` or ``"sim"``; the model carries
+            it (saved by :func:`save_quantized`, restored by :func:`load_quantized`). Both paths give the same
+            formats and scales; their outputs differ in float rounding only.
     Raises:
         QuantizationError: the model is already quantized, the recipe selects no layer, a pattern matches
             nothing, calibration data are missing, the arguments are of the wrong kind (a pipeline or a
@@ -592,6 +598,8 @@ def quantize_(model: nn.Module, recipe: "QuantRecipe | str", calibration: Calibr
     use the simulated path. Forward works with autograd enabled; ``.to(device / dtype)`` moves every buffer.
     """
     recipe = _check_arguments(model, recipe, calibration)
+    if execution not in lowbit.MODES:
+        raise QuantizationError(f"execution must be one of {lowbit.MODES}, got {execution!r}")
     t_start = time.perf_counter()
     selected = _check_call(model, recipe, calibration)
     ts_ctx = TimestepContext() if recipe.timestep_groups > 1 else None
@@ -611,8 +619,18 @@ def quantize_(model: nn.Module, recipe: "QuantRecipe | str", calibration: Calibr
         if verbose:
             print(f"{name}: W {report.weight_format} A {report.act_format} SQNR out {report.output_sqnr:.2f} dB "
                   f"({report.seconds:.2f} s)")
-    model._hqdit_weights = {name: weight_fingerprint(lin) for name, lin in selected.items()}  # checked on reload
-    paths = _install(model, modules, shared_groups, recipe, calibration, ts_ctx)
+    processors = {}
+    if recipe.quantize_attention:
+        fmt = parse_format(recipe.attn_format)
+        for name in modules:
+            if name.endswith(".to_q"):
+                attn_name = name[: -len(".to_q")]
+                processors[attn_name] = QuantAttnProcessor(recipe.attn_format, _attn_scales(calibration, attn_name, fmt))
+    weights = {name: weight_fingerprint(lin) for name, lin in selected.items()}  # checked on reload
+    paths = _install(model, modules, shared=[[n for n, m in modules.items() if any(m is q for q in group)]
+                                             for group in shared_groups.values()],
+                     processors=processors, ts_ctx=ts_ctx, recipe_name=recipe.name, weights=weights,
+                     execution=execution)
     for r in reports:
         r.execution = paths.get(r.layer, "")
         st = model.get_submodule(r.layer).lowbit
@@ -670,7 +688,8 @@ def save_quantized(model: nn.Module, out_dir, report: QuantReport | None = None,
                  for name, m in model.named_modules() if isinstance(getattr(m, "processor", None), QuantAttnProcessor)}
     meta = {"recipe": getattr(model, "_hqdit_recipe", None), "layers": configs,
             "shared_inputs": list(shared.values()), "attention": attention,
-            "weights": getattr(model, "_hqdit_weights", None)}
+            "weights": getattr(model, "_hqdit_weights", None),
+            "execution": getattr(model, "_hqdit_execution", "auto")}
     if report is not None:
         meta["recipe_fields"] = report.recipe.to_dict()
         report.plan.save(out / "plan.json")
@@ -766,7 +785,7 @@ def is_pretrained_folder(folder) -> bool:
     return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
 
 
-def _load_pretrained_folder(out: Path) -> nn.Module:
+def _load_pretrained_folder(out: Path, execution: str | None = None) -> nn.Module:
     """The quantized transformer of a ``save_pretrained`` folder (:func:`save_pretrained_quantized`)."""
     redo = "save the quantized model again with model.save_pretrained(folder)"
     if not out.is_dir():
@@ -796,10 +815,10 @@ def _load_pretrained_folder(out: Path) -> nn.Module:
     if stray or unexpected:
         raise QuantizationError(f"{out / BASE_FILE} does not match {cls.__name__}: missing {stray[:4]}, unexpected "
                                 f"{list(unexpected)[:4]}; {redo}")
-    return _load_state(model, out, check_weights=False, verified=True)
+    return _load_state(model, out, check_weights=False, verified=True, execution=execution)
 
 
-def load_quantized(model: "nn.Module | str | os.PathLike", out_dir=None) -> nn.Module:
+def load_quantized(model: "nn.Module | str | os.PathLike", out_dir=None, *, execution: str | None = None) -> nn.Module:
     """Rebuild a quantized model: ``load_quantized(model, folder)`` into a fresh FP32 ``model`` (in place) from a
     folder of :func:`save_quantized` / ``hqdit quantize``; ``load_quantized(folder)`` from a folder of
     ``save_pretrained`` of a quantized diffusers transformer (the model is built from its ``config.json``).
@@ -807,7 +826,8 @@ def load_quantized(model: "nn.Module | str | os.PathLike", out_dir=None) -> nn.M
     Rebuilt: the QuantLinears, the quantized attention processors (``quantize_attention``), the timestep hook of
     per-timestep-group scales, and the shared input of ``to_q``/``to_k``/``to_v`` (folders written before
     attention and shared inputs were recorded load their linears only). Every file listed in the folder's
-    ``MANIFEST.json`` is checked first (sha256 and size).
+    ``MANIFEST.json`` is checked first (sha256 and size). ``execution``: as :func:`quantize_`'s; ``None`` runs the
+    layers as the folder records (``"auto"`` for folders written before it was recorded).
 
     Raises:
         FileNotFoundError: ``quant_config.json`` or ``quant_state.safetensors`` is missing.
@@ -823,7 +843,7 @@ def load_quantized(model: "nn.Module | str | os.PathLike", out_dir=None) -> nn.M
                                     "swapped; call load_quantized(model, folder)")
         if out_dir is not None:
             raise QuantizationError("load_quantized takes (model, folder) or (folder), got two paths")
-        return _load_pretrained_folder(Path(model))
+        return _load_pretrained_folder(Path(model), execution)
     if not isinstance(model, nn.Module):
         raise QuantizationError(f"load_quantized needs the FP32 transformer (an nn.Module) and a folder, got a "
                                 f"{type(model).__name__}; call load_quantized(model, folder) or load_quantized(folder)")
@@ -832,10 +852,11 @@ def load_quantized(model: "nn.Module | str | os.PathLike", out_dir=None) -> nn.M
     if is_pretrained_folder(out_dir):
         raise QuantizationError(f"{out_dir} was written by save_pretrained and holds the whole model: load it with "
                                 f"{LOADER}({str(out_dir)!r}), without a model")
-    return _load_state(model, Path(out_dir))
+    return _load_state(model, Path(out_dir), execution=execution)
 
 
-def _load_state(model: nn.Module, out: Path, *, check_weights: bool = True, verified: bool = False) -> nn.Module:
+def _load_state(model: nn.Module, out: Path, *, check_weights: bool = True, verified: bool = False,
+                execution: str | None = None) -> nn.Module:
     redo = f"re-create it with `hqdit quantize --recipe NAME --out {out}` (or save_quantized)"
     cfg_file, state_file = out / "quant_config.json", out / "quant_state.safetensors"
     for f in (cfg_file, state_file):
@@ -899,24 +920,13 @@ def _load_state(model: nn.Module, out: Path, *, check_weights: bool = True, veri
         if not hasattr(_submodule(model, name), "set_processor"):
             raise QuantizationError(f"{cfg_file} quantizes the attention {name!r}, which the model has not; load it "
                                     "into the model it was quantized from (load_dit(SOURCE).transformer)")
-    for name, ql in new_modules.items():  # swap only after every layer was rebuilt
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, ql)
-    for names in meta.get("shared_inputs", []):
-        shared = SharedInput(len(names))
-        for name in names:
-            new_modules[name].shared = shared
-    for name, a in attention.items():
-        model.get_submodule(name).set_processor(QuantAttnProcessor(a["format"], a["scales"]))
+    ts_ctx = None
     if any(ql.ts_edges is not None for ql in new_modules.values()):
         ts_ctx = TimestepContext()
         for ql in new_modules.values():
             ql.ts_ctx = ts_ctx
-        model._hqdit_ts_hook = model.register_forward_pre_hook(ts_ctx.hook, with_kwargs=True)
-    model._hqdit_recipe = meta.get("recipe")
-    if meta.get("weights"):
-        model._hqdit_weights = meta["weights"]
-    _attach_save_pretrained(model)
-    lowbit.set_execution(model, lowbit.DEFAULT_MODE)
+    _install(model, new_modules, shared=meta.get("shared_inputs", []),  # swaps only now: every layer was rebuilt
+             processors={name: QuantAttnProcessor(a["format"], a["scales"]) for name, a in attention.items()},
+             ts_ctx=ts_ctx, recipe_name=meta.get("recipe"), weights=meta.get("weights"),
+             execution=execution or meta.get("execution", "auto"))
     return model
