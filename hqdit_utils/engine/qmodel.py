@@ -217,9 +217,11 @@ def _grid(recipe: QuantRecipe) -> torch.Tensor:
     return gamma_grid(int(n), float(lo), float(hi))
 
 
-def _check_arguments(model, recipe, calibration) -> QuantRecipe:
+def _check_arguments(model, recipe, calibration, execution: str = "auto") -> QuantRecipe:
     """The recipe (resolved from its name), after checking that each argument is of the kind its place needs."""
     usage = "call quantize_(model, recipe, calibration)"
+    if execution not in lowbit.MODES:
+        raise QuantizationError(f"execution must be one of {lowbit.MODES}, got {execution!r}")
     if isinstance(recipe, Calibration) or isinstance(calibration, (QuantRecipe, str)):
         raise QuantizationError(f"quantize_ got a {type(recipe).__name__} as recipe and a "
                                 f"{type(calibration).__name__} as calibration: the arguments are swapped; {usage}")
@@ -556,6 +558,17 @@ def _install(model: nn.Module, modules: dict[str, QuantLinear], *, shared: "list
     return lowbit.set_execution(model, execution)
 
 
+def _attention_processors(recipe: QuantRecipe, modules: dict[str, QuantLinear],
+                          calibration: Calibration | None) -> dict:
+    """``{attention name: QuantAttnProcessor}`` of a recipe that quantizes the attention matmuls, else ``{}``."""
+    if not recipe.quantize_attention:
+        return {}
+    fmt = parse_format(recipe.attn_format)
+    return {name[: -len(".to_q")]: QuantAttnProcessor(recipe.attn_format,
+                                                       _attn_scales(calibration, name[: -len(".to_q")], fmt))
+            for name in modules if name.endswith(".to_q")}
+
+
 def _attn_scales(calibration: Calibration | None, attn_name: str, fmt) -> dict:
     out = {}
     for kind in ("q", "k", "v"):
@@ -579,10 +592,8 @@ def quantize_(model: nn.Module, recipe: "QuantRecipe | str", calibration: Calibr
         recipe: a :class:`~hqdit_utils.engine.recipes.QuantRecipe` or its name.
         calibration: from :func:`~hqdit_utils.engine.calibration.calibrate`; required unless the recipe needs none
             (``recipe.needs_calibration``), and it must cover the recipe's layers.
-        execution: how the quantized layers run (:data:`~hqdit_utils.engine.lowbit.MODES`): ``"auto"`` (the exact
-            integer path wherever it is exact and fast, else simulated), ``"int"`` or ``"sim"``; the model carries
-            it (saved by :func:`save_quantized`, restored by :func:`load_quantized`). Both paths give the same
-            formats and scales; their outputs differ in float rounding only.
+        execution: ``"auto"`` (the exact integer path wherever it is exact and fast), ``"int"`` or ``"sim"``
+            (:func:`~hqdit_utils.engine.lowbit.set_execution`); the model carries it through save and load.
     Raises:
         QuantizationError: the model is already quantized, the recipe selects no layer, a pattern matches
             nothing, calibration data are missing, the arguments are of the wrong kind (a pipeline or a
@@ -597,9 +608,7 @@ def quantize_(model: nn.Module, recipe: "QuantRecipe | str", calibration: Calibr
     stored in the model's dtype) and on any device; the exact integer path runs on the CPU only, other devices
     use the simulated path. Forward works with autograd enabled; ``.to(device / dtype)`` moves every buffer.
     """
-    recipe = _check_arguments(model, recipe, calibration)
-    if execution not in lowbit.MODES:
-        raise QuantizationError(f"execution must be one of {lowbit.MODES}, got {execution!r}")
+    recipe = _check_arguments(model, recipe, calibration, execution)
     t_start = time.perf_counter()
     selected = _check_call(model, recipe, calibration)
     ts_ctx = TimestepContext() if recipe.timestep_groups > 1 else None
@@ -615,22 +624,14 @@ def quantize_(model: nn.Module, recipe: "QuantRecipe | str", calibration: Calibr
         modules[name] = ql
         reports.append(report)
         if group is not None:
-            shared_groups.setdefault(group, []).append(ql)
+            shared_groups.setdefault(group, []).append(name)
         if verbose:
             print(f"{name}: W {report.weight_format} A {report.act_format} SQNR out {report.output_sqnr:.2f} dB "
                   f"({report.seconds:.2f} s)")
-    processors = {}
-    if recipe.quantize_attention:
-        fmt = parse_format(recipe.attn_format)
-        for name in modules:
-            if name.endswith(".to_q"):
-                attn_name = name[: -len(".to_q")]
-                processors[attn_name] = QuantAttnProcessor(recipe.attn_format, _attn_scales(calibration, attn_name, fmt))
     weights = {name: weight_fingerprint(lin) for name, lin in selected.items()}  # checked on reload
-    paths = _install(model, modules, shared=[[n for n, m in modules.items() if any(m is q for q in group)]
-                                             for group in shared_groups.values()],
-                     processors=processors, ts_ctx=ts_ctx, recipe_name=recipe.name, weights=weights,
-                     execution=execution)
+    paths = _install(model, modules, shared=list(shared_groups.values()),
+                     processors=_attention_processors(recipe, modules, calibration), ts_ctx=ts_ctx,
+                     recipe_name=recipe.name, weights=weights, execution=execution)
     for r in reports:
         r.execution = paths.get(r.layer, "")
         st = model.get_submodule(r.layer).lowbit
