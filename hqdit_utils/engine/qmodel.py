@@ -234,7 +234,12 @@ def _check_arguments(model, recipe, calibration, execution: str = "auto") -> Qua
     if calibration is not None and not isinstance(calibration, Calibration):
         raise QuantizationError(f"calibration must be a Calibration (from calibrate) or None, got a "
                                 f"{type(calibration).__name__}; {usage}")
-    return get_recipe(recipe)
+    recipe = get_recipe(recipe)
+    if recipe.rotation and recipe.rotation_seed is None:
+        raise QuantizationError(f"recipe {recipe.name!r} ties its rotation seed to a run's seed (rotation_seed=None): "
+                                "quantize it through experiments.quantized_copy with a CalibrationSpec, or give it a "
+                                "seed: recipe.replace(rotation_seed=0)")
+    return recipe
 
 
 def _check_rotation(selected: dict[str, nn.Linear], recipe: QuantRecipe) -> None:

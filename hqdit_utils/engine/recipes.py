@@ -26,7 +26,8 @@ from .format_select import DEFAULT_CANDIDATES, STATISTICS
 
 __all__ = ["QuantRecipe", "RECIPES", "get_recipe", "list_recipes", "register_recipe", "AUTO",
            "FP8_CANDIDATES", "ADD_ONE", "REMOVE_ONE",
-           "INGREDIENT_FIELDS", "changed_ingredients"]
+           "INGREDIENT_FIELDS", "changed_ingredients", "FP3_CANDIDATES", "W4A3_BASES", "w4a3_name",
+           "with_3bit_activations"]
 
 AUTO = "auto"
 #: Our FP8 candidate set for the hybrid recipes at 8 bits (all-finite grammar variants).
@@ -67,6 +68,9 @@ class QuantRecipe:
     Method components:
         rotation: random Hadamard rotation of every quantized linear (``rotation_seed``, ``rotation_block``
             None = full order); weights rotated offline, activations online, before selection/clipping.
+            ``rotation_seed=None`` ties the signs to the run: ``experiments.quantized_copy`` uses the
+            calibration seed (= the run's seed), so the rotation's own randomness enters a table's seed
+            intervals; ``quantize_`` itself needs an integer.
         gptq: GPTQ weight rounding (``gptq_blocksize``, ``gptq_percdamp``) with per-row α fixed first (with
             block granularity: the block scales, fixed first, one GPTQ group per block).
         smoothquant_alpha: SmoothQuant migration strength (None = off): x/s, W·s with
@@ -97,7 +101,7 @@ class QuantRecipe:
     clip_stride: int = 5
     timestep_groups: int = 1
     rotation: bool = False
-    rotation_seed: int = 0
+    rotation_seed: int | None = 0
     rotation_block: int | None = None
     gptq: bool = False
     gptq_blocksize: int = 128
@@ -334,6 +338,51 @@ ADD_ONE = {"rotation": "fp4-rtn-plus-rotation", "format selection": "fp4-rtn-plu
 #: HQ-DiT W4A4 minus one component (chapter 7's remove-one ablations).
 REMOVE_ONE = {"rotation": "hqdit-no-rotation", "format selection": "hqdit-no-select",
               "clipping search": "hqdit-no-clip", "GPTQ": "hqdit-no-gptq"}
+
+# Chapter 7's hard regime (issue 31): the same methods with 3-bit activations (W4A3), where round-to-nearest
+# visibly degrades the embedded model and the methods separate on sFID*. Ours, not the paper's (which reports W4A4
+# on DiT-XL/2): the stand-in is small enough that W4A4 leaves every good method on FP32's line.
+#: 3-bit FP activation candidates: E1M1 (a uniform grid, the same points as INT3) and E2M0 (powers of two).
+FP3_CANDIDATES = ("fp3_e1m1", "fp3_e2m0")
+#: A fixed 4-bit activation format's 3-bit form: E2M1 loses its mantissa bit (E2M0), INT4 a bit (INT3). Ours.
+_THREE_BIT = {"fp4_e2m1": "fp3_e2m0", "int4": "int3"}
+
+
+def w4a3_name(name: str) -> str:
+    """The registered name of a W4A4 recipe's W4A3 form: ``hqdit-w4a4`` → ``hqdit-w4a3``, else ``<name>-w4a3``."""
+    return name[: -len("-w4a4")] + "-w4a3" if name.endswith("-w4a4") else f"{name}-w4a3"
+
+
+def with_3bit_activations(recipe: "QuantRecipe | str") -> QuantRecipe:
+    """``recipe`` (4-bit activations) with 3-bit ones and, if it rotates, the rotation seed tied to the run's seed.
+
+    An ``"auto"`` activation format chooses among :data:`FP3_CANDIDATES`; a fixed ``fp4_e2m1`` becomes
+    ``fp3_e2m0`` and ``int4`` becomes ``int3``. Weights, clipping, rotation and GPTQ are unchanged. Named by
+    :func:`w4a3_name`. Raises ``ValueError`` for a recipe whose activations are not 4-bit.
+    """
+    r = get_recipe(recipe)
+    if r.act_format == AUTO and all(c.startswith("fp4") for c in r.act_candidates):
+        changes: dict = {"act_candidates": FP3_CANDIDATES}
+    elif r.act_format in _THREE_BIT:
+        changes = {"act_format": _THREE_BIT[r.act_format]}
+    else:
+        raise ValueError(f"recipe {r.name!r} has {r.act_format} activations (candidates {r.act_candidates}); "
+                         f"with_3bit_activations turns 4-bit activations ({', '.join(_THREE_BIT)} or 'auto' "
+                         "among FP4 formats) into 3-bit ones")
+    if r.rotation:
+        changes["rotation_seed"] = None
+    return dataclasses.replace(r, name=w4a3_name(r.name), **changes,
+                               description=f"{r.name} with 3-bit activations ({changes.get('act_format') or '/'.join(FP3_CANDIDATES)})"
+                                           + ("; rotation seed = the run's seed" if r.rotation else "")
+                                           + " (chapter 7's hard regime; ours).")
+
+
+#: The hard regime's W4A4 recipes (the paper's baselines, the add-one ablation "rotation only", HQ-DiT without
+#: rotation, HQ-DiT), each registered in its W4A3 form (:func:`with_3bit_activations`).
+W4A3_BASES = ("fp4-minmax", "fp4-rtn-plus-rotation", "int4-rtn", "smoothquant-int", "gptq-int", "fpq",
+              "hqdit-no-rotation", "hqdit-w4a4")
+for _base in W4A3_BASES:
+    register_recipe(with_3bit_activations(_base))
 
 #: The recipe fields that make up each ingredient of HQ-DiT (our grouping; the end-of-book assignment changes
 #: exactly one of them). Fields in no group (layers, calibration size, attention, SmoothQuant …) count as "other".

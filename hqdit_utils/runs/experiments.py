@@ -11,7 +11,7 @@ benchmarks go through them.
 
 What a cache key holds (the rule): everything the cached computation *runs*, nothing else —
 
-* the model's weights (:func:`model_checksum`: the weight files' sha256, else the state dict's bytes);
+* the model's weights (:func:`model_checksum`: the sha256 of the transformer's state dict);
 * the recipe: every field of the :class:`~hqdit_utils.engine.recipes.QuantRecipe` except its ``description``;
 * the protocol: the profile's sizes (calibration trajectories and timesteps, samples, steps, batch), the
   seed, the sampler and CFG scale, the feature network's checksum and the reference batch;
@@ -66,12 +66,12 @@ from tqdm.auto import tqdm
 from ..engine.calibration import Calibration, CalibrationError, calibrate
 from ..config import CACHE_DIR, SHIPPED_RUNS_DIR, Profile, profile as get_profile
 from .digits import embedded_reference
-from ..files import atomic_path, sha256_file, write_json_atomic, write_text_atomic
+from ..files import atomic_path, sha256_file, state_dict_sha256, write_json_atomic, write_text_atomic
 from ..metrics.adm import evaluate
 from ..metrics.features import ProxyExtractor
 from ..dit.models import DiTBundle
 from ..numerics import NUMERICS_VERSION
-from ..provenance import run_versions
+from ..provenance import cpu_kind, cpu_model, run_versions
 from ..engine.qmodel import load_quantized, quantize_, save_quantized
 from ..engine.recipes import QuantRecipe, get_recipe
 from ..dit.sampling import sample
@@ -109,16 +109,9 @@ class RunResult:
 
 
 def model_checksum(bundle) -> str:
-    """sha256 over the model's weight-file checksums when known, else over its state dict (float32 bytes)."""
-    h = hashlib.sha256()
-    if bundle.sha256:
-        for k in sorted(bundle.sha256):
-            h.update(f"{k}={bundle.sha256[k]};".encode())
-        return h.hexdigest()
-    for k, v in sorted(bundle.transformer.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()
+    """The model's identity in a run key: :func:`~hqdit_utils.files.state_dict_sha256` of the transformer
+    (``bundle.transformer``, or ``bundle`` itself when it is a bare module) — the package's one encoding."""
+    return state_dict_sha256(getattr(bundle, "transformer", bundle))
 
 
 def run_key(material: dict) -> str:
@@ -278,6 +271,11 @@ def quantized_copy(model, recipe: "QuantRecipe | str", *,
     if store is not None and restorable(recipe) and (Path(store) / "quant_config.json").is_file():
         load_quantized(transformer, store)
         return out, None, time.perf_counter() - t0
+    if recipe.rotation and recipe.rotation_seed is None:  # the rotation's signs tied to the run's seed
+        if not isinstance(calibration, CalibrationSpec):
+            raise ValueError(f"recipe {recipe.name!r} ties its rotation seed to the run's seed (rotation_seed=None): "
+                             "pass a CalibrationSpec (its seed is the run's), or set rotation_seed to an integer")
+        recipe = replace(recipe, rotation_seed=calibration.seed)
     calib = calibration
     if isinstance(calibration, CalibrationSpec):
         if not is_bundle:
@@ -299,7 +297,9 @@ def run_protocol(bundle, *, sampler: str, steps: int, cfg_scale: float, samples:
     ``sampler``, ``steps``, ``cfg_scale``, ``samples``, ``labels`` (``i mod num_classes``), ``seeds`` (the rule,
     a string), ``calibration`` (:meth:`CalibrationSpec.record`, ``None`` for an unquantized run), ``model`` and
     ``model_sha256``, ``extractor`` and ``extractor_sha256``, ``reference`` and ``n_reference``, ``profile``,
-    ``versions``, ``device``, ``threads``, ``seconds`` (wall times, s), then ``extra`` (e.g. ``world_size``).
+    ``versions``, ``device``, ``threads``, ``machine`` (CPU model, PyTorch CPU capability and
+    :func:`~hqdit_utils.provenance.cpu_kind`: quantized samples can differ between CPU kinds), ``seconds`` (wall
+    times, s), then ``extra`` (e.g. ``world_size``).
     """
     return {"sampler": sampler, "steps": steps, "cfg_scale": cfg_scale, "samples": samples,
             "labels": f"i mod {bundle.num_classes}", "seeds": seeds,
@@ -307,22 +307,18 @@ def run_protocol(bundle, *, sampler: str, steps: int, cfg_scale: float, samples:
             "model": model, "model_sha256": mkey, "extractor": extractor, "extractor_sha256": extractor_sha256,
             "reference": reference, "n_reference": n_reference, "profile": profile, "versions": run_versions(),
             "device": str(next(bundle.transformer.parameters()).device), "threads": torch.get_num_threads(),
+            "machine": {"cpu": cpu_model(), "torch cpu capability": torch.backends.cpu.get_cpu_capability(),
+                        "kind": cpu_kind()},
             "seconds": seconds, **extra}
 
 
 def calibration_key(bundle, *, profile: str | None = None, seed: int = 0, **kwargs) -> str:
-    """A hex key naming one calibration run: the model's weights (sha256 of every tensor of the
-    transformer's state dict), the profile's sizes, ``seed``, extra ``calibrate`` arguments and
-    :data:`~hqdit_utils.numerics.NUMERICS_VERSION`."""
-    h = hashlib.sha256()
-    for name, t in sorted(bundle.transformer.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    """A hex key naming one calibration run: the model's weights (:func:`model_checksum`), the profile's sizes,
+    ``seed``, extra ``calibrate`` arguments and :data:`~hqdit_utils.numerics.NUMERICS_VERSION`."""
     prof = get_profile(profile).as_dict()
-    meta = {"profile": prof, "seed": seed, "kwargs": {k: repr(v) for k, v in sorted(kwargs.items())},
-            "numerics": NUMERICS_VERSION}
-    h.update(json.dumps(meta, sort_keys=True).encode())
-    return h.hexdigest()[:24]
+    meta = {"model": model_checksum(bundle), "profile": prof, "seed": seed,
+            "kwargs": {k: repr(v) for k, v in sorted(kwargs.items())}, "numerics": NUMERICS_VERSION}
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def cached_calibrate(bundle, *, profile: str | None = None, seed: int = 0, cache_dir=None, **kwargs) -> Calibration:

@@ -39,7 +39,7 @@ from .experiments import run
 from ..files import atomic_path, strict_json, write_json_atomic
 from ..numerics import NUMERICS_VERSION
 from ..provenance import cpu_model
-from ..engine.recipes import RECIPES
+from ..engine.recipes import RECIPES, list_recipes
 
 __all__ = ["GOLDEN_DIR", "GOLDEN_PROFILE", "TOLERANCE", "SAME_MACHINE_RTOL", "STORE_CHECK", "TESTED_RECIPES", "machine_key", "golden_model", "golden_runs",
            "write_golden", "compare_golden", "check_store"]
@@ -146,6 +146,9 @@ def compare_golden(folder: "str | Path" = GOLDEN_DIR, recipes: Iterable[str] | N
         return False, problems
     exact = stored["machine"] == machine_key()
     names = list(stored["runs"]) if recipes is None else list(recipes)
+    if recipes is None:
+        problems += [f"{name}: a registered recipe with no golden run (regenerate data/golden with `make golden`)"
+                     for name in list_recipes() if name not in stored["runs"]]
     now = golden_runs(names)
     with np.load(folder / "samples.npz", allow_pickle=False) as z:
         images = {name: z[name] for name in names}
