@@ -16,7 +16,7 @@ help:
 	@echo "make book-results  - after a cold make book: ship its finished runs in data/book-runs/"
 	@echo "make golden        - after bumping NUMERICS_VERSION: rewrite data/golden/ (shortened runs of every recipe)"
 	@echo "make check-golden  - recompute every recipe's golden run and compare with data/golden/ (~5 min)"
-	@echo "make check-store   - recompute two shipped runs (FP32, HQ-DiT, seed 0) from scratch and compare (~3 min)"
+	@echo "make check-store   - recompute three shipped runs (FP32, HQ-DiT W4A4 and W4A3, seed 0) from scratch and compare (~4 min)"
 
 # torch and torchvision first, as a pair; every later install is constrained to that pair and to the
 # versions this project was tested with (requirements/constraints.txt).
@@ -69,8 +69,9 @@ chapter-times: env
 # The finished runs of the last build, shipped so that a fresh clone of unchanged code reads them instead of
 # recomputing (experiments.run adopts an entry only when its key material matches exactly; see the book's
 # "How this book is built" page). Run after a cold build: HQDIT_SHIPPED_RUNS=none make book, then this.
+# SHIP=--add keeps the store's runs and adds the ones it lacks (new rows made on this machine).
 book-results: env
-	$(BIN)/python book/_ext/ship_runs.py .hqdit_cache/runs data/book-runs
+	$(BIN)/python -m hqdit_utils.runs.run_store $(SHIP) .hqdit_cache/runs data/book-runs
 	@echo "data/book-runs: $$(du -sh data/book-runs | cut -f1)"
 
 # The results store's rule (hqdit_utils/numerics.py): run keys hold a declared numerics version, not the code's text;

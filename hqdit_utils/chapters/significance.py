@@ -32,7 +32,7 @@ from .fidelity import FEATURE
 from .tables import LEVEL, LOWER_IS_BETTER, PRIMARY, mean_std, paired_differences, paired_interval
 
 __all__ = ["ALPHA", "POWER", "holm", "t_test", "tost", "mde", "judge_family", "declared_margins", "verdict_sentence",
-           "cross_cpu_check", "family_verdicts"]
+           "cross_cpu_check", "family_verdicts", "joint_holm"]
 
 #: Family-wise error rate of every family of comparisons.
 ALPHA = 1 - LEVEL
@@ -216,21 +216,37 @@ def cross_cpu_check(family: pd.DataFrame, shift: float, metric: str = PRIMARY,
     return f[["A", "B", "verdict", "low", "high", "tolerance", "clearance", "robust"]]
 
 
-def family_verdicts(bundle, table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float]]:
-    """Chapter 7's verdicts on a :func:`~hqdit_utils.runs.experiments.run_table` frame of its rows (every row of
-    :func:`~hqdit_utils.chapters.tables.chapter7_rows` on the same paired seeds).
+def family_verdicts(bundle, table: pd.DataFrame, family: pd.DataFrame | None = None,
+                    margins: Mapping[str, float] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float]]:
+    """Chapter 7's verdicts on a :func:`~hqdit_utils.runs.experiments.run_table` frame of a family's rows (every
+    row on the same paired seeds, FP32 among them).
+
+    Args:
+        family: the comparisons (``A``, ``B``, ``group``); default
+            :func:`~hqdit_utils.chapters.tables.chapter7_family` (the W4A4 table's).
+        margins: metric → equivalence margin; default :func:`declared_margins` of ``table`` (which then needs
+            the rows that define them).
 
     Returns ``(table, family, margins)``: the table with the fidelity columns added
-    (:func:`~hqdit_utils.chapters.fidelity.with_fidelity`), :func:`judge_family` over
-    :func:`~hqdit_utils.chapters.tables.chapter7_family` on sFID* and the feature distance to FP32 (with a ``group``
-    column), and the :func:`declared_margins`.
+    (:func:`~hqdit_utils.chapters.fidelity.with_fidelity`), :func:`judge_family` over the family on every metric
+    of the margins (with a ``group`` column), and the margins.
     """
     from .fidelity import with_fidelity
     from .tables import chapter7_family
 
     table = with_fidelity(bundle, table)
-    margins = declared_margins(table)
-    fam = chapter7_family()
-    family = judge_family(table, list(zip(fam["A"], fam["B"])), margins)
-    family["group"] = list(fam["group"]) * len(margins)
-    return table, family, margins
+    margins = dict(margins) if margins is not None else declared_margins(table)
+    fam = chapter7_family() if family is None else family
+    judged = judge_family(table, list(zip(fam["A"], fam["B"])), margins)
+    judged["group"] = list(fam["group"]) * len(margins)
+    return table, judged, margins
+
+
+def joint_holm(*families: pd.DataFrame, alpha: float = ALPHA) -> list[pd.DataFrame]:
+    """The families of :func:`judge_family` re-judged as one: Holm over all their tests together (stricter than
+    each family on its own). Returns copies with ``p_holm``, ``p_tost_holm`` and ``verdict`` recomputed."""
+    both = pd.concat(families, keys=range(len(families)))
+    both["p_holm"] = holm(both["p"])
+    both["p_tost_holm"] = holm(both["p_tost"])
+    both["verdict"] = [_verdict(r, alpha) for r in both.itertuples()]
+    return [both.xs(i).reset_index(drop=True) for i in range(len(families))]

@@ -13,7 +13,8 @@
   rule: a paired t-interval (t quantile for the actual degrees of freedom) on the primary metric
   (:data:`PRIMARY`, sFID*) decides; the secondary metrics (:data:`SECONDARY`) are reported as "k of m agree".
 * :func:`chapter7_rows`, :func:`chapter7_family` — chapter 7's rows and its family of comparisons, declared
-  once here so that the chapter and the book's results page judge the same comparisons.
+  once here so that the chapter and the book's results page judge the same comparisons;
+  :func:`hard_regime_rows`, :func:`hard_regime_family` — the same for its second table, the hard regime (W4A3).
 * :func:`full_scale_results` — the results of ``hqdit reproduce`` runs in ``data/results/<run-id>/``.
 """
 from __future__ import annotations
@@ -27,12 +28,12 @@ import numpy as np
 import pandas as pd
 
 from ..config import DATA_DIR
-from ..engine.recipes import ADD_ONE, FP8_CANDIDATES, REMOVE_ONE, get_recipe
+from ..engine.recipes import ADD_ONE, FP8_CANDIDATES, REMOVE_ONE, W4A3_BASES, get_recipe, w4a3_name
 from .fidelity import FEATURE, RMS
 
 __all__ = ["METHODS", "SETTINGS", "bit_recipe", "load_paper", "paper_sources", "mean_std", "noise_level",
            "paired_difference", "paired_differences", "paired_interval", "compare", "compare_frame", "claim_verdict", "require_same_seeds",
-           "full_scale_results", "chapter7_rows", "chapter7_family", "LOWER_IS_BETTER", "RESULTS_DIR", "PRIMARY", "SECONDARY", "LEVEL"]
+           "full_scale_results", "chapter7_rows", "chapter7_family", "hard_regime_rows", "hard_regime_family", "LOWER_IS_BETTER", "RESULTS_DIR", "PRIMARY", "SECONDARY", "LEVEL"]
 
 #: Where ``hqdit reproduce`` writes full-scale results (one folder per run id).
 RESULTS_DIR = DATA_DIR / "results"
@@ -192,6 +193,30 @@ def chapter7_family() -> pd.DataFrame:
     pairs += [(hq, r, f"remove one: {c}") for c, r in REMOVE_ONE.items()]
     pairs += [(r, "fp4-minmax", f"add one: {c}") for c, r in ADD_ONE.items()]
     pairs += [(bit_recipe("MinMax-FP", "w4a4").name, bit_recipe("INT-RTN", "w4a4").name, "FP vs INT")]
+    return pd.DataFrame(pairs, columns=["A", "B", "group"])
+
+
+def hard_regime_rows() -> list[str]:
+    """Chapter 7's second table (ours): FP32 and the W4A3 form of every recipe of
+    :data:`~hqdit_utils.engine.recipes.W4A3_BASES` (the paper's baselines, FP4 round-to-nearest with and without
+    the rotation, HQ-DiT with and without it) — 3-bit activations, where 4-bit-class quantization hurts the
+    embedded model."""
+    return ["fp32"] + [w4a3_name(b) for b in W4A3_BASES]
+
+
+def hard_regime_family() -> pd.DataFrame:
+    """The second table's family, fixed before any number is read (columns ``A``, ``B``, ``group``): HQ-DiT,
+    FP4 round-to-nearest and rotation-only against FP32; HQ-DiT against each of the paper's baselines; HQ-DiT
+    without the rotation against HQ-DiT (remove one) and rotation-only against round-to-nearest (add one);
+    MinMax-FP against INT-RTN."""
+    a3 = {b: w4a3_name(b) for b in W4A3_BASES}
+    hq, rtn, rot = a3["hqdit-w4a4"], a3["fp4-minmax"], a3["fp4-rtn-plus-rotation"]
+    pairs = [(hq, "fp32", "HQ-DiT vs FP32"), (rtn, "fp32", "round-to-nearest vs FP32"),
+             (rot, "fp32", "rotation only vs FP32")]
+    pairs += [(hq, w4a3_name(get_recipe(bit_recipe(m, "w4a4")).name), "HQ-DiT vs a baseline")
+              for m in METHODS if m != "HQ-DiT"]
+    pairs += [(hq, a3["hqdit-no-rotation"], "remove one: rotation"), (rot, rtn, "add one: rotation"),
+              (rtn, a3["int4-rtn"], "FP vs INT")]
     return pd.DataFrame(pairs, columns=["A", "B", "group"])
 
 
