@@ -213,3 +213,15 @@ def test_run_protocol_has_the_shipped_runs_schema(bundle):
                                          calibration=None, model="m", mkey="k", extractor="x", extractor_sha256=None,
                                          reference="r", n_reference=16, profile="p", seconds={}, world_size=2)
                 ) == keys + ["world_size"]
+
+
+def test_a_rotation_seed_tied_to_the_run_is_the_calibration_seed(bundle):
+    tied = experiments.get_recipe("fp4-rtn-plus-rotation").replace(name="tied", rotation_seed=None)
+    spec = experiments.CalibrationSpec(PROF, seed=1)
+    outs = {name: _forward(experiments.quantized_copy(bundle, r, calibration=spec)[0].transformer)
+            for name, r in [("tied", tied), ("one", tied.replace(name="one", rotation_seed=1)),
+                            ("zero", tied.replace(name="zero", rotation_seed=0))]}
+    assert torch.equal(outs["tied"], outs["one"])  # the run's seed (1) drew the signs
+    assert not torch.equal(outs["tied"], outs["zero"])  # control: another rotation gives another model
+    with pytest.raises(ValueError, match="CalibrationSpec"):
+        experiments.quantized_copy(bundle.transformer, tied, calibration=None)

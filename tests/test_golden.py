@@ -54,3 +54,12 @@ def test_a_stale_golden_file_names_the_command(tmp_path):
     (tmp_path / "golden.json").write_text(json.dumps({**stored, "numerics": NUMERICS_VERSION - 1}))
     exact, problems = golden.compare_golden(tmp_path)
     assert not exact and len(problems) == 1 and "make golden" in problems[0]
+
+
+def test_every_registered_recipe_has_a_golden_run(monkeypatch):
+    from hqdit_utils.engine import recipes
+
+    assert golden.unrecorded_recipes() == []
+    # control: a recipe registered without `make golden` is named (and would fail `make check-golden`)
+    monkeypatch.setitem(recipes.RECIPES, "added-later", recipes.RECIPES["fp4-minmax"].replace(name="added-later"))
+    assert golden.unrecorded_recipes() == ["added-later"]

@@ -123,3 +123,31 @@ def test_replace_without_a_name_records_the_change_in_the_name():
     assert base.replace(name="mine", rotation_block=52).name == "mine"
     assert base.replace(description="reworded").name == "hqdit-w4a4"  # prose is not a change of method
     assert base.replace(gptq=True).name == "hqdit-w4a4"  # the same value: nothing changed
+
+
+def test_three_bit_activations_change_the_activations_only():
+    from hqdit_utils.engine.recipes import (FP3_CANDIDATES, W4A3_BASES, changed_ingredients, w4a3_name,
+                                            with_3bit_activations)
+
+    assert with_3bit_activations("fp4-minmax").act_format == "fp3_e2m0"  # E2M1 without its mantissa bit
+    assert with_3bit_activations("int4-rtn").act_format == "int3"
+    hq = with_3bit_activations("hqdit-w4a4")
+    assert hq.name == "hqdit-w4a3" and hq.act_candidates == FP3_CANDIDATES and hq.rotation_seed is None
+    assert changed_ingredients("hqdit-w4a4", hq) == {"format choice": ["act_candidates"], "rotation": ["rotation_seed"]}
+    assert changed_ingredients("fp4-minmax", with_3bit_activations("fp4-minmax")) == {"format choice": ["act_format"]}
+    assert all(parse_format(f).bits == 3 for f in FP3_CANDIDATES + ("int3",))
+    for base in W4A3_BASES:
+        assert RECIPES[w4a3_name(base)] == with_3bit_activations(base)
+    for not_4bit in ("hqdit-w4a8", "fp32", "int8"):
+        with pytest.raises(ValueError, match="turns 4-bit activations"):
+            with_3bit_activations(not_4bit)
+
+
+def test_a_tied_rotation_seed_needs_a_run():
+    from hqdit_utils.engine.calibration import Calibration  # noqa: F401  (quantize_ refuses before calibrating)
+    from hqdit_utils.engine.qmodel import QuantizationError, quantize_
+    from hqdit_utils.dit.models import tiny_dit
+
+    tied = RECIPES["hqdit-w4a3"]
+    with pytest.raises(QuantizationError, match=r"rotation_seed=None.*recipe.replace\(rotation_seed=0\)"):
+        quantize_(tiny_dit(0).transformer, tied, None)

@@ -121,3 +121,34 @@ def test_chapter7_family_is_declared_once():
 def test_tost_without_a_margin_estimate_is_undecided():
     assert np.isnan(tost([0.1, 0.2, 0.15], float("nan"))["p"])
     assert np.isnan(tost([0.1], 0.5)["p"])
+
+
+def test_the_hard_regime_family_is_declared_once():
+    from hqdit_utils.chapters.tables import hard_regime_family, hard_regime_rows
+    from hqdit_utils.engine.recipes import RECIPES
+
+    fam, rows = hard_regime_family(), hard_regime_rows()
+    assert len(fam) == 11 and not fam.duplicated(["A", "B"]).any()
+    assert set(fam["A"]) | set(fam["B"]) <= set(rows) and set(rows) <= set(RECIPES)
+    assert {("hqdit-w4a3", "fp32"), ("fp4-minmax-w4a3", "fp32"), ("fp4-rtn-plus-rotation-w4a3", "fp32")} <= \
+        set(zip(fam["A"], fam["B"]))
+    # the paper's five baselines, each against HQ-DiT
+    assert sorted(fam[fam["group"] == "HQ-DiT vs a baseline"]["B"]) == sorted(
+        ["int4-rtn-w4a3", "fp4-minmax-w4a3", "smoothquant-int-w4a3", "fpq-w4a3", "gptq-int-w4a3"])
+
+
+def test_joint_holm_is_holm_over_both_families():
+    from hqdit_utils.chapters.significance import joint_holm
+
+    rng = np.random.default_rng(3)
+    base = rng.normal(1.0, 0.05, 5)
+    table = pd.DataFrame([{"recipe": r, "seed": s, "sFID*": v[s]} for r, v in
+                          [("ref", base), ("far", base + 0.5 + rng.normal(0, 0.01, 5)),
+                           ("near", base + 0.02 + rng.normal(0, 0.012, 5)), ("same", base)] for s in range(5)])
+    f1 = judge_family(table, [("far", "ref")], {"sFID*": 0.05})
+    f2 = judge_family(table, [("near", "ref"), ("same", "ref")], {"sFID*": 0.05})
+    j1, j2 = joint_holm(f1, f2)
+    p_all = np.concatenate([f1["p"], f2["p"]])
+    np.testing.assert_allclose(np.concatenate([j1["p_holm"], j2["p_holm"]]), holm(p_all))
+    assert (j2["p_holm"].to_numpy() >= f2["p_holm"].to_numpy()).all()  # never more lenient than one family
+    assert list(j1["verdict"]) == ["B better"] and len(j2) == 2

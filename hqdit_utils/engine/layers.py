@@ -29,7 +29,7 @@ from typing import Sequence
 from torch import nn
 
 __all__ = ["LEAF_KINDS", "DIT_NAMES", "SHORT_NAMES", "BLOCK_LINEARS", "DEFAULT_LAYERS", "ADALN_LAYERS",
-           "ALL_FC_LAYERS", "LayerSelectionError", "match_pattern", "select_linears", "layer_kind",
+           "ALL_FC_LAYERS", "WHOLE_MODEL_LAYERS", "LayerSelectionError", "match_pattern", "select_linears", "layer_kind",
            "short_layer_name"]
 
 #: Leaf name inside a DiT block → the layer's kind.
@@ -56,6 +56,10 @@ DEFAULT_LAYERS: tuple[str, ...] = tuple(f"*.{leaf}" for leaves in BLOCK_LINEARS.
 ADALN_LAYERS: tuple[str, ...] = ("*.norm1.linear",)
 #: "Every fully-connected layer of every block" (the literal reading of the one third-party statement).
 ALL_FC_LAYERS: tuple[str, ...] = DEFAULT_LAYERS + ADALN_LAYERS
+#: Every linear of the transformer: the block linears, adaLN, each block's timestep embedder (diffusers' DiT gives
+#: every block its own) and the final layer's two projections — chapter 7's "whole model" trial scope (ours).
+WHOLE_MODEL_LAYERS: tuple[str, ...] = ALL_FC_LAYERS + ("*.timestep_embedder.linear_1", "*.timestep_embedder.linear_2",
+                                                       "proj_out_1", "proj_out_2")
 
 
 class LayerSelectionError(ValueError):

@@ -20,7 +20,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass
 
-from .layers import ALL_FC_LAYERS, DEFAULT_LAYERS
+from .layers import ALL_FC_LAYERS, DEFAULT_LAYERS, WHOLE_MODEL_LAYERS
 from .clipping import CLIP_METHODS, SEARCHES
 from .format_select import DEFAULT_CANDIDATES, STATISTICS
 
@@ -376,6 +376,13 @@ def with_3bit_activations(recipe: "QuantRecipe | str") -> QuantRecipe:
                                            + ("; rotation seed = the run's seed" if r.rotation else "")
                                            + " (chapter 7's hard regime; ours).")
 
+
+#: The regime search's other trial (chapter 7): W4A4 on every linear of the model instead of the block linears.
+for _base in ("hqdit-w4a4", "fp4-minmax"):
+    register_recipe(RECIPES[_base].replace(
+        name=f"{_base}-whole", layers=WHOLE_MODEL_LAYERS,
+        description=f"{_base} on every linear of the transformer (block linears, adaLN, the timestep embedders, "
+                    "the final layer): chapter 7's whole-model trial (ours)."))
 
 #: The hard regime's W4A4 recipes (the paper's baselines, the add-one ablation "rotation only", HQ-DiT without
 #: rotation, HQ-DiT), each registered in its W4A3 form (:func:`with_3bit_activations`).
