@@ -119,9 +119,9 @@ def _timed_blocks(models: dict, args, kwargs, repeats: int) -> dict:
     return interleaved_medians({n: call(m) for n, m in models.items()}, repeats=repeats, warmup=1)
 
 
-def _breakdown(fp32_model, q, packed, hidden: torch.Tensor, repeats: int) -> list[dict]:
-    """Milliseconds of each stage of block 0's quantized linears, on random inputs with ``hidden``'s number of
-    rows (the values do not change the cost): one row per layer."""
+def _breakdown(fp32_model, q, packed, n_rows: int, repeats: int) -> list[dict]:
+    """Milliseconds of each stage of block 0's quantized linears, on random inputs of ``n_rows`` rows (tokens × batch;
+    the values do not change the cost): one row per layer."""
     rows = []
     names = [n for n, m in q.named_modules() if isinstance(m, QuantLinear) and n.startswith("transformer_blocks.0.")]
     g = torch.Generator().manual_seed(0)
@@ -129,7 +129,7 @@ def _breakdown(fp32_model, q, packed, hidden: torch.Tensor, repeats: int) -> lis
         layer, player = q.get_submodule(name), packed.get_submodule(name)
         lin = fp32_model.get_submodule(name)
         st, pst = layer.lowbit, player.lowbit
-        x = torch.randn(hidden.shape[0], layer.in_features, generator=g)
+        x = torch.randn(n_rows, layer.in_features, generator=g)
         xr = layer.transform_input(x)
         a, s, _ = st.act_codes(layer, x)
         b = layer.bias.to(torch.float32)
@@ -150,10 +150,10 @@ def _breakdown(fp32_model, q, packed, hidden: torch.Tensor, repeats: int) -> lis
     return rows
 
 
-def _print_breakdown(rows: list[dict]) -> None:
+def _print_breakdown(rows: list[dict], rows_label: str = "1024 rows") -> None:
     keys = ["fp32 linear", "bf16 linear", "rotate", "quantize", "unpack", "gemm+rescale", "int8 layer",
             "packed layer"]
-    print(f"  {'layer (1024 rows)':18s} {'shape':>10s} " + " ".join(f"{k:>12s}" for k in keys) + "   (ms)")
+    print(f"  {'layer (' + rows_label + ')':18s} {'shape':>10s} " + " ".join(f"{k:>12s}" for k in keys) + "   (ms)")
     tot = {k: 0.0 for k in keys}
     for r in rows:
         print(f"  {r['layer']:18s} {r['shape']:>10s} " + " ".join(f"{r[k]:12.2f}" for k in keys))
@@ -283,9 +283,20 @@ def main(argv=None) -> list[dict]:
                                  t["sim"] / t["fp32"], None, t["sim"])]
             if "breakdown" not in args.skip:
                 print(f"\n[{nt} thread(s)] where the time goes, block 0's quantized linears, 1024 rows:")
-                rows = _breakdown(bundle1.transformer, q1, models["packed"], bargs[0].reshape(-1, 1152), repeats)
+                rows = _breakdown(bundle1.transformer, q1, models["packed"], bargs[0].reshape(-1, 1152).shape[0], repeats)
                 _print_breakdown(rows)
                 details[f"breakdown_ms_{nt}t"] = rows
+                if "block" not in args.skip:  # the bound a free activation path would leave (same run's timings)
+                    fp32_lin = sum(r["fp32 linear"] for r in rows) / 1e3
+                    gemm = sum(r["gemm+rescale"] for r in rows) / 1e3
+                    floor = (t["fp32"] - fp32_lin + gemm) / t["fp32"]
+                    print(f"  floor: with rotation and quantization free, the block would take {floor:.3f}x FP32 "
+                          f"({(t['fp32'] - fp32_lin + gemm) / t['bf16']:.3f}x BF16): its FP32 remainder "
+                          f"{(t['fp32'] - fp32_lin) * 1e3:.1f} ms + the int8 GEMMs and rescales {gemm * 1e3:.1f} ms")
+                    details[f"block_floor_{nt}t"] = floor
+                    checks.append(check("lowbit", f"XL block floor (activation path free), {nt}t", "FP32 block",
+                                         floor, None, t["fp32"] - fp32_lin + gemm,
+                                         note="bound: FP32 remainder of the block + int8 GEMMs and rescales"))
         del models, q1, bundle1
 
     # 2: whole XL-shaped transformer, batch 2
@@ -337,6 +348,11 @@ def main(argv=None) -> list[dict]:
                              t["sim"] / t["fp32"], None, t["sim"]),
                        check("lowbit", f"embedded forward b64 fp4-hybrid (no rotation) int8, {nt}t", "FP32 forward",
                              t["fp4-hybrid int8"] / t["fp32"], None, t["fp4-hybrid int8"])]
+            if "breakdown" not in args.skip:  # where the embedded model's time goes (width 144, 64 × 64 rows)
+                print(f"\n[{nt} thread(s)] where the time goes, embedded block 0's quantized linears, 4096 rows:")
+                rows = _breakdown(bundle.transformer, q, models["packed"], 64 * 64, repeats)
+                _print_breakdown(rows, rows_label="4096 rows")
+                details[f"embedded_breakdown_ms_{nt}t"] = rows
 
     # 5: memory
     if "memory" not in args.skip:

@@ -79,6 +79,9 @@ class FloatFormat:
             raise ValueError("special='fn' needs at least one mantissa bit")
         if self.special == "ieee" and self.exp_bits < 2:
             raise ValueError("special='ieee' needs at least two exponent bits")
+        # a plain Python float, computed once: reading it in a forward pass makes no tensor (torch.compile traces it
+        # as a constant instead of breaking the graph at float(tensor))
+        object.__setattr__(self, "_max_value", float(_float_grid(self)[-1]))
 
     # -- derived quantities -------------------------------------------------------------------------
     @property
@@ -96,8 +99,8 @@ class FloatFormat:
 
     @property
     def max_value(self) -> float:
-        """Largest finite magnitude."""
-        return float(self.grid()[-1])
+        """Largest finite magnitude (the last value of :meth:`grid`)."""
+        return self._max_value
 
     @property
     def min_normal(self) -> float:
