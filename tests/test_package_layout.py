@@ -354,3 +354,44 @@ def test_help_imports_no_command_module():
             "print(sorted(m for m, _ in COMMANDS.values() if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+# -- the integer path reads a layer through its public interface ----------------------------------------------
+def _private_reads(tree: ast.Module) -> list[str]:
+    """``obj._name`` read or written in a module where ``obj`` is another object's private state: every private
+    attribute except those of ``self``, of the ``torch`` module, a tensor's version counter (``_version``, torch's
+    way to see an in-place change) and the private names the module defines itself (``self._x = …``, ``def _x``)."""
+    own = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store)
+           and isinstance(n.value, ast.Name) and n.value.id == "self"}
+    own |= {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    return sorted(f"{n.lineno}: {ast.unparse(n)}" for n in ast.walk(tree)
+                  if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__")
+                  and not (isinstance(n.value, ast.Name) and n.value.id in ("self", "torch"))
+                  and n.attr not in own | {"_version"})
+
+
+def _quant_linear_privates() -> set[str]:
+    """The private names :class:`QuantLinear` defines (its methods and ``self._x`` attributes)."""
+    tree = ast.parse((PACKAGE / "engine" / "qlinear.py").read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "QuantLinear")
+    names = {n.name for n in cls.body if isinstance(n, ast.FunctionDef)}
+    names |= {n.attr for n in ast.walk(cls) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+              and n.value.id == "self"}
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+def test_the_integer_path_reads_no_private_state_of_a_layer():
+    """``lowbit`` reads a ``QuantLinear`` through its typed interface (``act_quantizer()``, public fields), never
+    its privates; no module but ``qlinear`` names a private of ``QuantLinear``."""
+    assert not _private_reads(ast.parse((PACKAGE / "engine" / "lowbit.py").read_text()))
+    privates = _quant_linear_privates()
+    assert {"_act_fmt", "_current_scale"} <= privates  # the finder below looks for something real
+    outside = [f"{f}:{n.lineno}: {ast.unparse(n)}" for f, tree in _sources().items() if not f.endswith("qlinear.py")
+               for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr in privates
+               and not (isinstance(n.value, ast.Name) and n.value.id == "self")]
+    assert not outside, f"QuantLinear's privates read outside qlinear.py: {outside}"
+    # the control: the reads this interface replaced are found; the module's own privates and torch's are not
+    code = ("class S:\n    def __init__(self):\n        self._k = 1\n    def f(self, layer, st, w):\n"
+            "        return layer._act_fmt, layer._current_scale(), st._k, self._k, torch._int_mm, w._version\n"
+            "def g(layer):\n    layer._buffers['weight'] = None\n")
+    assert _private_reads(ast.parse(code)) == ["5: layer._act_fmt", "5: layer._current_scale", "7: layer._buffers"]

@@ -469,8 +469,9 @@ def int_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 # A QuantLinear on the integer path
 # --------------------------------------------------------------------------------------------------
 class IntLinearState:
-    """The integer form of one ``QuantLinear`` (held as ``layer.lowbit``; not a buffer: recomputed from the
-    weight, see :func:`plan_layer`).
+    """The integer form of one ``QuantLinear`` (held as ``layer.lowbit``, the layer's
+    :class:`~hqdit_utils.engine.qlinear.IntegerPath`; not a buffer: recomputed from the weight, see
+    :func:`plan_layer`).
 
     Attributes:
         w_grid / a_grid: :class:`IntegerGrid` of the weight and activation formats.
@@ -506,7 +507,7 @@ class IntLinearState:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_onednn": None}  # oneDNN's prepacked tensor neither copies nor pickles
 
-    def current(self, layer) -> bool:
+    def current(self, layer: QuantLinear) -> bool:
         """Whether these codes still describe ``layer``'s float weight. A weight changed since planning (loaded,
         cast, edited in place) is planned again; if it cannot run exactly any more, the layer returns to the
         simulated path (``layer.lowbit = None``; :func:`execution_paths` tells why) and this returns False."""
@@ -549,19 +550,31 @@ class IntLinearState:
         t = self.codes if self.codes is not None else self.packed
         return t.numel() * t.element_size() + 2 * self.row_scale.numel() * 4
 
+    def follow_(self, fn) -> None:
+        """Follow the layer's ``_apply(fn)`` (``.to(device / dtype)``, ``.half()`` …): codes and scales move to
+        ``fn``'s device, ``weight_dtype`` becomes ``fn``'s dtype for it; off the CPU the integer path is disabled."""
+        device = fn(torch.zeros(1)).device
+        for k in ("codes", "packed", "row_scale", "w_scale"):
+            if getattr(self, k) is not None:
+                setattr(self, k, getattr(self, k).to(device))
+        self.weight_dtype = fn(torch.zeros(1, dtype=self.weight_dtype)).dtype
+        if device.type != "cpu":
+            self.enabled = False
+
     # activations --------------------------------------------------------------------------------
-    def act_codes(self, layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def act_codes(self, layer: QuantLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``x`` [M, in] → (int8 codes [M, in], float32 activation scale: 0-d (static) or [M, 1] (per token),
         bool [M] rows whose rounded activation is NaN or ``None`` when there are none), with the operations of
         ``layer.quantize_input``: SmoothQuant factor, online rotation, rounding. A NaN has no int8 code: its row
         of the output is set to NaN, as the simulated path's product gives (±Inf saturates in both)."""
         xr = layer.transform_input(x)
-        fmt = layer._act_fmt
-        if layer.act_mode == "static":
-            s = layer._current_scale().to(torch.float32)
+        aq = layer.act_quantizer()
+        fmt = aq.fmt
+        if aq.mode == "static":
+            s = aq.scale.to(torch.float32)
         else:  # per token: as quantizer.token_fake_quantize
             amax = xr.detach().abs().amax(dim=-1, keepdim=True).to(torch.float32)
-            s = torch.where(amax > 0, amax * (layer.act_gamma / fmt.max_value), torch.ones_like(amax))
+            s = torch.where(amax > 0, amax * (aq.gamma / fmt.max_value), torch.ones_like(amax))
         owned = xr is not x and xr.dtype == torch.float32  # a temporary of the transform: divide in place
         t = xr.div_(s) if owned else xr.to(torch.float32) / s
         r = round_to_grid_(t, fmt)
@@ -569,7 +582,7 @@ class IntLinearState:
         nan_rows = r.isnan().any(dim=-1) if bool(torch.isnan(r.sum())) else None
         return r.mul_(self.a_grid.multiplier).to(torch.int8), s, nan_rows
 
-    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         """``layer(x)`` on the integer path: ``x`` [..., in] (float32/16, bfloat16) → [..., out] in ``x``'s dtype
         (the autocast dtype under CPU autocast, as ``F.linear`` there)."""
         lead, k = x.shape[:-1], x.shape[-1]
@@ -609,12 +622,12 @@ class IntLinearState:
         return _onednn_linear(a, 1.0, packed[0], packed[1], packed[2], None)
 
 
-def _source(layer) -> tuple | None:
+def _source(layer: QuantLinear) -> tuple | None:
     w = layer.weight
     return None if w is None else (w.data_ptr(), w.dtype, w._version)
 
 
-def plan_layer(layer) -> "IntLinearState | str":
+def plan_layer(layer: QuantLinear) -> "IntLinearState | str":
     """An :class:`IntLinearState` for a ``QuantLinear`` that the integer path computes exactly, or a one-line
     reason why it cannot (the layer then stays on the simulated path)."""
     if layer.act_mode == "none":
@@ -771,7 +784,7 @@ def drop_float_weights_(model: nn.Module, *, weights: str = "packed") -> int:
         st.hold(weights)
         st.source = None
         freed += layer.weight.numel() * layer.weight.element_size()
-        layer._buffers["weight"] = None
+        layer.weight = None
     return freed
 
 
@@ -812,7 +825,7 @@ def placeholder_weight(out_features: int, in_features: int, dtype: torch.dtype =
     return torch.zeros((), dtype=dtype).expand(out_features, in_features)
 
 
-def install_packed(layer, p, weight_dtype: torch.dtype = torch.float32) -> None:
+def install_packed(layer: QuantLinear, p: PackedWeight, weight_dtype: torch.dtype = torch.float32) -> None:
     """Make ``layer`` (a ``QuantLinear``) hold only the codes of the :class:`~hqdit_utils.engine.export.PackedWeight`
     ``p`` (written by :func:`packed_weights`): its integer path is then bit-identical to the saved layer's; the
     simulated path decodes ``codes · scale`` in ``weight_dtype``.
@@ -833,4 +846,4 @@ def install_packed(layer, p, weight_dtype: torch.dtype = torch.float32) -> None:
     st = IntLinearState(wg, ag, codes, p.scale.to(torch.float32).reshape(-1) / wg.multiplier, weight_dtype, None)
     st.hold("packed")
     layer.lowbit = st
-    layer._buffers["weight"] = None
+    layer.weight = None
