@@ -40,7 +40,7 @@ instructions (:func:`int_mm_fast`), else simulated; ``"int"`` runs ``torch._int_
 
 API: :func:`set_execution` / :func:`execution` (force ``"int"``, ``"sim"`` or choose ``"auto"``),
 :func:`execution_paths` (which path each layer runs and why), :func:`drop_float_weights_` (keep only the
-codes: packed 4-bit or int8), :func:`packed_weights` / :func:`install_packed` (files: ``save_quantized(...,
+codes: packed 4-bit or int8), :func:`packed_weight` / :func:`packed_weights` / :func:`install_packed` (files: ``save_quantized(...,
 packed=True)``, ``export.save_packed(model, path)``), and the building blocks :func:`integer_grid`, :func:`grid_to_codes`,
 :func:`codes_to_grid`, :func:`quantize_to_codes`, :func:`weight_codes`, :func:`pack_codes`,
 :func:`unpack_codes`, :func:`int_matmul`.
@@ -60,7 +60,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .codes import PackedWeight, decode, encode, pack_nibbles
+from .codes import PackedWeight, decode, encode, pack_nibbles, pack_rows, row_grid_values
 from .. import config
 from ..files import write_json_atomic
 from .formats import FloatFormat, Format, IntFormat, NoFormat, parse_format
@@ -73,7 +73,7 @@ __all__ = ["LowbitError", "IntegerGrid", "integer_grid", "grid_to_codes", "codes
            "INT8_DOT_FLAGS", "KERNELS", "onednn_available", "onednn_exact", "int_kernel", "rescale",
            "KERNEL_CACHE_FILE", "kernel_candidates", "measure_kernels", "choose_kernel", "IntLinearState",
            "plan_layer", "set_execution", "execution", "execution_paths", "drop_float_weights_", "MODES",
-           "PACKED_FILE", "packed_weights", "placeholder_weight", "install_packed"]
+           "PACKED_FILE", "packed_weight", "packed_weights", "placeholder_weight", "install_packed"]
 
 MODES = ("auto", "int", "sim")
 _INT32_MAX = 2 ** 31 - 1
@@ -175,45 +175,22 @@ def quantize_to_codes(x: torch.Tensor, scale: "torch.Tensor | float", fmt: "str 
 
 
 def weight_codes(weight: torch.Tensor, fmt: "str | Format") -> tuple[torch.Tensor, torch.Tensor]:
-    """Decompose a per-row fake-quantized weight [out, in] into int8 codes [out, in] and float32 row scales [out].
+    """Decompose a per-row fake-quantized weight [out, in] into int8 codes [out, in] and float32 row scales [out]:
+    :func:`~hqdit_utils.engine.codes.row_grid_values` (the package's one decomposition) in the units of the
+    integer grid (values × ``m``, scales / ``m``; both exact, ``m`` a power of two).
 
-    ``codes[j] · scale[j]`` reproduces ``weight[j]`` to within 4 ulps of the weight's dtype (the simulated weight
-    is the *rounded* product of a code and a float32 scale). Per row, the scale is ``max|w| / g`` for the first
-    integer level ``g`` (largest first) that makes every ``w / scale`` an integer level; all-zero rows get 1.
+    ``codes[j] · scale[j]`` reproduces ``weight[j]`` to within 4 ulps of the weight's dtype.
 
     Raises:
-        LowbitError: some row is not a scaled copy of the integer grid (block scales, a weight cast to a lower
-            precision after quantization, an unquantized weight …).
+        LowbitError: no integer grid fits int8, or some row is not a scaled copy of the grid (block scales, a
+            weight cast to a lower precision after quantization, an unquantized weight …).
     """
     g = integer_grid(fmt)
-    if weight.dim() != 2:
-        raise LowbitError(f"weight must be [out, in], got shape {tuple(weight.shape)}")
-    w = weight.detach().to(torch.float32)
-    tol = 4 * torch.finfo(weight.dtype).eps
-    ok_level = torch.zeros(2 * g.qmax + 1, dtype=torch.bool)
-    ok_level[torch.tensor(g.levels) + g.qmax] = True
-    amax = w.abs().amax(dim=1)
-    scale = torch.ones_like(amax)
-    codes = torch.zeros(w.shape, dtype=torch.int8)
-    todo = amax > 0
-    for level in sorted((v for v in g.levels if v > 0), reverse=True):
-        rows = todo.nonzero().flatten()
-        if len(rows) == 0:
-            break
-        s = amax[rows] / level
-        wr = w[rows]
-        c = (wr / s[:, None]).round_()
-        cl = c.clamp(-g.qmax, g.qmax)
-        good = (c == cl).all(dim=1) & ok_level[(cl + g.qmax).to(torch.int64)].all(dim=1)
-        good &= ((cl * s[:, None] - wr).abs() <= tol * wr.abs()).all(dim=1)
-        hit = rows[good]
-        scale[hit] = s[good]
-        codes[hit] = cl[good].to(torch.int8)
-        todo[hit] = False
-    if bool(todo.any()):
-        bad = int(todo.nonzero()[0])
-        raise LowbitError(f"weight row {bad} is not an integer {g.fmt} grid × a per-row scale in {weight.dtype}")
-    return codes, scale
+    try:
+        values, scale = row_grid_values(weight, g.fmt)
+    except ValueError as err:
+        raise LowbitError(str(err)) from None
+    return values.mul_(g.multiplier).to(torch.int8), scale.div_(g.multiplier)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -233,7 +210,7 @@ def _pair_table(fmt: str) -> torch.Tensor:
 
 def pack_codes(codes: torch.Tensor, fmt: "str | Format") -> torch.Tensor:
     """uint8 [..., n/2]: the 4-bit bit patterns of int8 ``codes`` [..., n] (n even), two per byte, in the layout
-    of :func:`hqdit_utils.engine.export.pack_nibbles` (sign-magnitude FP4 / two's-complement int4)."""
+    of :func:`hqdit_utils.engine.codes.pack_nibbles` (sign-magnitude FP4 / two's-complement int4)."""
 
     g = integer_grid(fmt)
     if g.bits > 4:
@@ -774,8 +751,8 @@ def execution(model: nn.Module, mode: str, *, weights: str | None = None, kernel
 def drop_float_weights_(model: nn.Module, *, weights: str = "packed") -> int:
     """Free the float weight of every layer on the integer path and keep only its codes (``weights``:
     ``"packed"`` 4-bit codes two per byte, or ``"int8"``). The simulated path, if forced later, decodes the
-    weight from the codes (``codes · row scale``, within 4 ulps of the dropped weight). ``save_quantized`` and
-    ``storage.pack_quantized`` need the float weights: call them before. Returns the bytes freed."""
+    weight from the codes (``codes · row scale``, within 4 ulps of the dropped weight). ``save_quantized`` then
+    needs ``packed=True``. Returns the bytes freed."""
     freed = 0
     for layer in _quant_linears(model).values():
         st = layer.lowbit
@@ -789,34 +766,38 @@ def drop_float_weights_(model: nn.Module, *, weights: str = "packed") -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# Files: the codes as export.PackedWeight (two 4-bit codes per byte, float32 row scales)
+# Files: the codes as codes.PackedWeight (two 4-bit codes per byte, float32 row scales)
 # --------------------------------------------------------------------------------------------------
 #: The file :func:`~hqdit_utils.engine.qmodel.save_quantized` (``packed=True``) writes next to ``quant_state.safetensors``.
 PACKED_FILE = "packed_weights.safetensors"
 
 
-def packed_weights(model: nn.Module) -> dict:
-    """Every integer-path layer's weight as an :class:`~hqdit_utils.engine.export.PackedWeight` (for
-    ``export.save_packed``): 4-bit bit patterns two per byte (8-bit formats: one per byte) and one float32 scale
-    per output row [out, 1] in the units of the format's grid — no float16 rounding, so
-    :func:`install_packed` rebuilds the layer's integer path bit for bit. Layers on the simulated path, and
-    4-bit layers with an odd ``in_features``, are left out."""
+def packed_weight(layer: QuantLinear) -> PackedWeight:
+    """``layer``'s weight as a :class:`~hqdit_utils.engine.codes.PackedWeight` (4-bit codes two per byte, 8-bit
+    one per byte, one float32 scale per output row [out, 1] in the units of the format's grid), by the one route
+    :func:`~hqdit_utils.engine.codes.pack_rows`: from the integer path's codes when the layer has them, else from
+    the decomposition of its float weight (:func:`~hqdit_utils.engine.codes.row_grid_values`; layers on the
+    simulated path, FP8 weights). Both give the same codes and scales.
 
-    out = {}
-    for name, layer in _quant_linears(model).items():
-        st = layer.lowbit
-        if st is None:
-            continue
+    Raises:
+        ValueError: a weight that is not per-row grid values × scales, or an odd ``in_features`` for 4 bits.
+    """
+    st = layer.lowbit
+    if st is not None and st.current(layer):
         g = st.w_grid
-        if g.bits <= 4:
-            if layer.in_features % 2:
-                continue
-            codes = st.packed if st.packed is not None else pack_codes(st.codes, g)
-        else:
-            codes = encode(st.int8_codes().to(torch.float32) / g.multiplier, g.fmt)
-        out[name] = PackedWeight(codes.contiguous(), (st.row_scale * g.multiplier)[:, None].contiguous(), g.fmt,
-                                 (layer.out_features, layer.in_features))
-    return out
+        return pack_rows(st.int8_codes().to(torch.float32) / g.multiplier, st.row_scale * g.multiplier, g.fmt)
+    values, scale = row_grid_values(layer.weight, layer.weight_format)
+    return pack_rows(values, scale, layer.weight_format)
+
+
+def packed_weights(model: nn.Module) -> dict:
+    """Every integer-path layer's weight as a :class:`~hqdit_utils.engine.codes.PackedWeight`
+    (:func:`packed_weight`, for ``export.save_packed``): float32 row scales, so :func:`install_packed` rebuilds
+    the layer's integer path bit for bit. Layers on the simulated path, and 4-bit layers with an odd
+    ``in_features``, are left out."""
+
+    return {name: packed_weight(layer) for name, layer in _quant_linears(model).items()
+            if layer.lowbit is not None and not (layer.lowbit.w_grid.bits <= 4 and layer.in_features % 2)}
 
 
 def placeholder_weight(out_features: int, in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -826,7 +807,7 @@ def placeholder_weight(out_features: int, in_features: int, dtype: torch.dtype =
 
 
 def install_packed(layer: QuantLinear, p: PackedWeight, weight_dtype: torch.dtype = torch.float32) -> None:
-    """Make ``layer`` (a ``QuantLinear``) hold only the codes of the :class:`~hqdit_utils.engine.export.PackedWeight`
+    """Make ``layer`` (a ``QuantLinear``) hold only the codes of the :class:`~hqdit_utils.engine.codes.PackedWeight`
     ``p`` (written by :func:`packed_weights`): its integer path is then bit-identical to the saved layer's; the
     simulated path decodes ``codes · scale`` in ``weight_dtype``.
 
