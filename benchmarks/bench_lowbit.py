@@ -137,7 +137,7 @@ def _breakdown(fp32_model, q, packed, n_rows: int, repeats: int) -> list[dict]:
         fns = {"fp32 linear": lambda: F.linear(x, lin.weight, lin.bias),
                "bf16 linear": lambda: F.linear(xb, wb, bb),
                "rotate": lambda: layer.transform_input(x),
-               "quantize": lambda: lowbit.quantize_to_codes(xr, s, layer._act_fmt),
+               "quantize": lambda: lowbit.quantize_to_codes(xr, s, layer.act_quantizer().fmt),
                "unpack": lambda: pst.int8_codes(),
                "gemm+rescale": lambda: st.matmul(a, s, b),
                "int8 layer": lambda: layer(x),
@@ -207,7 +207,7 @@ def _memory_child(kind: str, layers: str, blocks: int) -> dict:
                 setattr(mod, pname, nn.Parameter(torch.randn(p.shape, generator=g) * 0.02, requires_grad=False))
         for bname, buf in list(mod.named_buffers(recurse=False)):
             if buf is not None and buf.is_meta:
-                mod._buffers[bname] = torch.randn(buf.shape, generator=g) * 0.02
+                setattr(mod, bname, torch.randn(buf.shape, generator=g) * 0.02)
     rss_built = peak_rss_gb()
     x = torch.randn(2, 4, 32, 32, generator=g)
     with torch.no_grad():

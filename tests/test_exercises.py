@@ -76,7 +76,7 @@ WRONG: dict[str, str] = {
     "ex-e2e-3": ("def _w(mu1, s1, mu2, s2):\n    d = mu1 - mu2\n"
                  "    return float(d @ d + np.trace(s1) + np.trace(s2) - 2 * np.trace(s1 @ s2) ** 0.5)"
                  "  # tr sqrt(A) is not sqrt(tr A)\nanswer = _w"),
-    "ex-beyond-1": 'answer = 1152 * 4608 // 2 + 2 * 1152  # HQ-DiT packing, not NVFP4',
+    "ex-beyond-1": 'answer = 1152 * 4608 // 2 + 4 * 1152  # HQ-DiT packing, not NVFP4',
     "ex-beyond-2": 'answer = 4.0',
     "ex-beyond-3": ("def _w(w):\n    b = w.reshape(w.shape[0], -1, 16)\n"
                     "    s = b.abs().amax(dim=-1, keepdim=True) / 6\n    s = torch.where(s > 0, s, torch.ones_like(s))\n"

@@ -122,7 +122,7 @@ def test_weight_codes_reproduce_the_fake_quantized_weight(fmt):
     codes, s = weight_codes(Wq, fmt)
     assert codes.dtype == torch.int8 and s.shape == (40,)
     assert torch.allclose(codes.double() * s.double()[:, None], Wq.double(), rtol=2 ** -21, atol=0)
-    with pytest.raises(LowbitError, match="row 0 is not an integer"):
+    with pytest.raises(LowbitError, match="row 0 is not"):
         weight_codes(W, fmt)  # not quantized
 
 
@@ -138,7 +138,10 @@ def _onednn_exact_for(m) -> bool:
 @pytest.mark.parametrize("name", list_recipes())
 def test_every_recipe_runs_exactly_or_says_why(bundle, calib, name, kernel):
     m = copy.deepcopy(bundle.transformer)
-    rep = quantize_(m, get_recipe(name).replace(clip_grid=(20, 0.3, 1.0)), calib)
+    recipe = get_recipe(name).replace(clip_grid=(20, 0.3, 1.0))
+    if recipe.rotation_seed is None:  # a seed tied to the run's (quantize_ refuses it): any fixed seed
+        recipe = recipe.replace(rotation_seed=0)
+    rep = quantize_(m, recipe, calib)
     paths = {r.layer: r.execution for r in rep.layers}
     # the report names the measured kernel of every integer-path layer, none for simulated ones
     assert all((r.kernel in lowbit.KERNELS) == (r.execution == "int") for r in rep.layers)
@@ -487,7 +490,7 @@ def test_a_changed_weight_is_planned_again(bundle, calib):
         torch.testing.assert_close(q(x) - q.bias, 2 * (y - q.bias), rtol=1e-5, atol=1e-6)
         q.weight.add_(1e-3 * torch.randn_like(q.weight))  # no longer on a grid: back to the simulation
         q(x)
-    assert q.lowbit is None and "is not an integer int4 grid" in execution_paths(q)[q.name]
+    assert q.lowbit is None and "is not int4 grid values" in execution_paths(q)[q.name]
 
 
 def test_without_int_mm_the_layers_stay_simulated_with_a_warning(bundle, calib, monkeypatch):

@@ -30,7 +30,7 @@ import torch
 from ..engine.formats import parse_format
 from ..engine.gptq import GPTQ, rtn_quantize
 from ..engine.hadamard import HadamardSpec, fast_hadamard_transform, hadamard_factors, hadamard_signs
-from ..engine.layers import BLOCK_LINEARS
+from ..engine.layers import BLOCK_LINEARS, layer_kind
 from ..engine.quantizer import fake_quantize, round_to_grid, sqnr_db
 from ..timing import time_call
 
@@ -436,15 +436,22 @@ def error_feedback_2d(w: Sequence[float], hessian: torch.Tensor, fmt: str, scale
 # --------------------------------------------------------------------------------------------------
 # what "W4A4" covers: share of weights and of multiply-adds in 4 bits
 # --------------------------------------------------------------------------------------------------
-#: Kinds of computation in a diffusers DiT, by module name (first match wins).
-_KINDS = (("attn1.to_", "block linears (qkv, proj)"), ("ff.net.", "block linears (fc1, fc2)"),
-          ("norm1.linear", "adaLN modulation linears"), ("norm1.emb", "embedders (timestep, class, patch)"),
-          ("pos_embed", "embedders (timestep, class, patch)"), ("proj_out", "final layer"))
+#: Rows of the table, in order: kinds of computation in a diffusers DiT.
+_ROWS = ("block linears (qkv, proj)", "block linears (fc1, fc2)", "adaLN modulation linears",
+         "embedders (timestep, class, patch)", "final layer")
+#: A block linear's kind (:func:`~hqdit_utils.engine.layers.layer_kind`) → its row.
+_BLOCK_ROWS = {**dict.fromkeys(("to_q", "to_k", "to_v", "to_out"), _ROWS[0]), "fc1": _ROWS[1], "fc2": _ROWS[1],
+               "adaln": _ROWS[2]}
+#: Outside the block linears: a part of the module name → its row (first match wins).
+_OTHER_ROWS = (("norm1.emb", _ROWS[3]), ("pos_embed", _ROWS[3]), ("proj_out", _ROWS[4]))
 ATTENTION_MATMULS = "attention matmuls (QKᵀ, PV)"
 
 
-def _kind(name: str) -> str:
-    return next((k for pat, k in _KINDS if pat in name), "other")
+def _kind(module: str) -> str:
+    """The row of the module named ``module`` (a parameter counts in its module's row)."""
+    if module.startswith("transformer_blocks.") and layer_kind(module) in _BLOCK_ROWS:
+        return _BLOCK_ROWS[layer_kind(module)]
+    return next((k for pat, k in _OTHER_ROWS if pat in module), "other")
 
 
 def quantized_share(transformer, recipe="hqdit-w4a4", *, shared_embedders: bool = True):
@@ -521,7 +528,7 @@ def quantized_share(transformer, recipe="hqdit-w4a4", *, shared_embedders: bool 
     # every other parameter (biases, norms, embedding tables) stays FP32
     for name, p in twin.named_parameters():
         if id(p) not in counted_params and not skip(name):
-            add(_kind(name), p.numel(), 0, False)
+            add(_kind(name.rpartition(".")[0]), p.numel(), 0, False)
     cfg = transformer.config
     size, ch = cfg.sample_size, cfg.in_channels
     with torch.no_grad():
@@ -530,7 +537,7 @@ def quantized_share(transformer, recipe="hqdit-w4a4", *, shared_embedders: bool 
     for h in hooks:
         h.remove()
     df = pd.DataFrame(rows).T
-    order = [k for _, k in _KINDS] + [ATTENTION_MATMULS, "other"]
+    order = [*_ROWS, ATTENTION_MATMULS, "other"]
     df = df.loc[[k for k in dict.fromkeys(order) if k in df.index]]
     df.loc["total"] = df.sum()
     df = df.astype("int64")

@@ -9,13 +9,14 @@ any machine. This module shows the storage that the simulation stands for, and m
   for a signed integer format;
 * :func:`pack_nibbles` puts two 4-bit codes in one byte (element ``2i`` in the low nibble);
 * :func:`save_packed` / :func:`load_packed` write and read a safetensors file holding, per layer, the
-  packed codes, one float16 scale per output row and the format name in the metadata;
+  packed codes, one float32 scale per output row and the format name in the metadata (files written with
+  float16 scales before read the same way);
 * :func:`storage_report` compares the packed size with FP32 and FP16 storage of the same layers;
 * :func:`pack_quantized` — every channel-granular ``QuantLinear`` of a quantized transformer as a
-  :class:`PackedWeight` (one float16 scale per output row). The fake-quantized weight stores only
-  ``codes · scale``; the per-row scale is recovered exactly from the weight itself
-  (:func:`recover_row_scales`), then rounded to float16 for storage, so the stored layer differs from the
-  simulated one by at most that rounding (reported per layer as ``max rel. change``);
+  :class:`PackedWeight`, by the package's one decomposition and one packing route
+  (:func:`hqdit_utils.engine.lowbit.packed_weight`: the integer path's codes, or the per-row grid values ×
+  float32 scales recovered from the fake-quantized weight); the stored layer reproduces the simulated one to
+  within 4 float32 ulps (reported per layer as ``max rel. change``);
 * :func:`block_format_bits` — bits per weight of block-scaled formats (MXFP4, NVFP4), computed from
   their definitions (this module packs per-row scales only);
 * :func:`dit_parameter_groups` / :func:`memory_scenarios` — DiT-XL/2's parameters by kind, counted from
@@ -37,30 +38,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..files import atomic_path
-from .codes import PackedWeight, decode, encode, pack_nibbles, unpack_nibbles
-from .formats import Format, parse_format
-from .lowbit import packed_weights
+# encode / pack_nibbles / unpack_nibbles are this module's storage API too (re-exported from codes)
+from .codes import PackedWeight, decode, encode, pack_nibbles, unpack_nibbles  # noqa: F401
+from .formats import parse_format
+from .lowbit import packed_weight, packed_weights
 from .qlinear import QuantLinear
-from .quantizer import round_to_grid
-
-
-def pack_weight(weight_q: torch.Tensor, scale: torch.Tensor, fmt: "str | Format") -> PackedWeight:
-    """Pack a fake-quantized weight ``weight_q`` [out, in] = codes · ``scale`` [out, 1] (per output row).
-
-    The scale is stored in float16; the codes are checked to reproduce ``weight_q`` with that stored
-    scale, so the packed layer is exactly the layer that was simulated.
-    """
-    fmt = parse_format(fmt)
-    if weight_q.dim() != 2:
-        raise ValueError(f"pack_weight: expected a 2-D weight [out, in], got shape {tuple(weight_q.shape)}")
-    scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1, 1).expand(weight_q.shape[0], 1)
-    s16 = scale.to(torch.float16)
-    if not torch.equal(s16.to(torch.float32), scale):
-        raise ValueError("pack_weight: scales must be exactly representable in float16 (quantize them first)")
-    codes = encode(weight_q.to(torch.float32) / scale, fmt)
-    if fmt.bits <= 4:
-        codes = pack_nibbles(codes)
-    return PackedWeight(codes.contiguous(), s16.contiguous(), str(fmt), tuple(weight_q.shape))
 
 
 def unpack_weight(p: PackedWeight) -> torch.Tensor:
@@ -117,60 +99,31 @@ def storage_report(layers: "dict[str, PackedWeight]") -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------------
 # What a quantized DiT weighs
 # --------------------------------------------------------------------------------------------------
-def recover_row_scales(weight_q: torch.Tensor, fmt, tol: float = 1e-5) -> torch.Tensor:
-    """Per-row scales ``s`` [out, 1] with ``weight_q / s`` on ``fmt``'s grid (``ValueError`` if none exists).
-
-    The row's largest magnitude sits on some grid value ``g``; every candidate ``max|w| / g`` is tried,
-    the largest ``g`` first (the natural scale, where the row's maximum is the grid's maximum)."""
-    fmt = parse_format(fmt)
-    grid = fmt.grid().double()
-    pos = grid[grid > 0].flip(0)  # descending
-    w = weight_q.detach().double()
-    m = w.abs().amax(dim=1, keepdim=True)
-    scales = torch.ones_like(m)
-    done = m.squeeze(1) == 0
-    for g in pos:
-        s = (m / g).clamp_min(1e-300)
-        r = w / s
-        err = (round_to_grid(r.float(), fmt).double() - r).abs().amax(dim=1)
-        ok = (err <= tol * float(pos[0])) & ~done
-        scales[ok] = s[ok]
-        done |= ok
-        if bool(done.all()):
-            break
-    if not bool(done.all()):
-        bad = int((~done).nonzero()[0])
-        raise ValueError(f"row {bad} of the weight is not a scaled copy of the {fmt} grid")
-    return scales.float()
-
-
 def pack_quantized(model) -> tuple[dict, pd.DataFrame]:
-    """Pack every ``QuantLinear`` with a per-channel weight format of ≤ 8 bits.
+    """Pack every ``QuantLinear`` with a per-channel weight format of ≤ 8 bits
+    (:func:`hqdit_utils.engine.lowbit.packed_weight`: float32 row scales).
 
     Returns ``(layers, report)``: ``layers`` maps module name → :class:`PackedWeight`
     (save with :func:`save_packed`); ``report`` has one row per layer: format, shape, packed bytes and
-    the largest relative change of a weight caused by storing its row scale in float16. Layers with block
-    formats or unquantized weights are skipped (listed in ``report.attrs["skipped"]``).
+    the largest relative change of a weight row's values between the packed and the simulated weight (within
+    4 float32 ulps by construction). Layers with block formats, unquantized weights or (4-bit) an odd
+    ``in_features`` are skipped (listed in ``report.attrs["skipped"]``).
     """
     layers, rows, skipped = {}, [], []
     for name, mod in model.named_modules():
         if not isinstance(mod, QuantLinear):
             continue
-        fmt = parse_format(mod.weight_format)
-        bits = getattr(fmt, "bits", 32)
-        if mod.block_size or bits > 8:
+        bits = getattr(parse_format(mod.weight_format), "bits", 32)
+        if mod.block_size or bits > 8 or (bits <= 4 and mod.in_features % 2):
             skipped.append(name)
             continue
+        p = packed_weight(mod)
         # a reloaded packed model holds codes only: its weight is the integer state's codes · row scale
         w = (mod.weight if mod.weight is not None else mod.lowbit.float_weight()).detach().float()
-        s = recover_row_scales(w, fmt)
-        codes_vals = round_to_grid(w / s, fmt)
-        s16 = s.to(torch.float16).to(torch.float32)
-        stored = codes_vals * s16
-        p = pack_weight(stored, s16, fmt)
+        stored = unpack_weight(p)
         layers[name] = p
         change = float(((stored - w).abs().amax(dim=1) / w.abs().amax(dim=1).clamp_min(1e-30)).max())
-        rows.append({"layer": name, "format": str(fmt), "out": w.shape[0], "in": w.shape[1],
+        rows.append({"layer": name, "format": p.fmt, "out": w.shape[0], "in": w.shape[1],
                      "packed bytes": p.nbytes, "fp32 bytes": 4 * w.numel(), "max rel. change": change})
     report = pd.DataFrame(rows).set_index("layer") if rows else pd.DataFrame()
     report.attrs["skipped"] = skipped
@@ -209,12 +162,12 @@ def dit_parameter_groups(hidden: int = 1152, depth: int = 28, mlp_ratio: int = 4
     return pd.Series(groups, name="parameters")
 
 
-def memory_scenarios(groups: pd.Series | None = None, *, weight_bits: float = 4.0, scale_bits_per_row: int = 16,
+def memory_scenarios(groups: pd.Series | None = None, *, weight_bits: float = 4.0, scale_bits_per_row: int = 32,
                      hidden: int = 1152, vae_params: int | None = None) -> pd.DataFrame:
     """Bytes of DiT-XL/2 under several "what is quantized / what is counted" scenarios, vs FP32.
 
     ``weight_bits`` bits per quantized weight plus one ``scale_bits_per_row``-bit scale per output row
-    (approximated as ``params / hidden`` rows). ``vae_params``: when given, scenarios that also count the
+    (approximated as ``params / hidden`` rows; 32: the float32 row scale :func:`save_packed` stores). ``vae_params``: when given, scenarios that also count the
     VAE (kept in FP32) are added.
     """
     g = dit_parameter_groups() if groups is None else groups

@@ -40,7 +40,7 @@ instructions (:func:`int_mm_fast`), else simulated; ``"int"`` runs ``torch._int_
 
 API: :func:`set_execution` / :func:`execution` (force ``"int"``, ``"sim"`` or choose ``"auto"``),
 :func:`execution_paths` (which path each layer runs and why), :func:`drop_float_weights_` (keep only the
-codes: packed 4-bit or int8), :func:`packed_weights` / :func:`install_packed` (files: ``save_quantized(...,
+codes: packed 4-bit or int8), :func:`packed_weight` / :func:`packed_weights` / :func:`install_packed` (files: ``save_quantized(...,
 packed=True)``, ``export.save_packed(model, path)``), and the building blocks :func:`integer_grid`, :func:`grid_to_codes`,
 :func:`codes_to_grid`, :func:`quantize_to_codes`, :func:`weight_codes`, :func:`pack_codes`,
 :func:`unpack_codes`, :func:`int_matmul`.
@@ -60,7 +60,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .codes import PackedWeight, decode, encode, pack_nibbles
+from .codes import PackedWeight, decode, encode, pack_nibbles, pack_rows, row_grid_values
 from .. import config
 from ..files import write_json_atomic
 from .formats import FloatFormat, Format, IntFormat, NoFormat, parse_format
@@ -73,7 +73,7 @@ __all__ = ["LowbitError", "IntegerGrid", "integer_grid", "grid_to_codes", "codes
            "INT8_DOT_FLAGS", "KERNELS", "onednn_available", "onednn_exact", "int_kernel", "rescale",
            "KERNEL_CACHE_FILE", "kernel_candidates", "measure_kernels", "choose_kernel", "IntLinearState",
            "plan_layer", "set_execution", "execution", "execution_paths", "drop_float_weights_", "MODES",
-           "PACKED_FILE", "packed_weights", "placeholder_weight", "install_packed"]
+           "PACKED_FILE", "packed_weight", "packed_weights", "placeholder_weight", "install_packed"]
 
 MODES = ("auto", "int", "sim")
 _INT32_MAX = 2 ** 31 - 1
@@ -175,45 +175,22 @@ def quantize_to_codes(x: torch.Tensor, scale: "torch.Tensor | float", fmt: "str 
 
 
 def weight_codes(weight: torch.Tensor, fmt: "str | Format") -> tuple[torch.Tensor, torch.Tensor]:
-    """Decompose a per-row fake-quantized weight [out, in] into int8 codes [out, in] and float32 row scales [out].
+    """Decompose a per-row fake-quantized weight [out, in] into int8 codes [out, in] and float32 row scales [out]:
+    :func:`~hqdit_utils.engine.codes.row_grid_values` (the package's one decomposition) in the units of the
+    integer grid (values × ``m``, scales / ``m``; both exact, ``m`` a power of two).
 
-    ``codes[j] · scale[j]`` reproduces ``weight[j]`` to within 4 ulps of the weight's dtype (the simulated weight
-    is the *rounded* product of a code and a float32 scale). Per row, the scale is ``max|w| / g`` for the first
-    integer level ``g`` (largest first) that makes every ``w / scale`` an integer level; all-zero rows get 1.
+    ``codes[j] · scale[j]`` reproduces ``weight[j]`` to within 4 ulps of the weight's dtype.
 
     Raises:
-        LowbitError: some row is not a scaled copy of the integer grid (block scales, a weight cast to a lower
-            precision after quantization, an unquantized weight …).
+        LowbitError: no integer grid fits int8, or some row is not a scaled copy of the grid (block scales, a
+            weight cast to a lower precision after quantization, an unquantized weight …).
     """
     g = integer_grid(fmt)
-    if weight.dim() != 2:
-        raise LowbitError(f"weight must be [out, in], got shape {tuple(weight.shape)}")
-    w = weight.detach().to(torch.float32)
-    tol = 4 * torch.finfo(weight.dtype).eps
-    ok_level = torch.zeros(2 * g.qmax + 1, dtype=torch.bool)
-    ok_level[torch.tensor(g.levels) + g.qmax] = True
-    amax = w.abs().amax(dim=1)
-    scale = torch.ones_like(amax)
-    codes = torch.zeros(w.shape, dtype=torch.int8)
-    todo = amax > 0
-    for level in sorted((v for v in g.levels if v > 0), reverse=True):
-        rows = todo.nonzero().flatten()
-        if len(rows) == 0:
-            break
-        s = amax[rows] / level
-        wr = w[rows]
-        c = (wr / s[:, None]).round_()
-        cl = c.clamp(-g.qmax, g.qmax)
-        good = (c == cl).all(dim=1) & ok_level[(cl + g.qmax).to(torch.int64)].all(dim=1)
-        good &= ((cl * s[:, None] - wr).abs() <= tol * wr.abs()).all(dim=1)
-        hit = rows[good]
-        scale[hit] = s[good]
-        codes[hit] = cl[good].to(torch.int8)
-        todo[hit] = False
-    if bool(todo.any()):
-        bad = int(todo.nonzero()[0])
-        raise LowbitError(f"weight row {bad} is not an integer {g.fmt} grid × a per-row scale in {weight.dtype}")
-    return codes, scale
+    try:
+        values, scale = row_grid_values(weight, g.fmt)
+    except ValueError as err:
+        raise LowbitError(str(err)) from None
+    return values.mul_(g.multiplier).to(torch.int8), scale.div_(g.multiplier)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -233,7 +210,7 @@ def _pair_table(fmt: str) -> torch.Tensor:
 
 def pack_codes(codes: torch.Tensor, fmt: "str | Format") -> torch.Tensor:
     """uint8 [..., n/2]: the 4-bit bit patterns of int8 ``codes`` [..., n] (n even), two per byte, in the layout
-    of :func:`hqdit_utils.engine.export.pack_nibbles` (sign-magnitude FP4 / two's-complement int4)."""
+    of :func:`hqdit_utils.engine.codes.pack_nibbles` (sign-magnitude FP4 / two's-complement int4)."""
 
     g = integer_grid(fmt)
     if g.bits > 4:
@@ -469,8 +446,9 @@ def int_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 # A QuantLinear on the integer path
 # --------------------------------------------------------------------------------------------------
 class IntLinearState:
-    """The integer form of one ``QuantLinear`` (held as ``layer.lowbit``; not a buffer: recomputed from the
-    weight, see :func:`plan_layer`).
+    """The integer form of one ``QuantLinear`` (held as ``layer.lowbit``, the layer's
+    :class:`~hqdit_utils.engine.qlinear.IntegerPath`; not a buffer: recomputed from the weight, see
+    :func:`plan_layer`).
 
     Attributes:
         w_grid / a_grid: :class:`IntegerGrid` of the weight and activation formats.
@@ -506,7 +484,7 @@ class IntLinearState:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_onednn": None}  # oneDNN's prepacked tensor neither copies nor pickles
 
-    def current(self, layer) -> bool:
+    def current(self, layer: QuantLinear) -> bool:
         """Whether these codes still describe ``layer``'s float weight. A weight changed since planning (loaded,
         cast, edited in place) is planned again; if it cannot run exactly any more, the layer returns to the
         simulated path (``layer.lowbit = None``; :func:`execution_paths` tells why) and this returns False."""
@@ -549,19 +527,31 @@ class IntLinearState:
         t = self.codes if self.codes is not None else self.packed
         return t.numel() * t.element_size() + 2 * self.row_scale.numel() * 4
 
+    def follow_(self, fn) -> None:
+        """Follow the layer's ``_apply(fn)`` (``.to(device / dtype)``, ``.half()`` …): codes and scales move to
+        ``fn``'s device, ``weight_dtype`` becomes ``fn``'s dtype for it; off the CPU the integer path is disabled."""
+        device = fn(torch.zeros(1)).device
+        for k in ("codes", "packed", "row_scale", "w_scale"):
+            if getattr(self, k) is not None:
+                setattr(self, k, getattr(self, k).to(device))
+        self.weight_dtype = fn(torch.zeros(1, dtype=self.weight_dtype)).dtype
+        if device.type != "cpu":
+            self.enabled = False
+
     # activations --------------------------------------------------------------------------------
-    def act_codes(self, layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def act_codes(self, layer: QuantLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``x`` [M, in] → (int8 codes [M, in], float32 activation scale: 0-d (static) or [M, 1] (per token),
         bool [M] rows whose rounded activation is NaN or ``None`` when there are none), with the operations of
         ``layer.quantize_input``: SmoothQuant factor, online rotation, rounding. A NaN has no int8 code: its row
         of the output is set to NaN, as the simulated path's product gives (±Inf saturates in both)."""
         xr = layer.transform_input(x)
-        fmt = layer._act_fmt
-        if layer.act_mode == "static":
-            s = layer._current_scale().to(torch.float32)
+        aq = layer.act_quantizer()
+        fmt = aq.fmt
+        if aq.mode == "static":
+            s = aq.scale.to(torch.float32)
         else:  # per token: as quantizer.token_fake_quantize
             amax = xr.detach().abs().amax(dim=-1, keepdim=True).to(torch.float32)
-            s = torch.where(amax > 0, amax * (layer.act_gamma / fmt.max_value), torch.ones_like(amax))
+            s = torch.where(amax > 0, amax * (aq.gamma / fmt.max_value), torch.ones_like(amax))
         owned = xr is not x and xr.dtype == torch.float32  # a temporary of the transform: divide in place
         t = xr.div_(s) if owned else xr.to(torch.float32) / s
         r = round_to_grid_(t, fmt)
@@ -569,7 +559,7 @@ class IntLinearState:
         nan_rows = r.isnan().any(dim=-1) if bool(torch.isnan(r.sum())) else None
         return r.mul_(self.a_grid.multiplier).to(torch.int8), s, nan_rows
 
-    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         """``layer(x)`` on the integer path: ``x`` [..., in] (float32/16, bfloat16) → [..., out] in ``x``'s dtype
         (the autocast dtype under CPU autocast, as ``F.linear`` there)."""
         lead, k = x.shape[:-1], x.shape[-1]
@@ -609,12 +599,12 @@ class IntLinearState:
         return _onednn_linear(a, 1.0, packed[0], packed[1], packed[2], None)
 
 
-def _source(layer) -> tuple | None:
+def _source(layer: QuantLinear) -> tuple | None:
     w = layer.weight
     return None if w is None else (w.data_ptr(), w.dtype, w._version)
 
 
-def plan_layer(layer) -> "IntLinearState | str":
+def plan_layer(layer: QuantLinear) -> "IntLinearState | str":
     """An :class:`IntLinearState` for a ``QuantLinear`` that the integer path computes exactly, or a one-line
     reason why it cannot (the layer then stays on the simulated path)."""
     if layer.act_mode == "none":
@@ -761,8 +751,8 @@ def execution(model: nn.Module, mode: str, *, weights: str | None = None, kernel
 def drop_float_weights_(model: nn.Module, *, weights: str = "packed") -> int:
     """Free the float weight of every layer on the integer path and keep only its codes (``weights``:
     ``"packed"`` 4-bit codes two per byte, or ``"int8"``). The simulated path, if forced later, decodes the
-    weight from the codes (``codes · row scale``, within 4 ulps of the dropped weight). ``save_quantized`` and
-    ``storage.pack_quantized`` need the float weights: call them before. Returns the bytes freed."""
+    weight from the codes (``codes · row scale``, within 4 ulps of the dropped weight). ``save_quantized`` then
+    needs ``packed=True``. Returns the bytes freed."""
     freed = 0
     for layer in _quant_linears(model).values():
         st = layer.lowbit
@@ -771,39 +761,43 @@ def drop_float_weights_(model: nn.Module, *, weights: str = "packed") -> int:
         st.hold(weights)
         st.source = None
         freed += layer.weight.numel() * layer.weight.element_size()
-        layer._buffers["weight"] = None
+        layer.weight = None
     return freed
 
 
 # --------------------------------------------------------------------------------------------------
-# Files: the codes as export.PackedWeight (two 4-bit codes per byte, float32 row scales)
+# Files: the codes as codes.PackedWeight (two 4-bit codes per byte, float32 row scales)
 # --------------------------------------------------------------------------------------------------
 #: The file :func:`~hqdit_utils.engine.qmodel.save_quantized` (``packed=True``) writes next to ``quant_state.safetensors``.
 PACKED_FILE = "packed_weights.safetensors"
 
 
-def packed_weights(model: nn.Module) -> dict:
-    """Every integer-path layer's weight as an :class:`~hqdit_utils.engine.export.PackedWeight` (for
-    ``export.save_packed``): 4-bit bit patterns two per byte (8-bit formats: one per byte) and one float32 scale
-    per output row [out, 1] in the units of the format's grid — no float16 rounding, so
-    :func:`install_packed` rebuilds the layer's integer path bit for bit. Layers on the simulated path, and
-    4-bit layers with an odd ``in_features``, are left out."""
+def packed_weight(layer: QuantLinear) -> PackedWeight:
+    """``layer``'s weight as a :class:`~hqdit_utils.engine.codes.PackedWeight` (4-bit codes two per byte, 8-bit
+    one per byte, one float32 scale per output row [out, 1] in the units of the format's grid), by the one route
+    :func:`~hqdit_utils.engine.codes.pack_rows`: from the integer path's codes when the layer has them, else from
+    the decomposition of its float weight (:func:`~hqdit_utils.engine.codes.row_grid_values`; layers on the
+    simulated path, FP8 weights). Both give the same codes and scales.
 
-    out = {}
-    for name, layer in _quant_linears(model).items():
-        st = layer.lowbit
-        if st is None:
-            continue
+    Raises:
+        ValueError: a weight that is not per-row grid values × scales, or an odd ``in_features`` for 4 bits.
+    """
+    st = layer.lowbit
+    if st is not None and st.current(layer):
         g = st.w_grid
-        if g.bits <= 4:
-            if layer.in_features % 2:
-                continue
-            codes = st.packed if st.packed is not None else pack_codes(st.codes, g)
-        else:
-            codes = encode(st.int8_codes().to(torch.float32) / g.multiplier, g.fmt)
-        out[name] = PackedWeight(codes.contiguous(), (st.row_scale * g.multiplier)[:, None].contiguous(), g.fmt,
-                                 (layer.out_features, layer.in_features))
-    return out
+        return pack_rows(st.int8_codes().to(torch.float32) / g.multiplier, st.row_scale * g.multiplier, g.fmt)
+    values, scale = row_grid_values(layer.weight, layer.weight_format)
+    return pack_rows(values, scale, layer.weight_format)
+
+
+def packed_weights(model: nn.Module) -> dict:
+    """Every integer-path layer's weight as a :class:`~hqdit_utils.engine.codes.PackedWeight`
+    (:func:`packed_weight`, for ``export.save_packed``): float32 row scales, so :func:`install_packed` rebuilds
+    the layer's integer path bit for bit. Layers on the simulated path, and 4-bit layers with an odd
+    ``in_features``, are left out."""
+
+    return {name: packed_weight(layer) for name, layer in _quant_linears(model).items()
+            if layer.lowbit is not None and not (layer.lowbit.w_grid.bits <= 4 and layer.in_features % 2)}
 
 
 def placeholder_weight(out_features: int, in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -812,8 +806,8 @@ def placeholder_weight(out_features: int, in_features: int, dtype: torch.dtype =
     return torch.zeros((), dtype=dtype).expand(out_features, in_features)
 
 
-def install_packed(layer, p, weight_dtype: torch.dtype = torch.float32) -> None:
-    """Make ``layer`` (a ``QuantLinear``) hold only the codes of the :class:`~hqdit_utils.engine.export.PackedWeight`
+def install_packed(layer: QuantLinear, p: PackedWeight, weight_dtype: torch.dtype = torch.float32) -> None:
+    """Make ``layer`` (a ``QuantLinear``) hold only the codes of the :class:`~hqdit_utils.engine.codes.PackedWeight`
     ``p`` (written by :func:`packed_weights`): its integer path is then bit-identical to the saved layer's; the
     simulated path decodes ``codes · scale`` in ``weight_dtype``.
 
@@ -833,4 +827,4 @@ def install_packed(layer, p, weight_dtype: torch.dtype = torch.float32) -> None:
     st = IntLinearState(wg, ag, codes, p.scale.to(torch.float32).reshape(-1) / wg.multiplier, weight_dtype, None)
     st.hold("packed")
     layer.lowbit = st
-    layer._buffers["weight"] = None
+    layer.weight = None

@@ -8,17 +8,19 @@ static per tensor (optionally one scale per timestep group), dynamic per token, 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats import NoFormat, parse_format
+from .formats import Format, NoFormat, parse_format
 from .hadamard import rotate_input
 from .quantizer import block_fake_quantize, fake_quantize, token_fake_quantize
 
-__all__ = ["TimestepContext", "SharedInput", "QuantLinear", "QuantAttnProcessor"]
+__all__ = ["TimestepContext", "SharedInput", "ActivationQuantizer", "IntegerPath", "QuantLinear",
+           "QuantAttnProcessor"]
 
 
 class TimestepContext:
@@ -64,6 +66,49 @@ class SharedInput:
         if self.uses >= self.members:  # every member has read it: do not keep tensors alive between calls
             self._clear()
         return value
+
+
+@dataclass(frozen=True)
+class ActivationQuantizer:
+    """How a :class:`QuantLinear` quantizes its (transformed) input at this call — what an exact integer path
+    needs to compute the same activation codes (:meth:`QuantLinear.act_quantizer`).
+
+    Attributes:
+        fmt: the activation format (:class:`~hqdit_utils.engine.formats.NoFormat` when not quantized).
+        mode: "none" | "static" | "token" | "block" (as ``QuantLinear.act_mode``).
+        scale: 0-d float32 tensor, the static scale of the current timestep group (``mode="static"``), else ``None``.
+        gamma: dimensionless factor of the per-token scale ``α_t = gamma · max|x_t|`` (``mode="token"``).
+    """
+
+    fmt: Format
+    mode: str
+    scale: torch.Tensor | None
+    gamma: float
+
+
+class IntegerPath(Protocol):
+    """What a :class:`QuantLinear` asks of the exact integer execution attached as ``layer.lowbit``
+    (implemented by :class:`hqdit_utils.engine.lowbit.IntLinearState`; this module does not import it).
+
+    Attributes:
+        enabled: run the integer path (``False``: the layer runs its simulated path).
+        weight_dtype: dtype of the float weight the codes stand for (a codes-only layer's dtype).
+    """
+
+    enabled: bool
+    weight_dtype: torch.dtype
+
+    def current(self, layer: "QuantLinear") -> bool:
+        """Whether the codes still describe ``layer``'s weight (re-planned if not; ``False``: use the simulation)."""
+
+    def forward(self, layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
+        """``layer(x)`` on the integer path: ``x`` [..., in] → [..., out]."""
+
+    def float_weight(self) -> torch.Tensor:
+        """The weight [out, in] decoded from the codes in ``weight_dtype`` (codes-only layers' simulated path)."""
+
+    def follow_(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Follow the layer's ``_apply(fn)`` (``.to(device / dtype)``): codes and scales move with it."""
 
 
 class QuantLinear(nn.Module):
@@ -135,7 +180,7 @@ class QuantLinear(nn.Module):
             self.ts_edges = None
         self.ts_ctx: TimestepContext | None = None  # set by quantize_ with per-timestep-group scales
         self.shared: SharedInput | None = None  # set by quantize_ for layers that read the same tensor
-        self.lowbit = None  # lowbit.IntLinearState when the layer runs (or can run) on the exact integer path
+        self.lowbit: IntegerPath | None = None  # set when the layer runs (or can run) on the exact integer path
 
     def _apply(self, fn, recurse=True):
         """``.to(device / dtype)``, ``.half()``, ``.double()``, ``.cuda()`` …: the weight and bias follow ``fn``;
@@ -147,14 +192,8 @@ class QuantLinear(nn.Module):
         probe = fn(torch.zeros(1))
         for k, b in keep.items():
             self._buffers[k] = b.to(probe.device)
-        st = self.lowbit
-        if st is not None:
-            for k in ("codes", "packed", "row_scale", "w_scale"):
-                if getattr(st, k) is not None:
-                    setattr(st, k, getattr(st, k).to(probe.device))
-            st.weight_dtype = fn(torch.zeros(1, dtype=st.weight_dtype)).dtype
-            if probe.device.type != "cpu":
-                st.enabled = False
+        if self.lowbit is not None:
+            self.lowbit.follow_(fn)
         return self
 
     @classmethod
@@ -173,6 +212,15 @@ class QuantLinear(nn.Module):
                 "rotation": rot, "has_bias": self.bias is not None, "has_smooth": self.smooth_inv is not None,
                 "ts_groups": 0 if self.ts_edges is None else len(self.ts_edges) + 1,
                 "act_groups": 0 if self.act_scale is None else len(self.act_scale), "name": self.name}
+
+    def act_quantizer(self) -> ActivationQuantizer:
+        """The activation quantizer as it applies now (the static scale of the current timestep group).
+
+        Raises:
+            RuntimeError: per-timestep-group scales and no current timestep (call the model with ``timestep=``).
+        """
+        scale = self._current_scale() if self.act_mode == "static" else None
+        return ActivationQuantizer(self._act_fmt, self.act_mode, scale, self.act_gamma)
 
     def _current_scale(self) -> torch.Tensor:
         if self.ts_edges is None or len(self.act_scale) == 1:
