@@ -556,7 +556,10 @@ class IntLinearState:
         t = xr.div_(s) if owned else xr.to(torch.float32) / s
         r = round_to_grid_(t, fmt)
         # the rounded values are bounded by qmax (saturating grids): their sum is NaN only if one of them is
-        nan_rows = r.isnan().any(dim=-1) if bool(torch.isnan(r.sum())) else None
+        if torch.compiler.is_compiling():  # no data-dependent branch in a compiled graph: always the mask
+            nan_rows = r.isnan().any(dim=-1)
+        else:
+            nan_rows = r.isnan().any(dim=-1) if bool(torch.isnan(r.sum())) else None
         return r.mul_(self.a_grid.multiplier).to(torch.int8), s, nan_rows
 
     def forward(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
@@ -573,7 +576,7 @@ class IntLinearState:
                                         compute=lambda t: self.act_codes(layer, t.reshape(-1, k)))
         out = self.matmul(a, s, layer.bias)
         if nan_rows is not None:
-            out[nan_rows] = float("nan")
+            out = out.masked_fill(nan_rows[:, None], float("nan"))  # the rows whose activation was NaN
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
         return out.to(dtype).view(*lead, out.shape[-1])
 
