@@ -261,7 +261,8 @@ class QuantLinear(nn.Module):
         if x.dtype != wdtype and not torch.is_autocast_enabled(x.device.type):
             raise ValueError(f"{self.name or 'QuantLinear'}: input dtype {x.dtype} differs from the weight's "
                              f"{wdtype}; cast the input (x.to({wdtype})) or the model (.to(dtype))")
-        if lb is not None and lb.enabled and lb.current(self):  # the exact integer path (lowbit.py)
+        # the exact integer path (lowbit.py); a compiled graph does not re-plan (tracing changes data pointers)
+        if lb is not None and lb.enabled and (torch.compiler.is_compiling() or lb.current(self)):
             return lb.forward(self, x)
         xq = self.quantize_input(x) if self.shared is None else self.shared.get(self, x)
         weight = self.weight if self.weight is not None else lb.float_weight()  # codes only: decode
