@@ -8,7 +8,7 @@ import torch
 
 from hqdit_utils.engine import lowbit
 from hqdit_utils.engine.calibration import calibrate
-from hqdit_utils.engine.layers import ALL_FC_LAYERS
+from hqdit_utils.engine.layers import WHOLE_MODEL_LAYERS
 from hqdit_utils.engine.export import decode, unpack_nibbles
 from hqdit_utils.engine.formats import parse_format
 from hqdit_utils.engine.hadamard import HadamardSpec
@@ -46,7 +46,7 @@ def bundle():
 
 @pytest.fixture(scope="module")
 def calib(bundle):
-    return calibrate(bundle, layers=ALL_FC_LAYERS, num_trajectories=2, num_timesteps=3, num_steps=4,
+    return calibrate(bundle, layers=WHOLE_MODEL_LAYERS, num_trajectories=2, num_timesteps=3, num_steps=4,
                      rows_per_timestep=32, attention=True)
 
 
