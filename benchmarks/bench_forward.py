@@ -6,11 +6,16 @@ after one warm-up, all in one process. Targets (issue 9): ``fp4-hybrid`` ≤ 1.3
 (online rotation) ≤ 1.6× FP32; ``int4-rtn`` reported. BF16 (the FP32 model under CPU bfloat16 autocast, what a
 CPU user would run instead; issue 30) is timed beside them, and every ratio is also given against it.
 
-``--compile`` also times ``torch.compile`` of the ``hqdit-w4a4`` model against eager (target: at least as fast).
+``--compile`` also times ``torch.compile`` of the FP32 and the ``hqdit-w4a4`` models (issue 30's targets: the compiled
+W4A4 model at least as fast as eager, and ≤ 0.8× the FP32 forward), then samples the book profile's images with
+FP32, W4A4 eager and W4A4 compiled (target: W4A4 faster than FP32; the compilation is timed apart).
 
     python -m benchmarks.bench_forward [--quick] [--compile] [--json out.json]
 """
 from __future__ import annotations
+
+import dataclasses
+import time
 
 import torch
 
@@ -21,19 +26,49 @@ from ._dit import FORWARD_TARGETS, Bf16Autocast, denoiser_inputs, forward_median
 from ._report import check, cpu_line, finish, parser, setup
 
 
-def _compiled(model, inputs, repeats: int) -> dict:
-    """Seconds of the first call of ``torch.compile(model)`` (compilation included) and medians of it and of
-    ``model`` (eager) afterwards, timed round-robin."""
-    import time
-
-    compiled = torch.compile(model)
+def _compiled(models: dict, inputs, repeats: int) -> dict:
+    """``torch.compile`` of the FP32 and the ``hqdit-w4a4`` model: seconds of each first call (compilation
+    included), then medians of the compiled models beside the eager ones and BF16, timed round-robin."""
+    compiled, first = {}, {}
     x, t, y = inputs
+    for name in ("fp32", "hqdit-w4a4"):
+        compiled[name] = torch.compile(models[name], dynamic=False)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            compiled[name](x, timestep=t, class_labels=y)
+        first[name] = time.perf_counter() - t0
+    med = forward_medians({"fp32": models["fp32"], "bf16": models["bf16"], "hqdit-w4a4": models["hqdit-w4a4"],
+                           "fp32 compiled": compiled["fp32"], "hqdit-w4a4 compiled": compiled["hqdit-w4a4"]},
+                          inputs, repeats)
+    return {"first_s": first, "seconds": med}
+
+
+def _sampling(bundle, q, quick: bool) -> dict:
+    """Seconds to sample the book profile's images (its steps, batch, guidance; ``--quick``: a quarter of the
+    images) with the FP32 model, the ``hqdit-w4a4`` model eager, and the same model compiled (its compilation
+    timed apart, by a first call on one batch's shape)."""
+    from hqdit_utils.config import profile
+    from hqdit_utils.runs.experiments import sample_plan
+    from hqdit_utils.dit.sampling import sample
+
+    prof = profile("book")
+    n = prof.eval_samples // (4 if quick else 1)
+    labels, seeds = sample_plan(bundle.num_classes, n, 0)
+    compiled = torch.compile(q, dynamic=False)
+    xs = torch.randn(2 * min(prof.batch_size, n), bundle.latent_channels, bundle.latent_size, bundle.latent_size)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        compiled(x, timestep=t, class_labels=y)
-    first = time.perf_counter() - t0
-    med = forward_medians({"eager": model, "compiled": compiled}, inputs, repeats)
-    return {"first_s": first, "eager_s": med["eager"], "compiled_s": med["compiled"]}
+    with torch.no_grad():  # the shape of a guided batch: the compilation, once
+        compiled(xs, timestep=torch.full((len(xs),), 500), class_labels=torch.zeros(len(xs), dtype=torch.long))
+    compile_s = time.perf_counter() - t0
+    out = {"images": n, "steps": prof.sampling_steps, "batch": prof.batch_size, "compile_s": compile_s}
+    for name, model in (("fp32", bundle.transformer), ("hqdit-w4a4", q), ("hqdit-w4a4 compiled", compiled)):
+        b = dataclasses.replace(bundle, transformer=model)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            sample(b, labels, num_steps=prof.sampling_steps, cfg_scale=1.5, seeds=seeds,
+                   batch_size=prof.batch_size, progress=False)
+        out[name] = time.perf_counter() - t0
+    return out
 
 
 def main(argv=None) -> list[dict]:
@@ -63,13 +98,33 @@ def main(argv=None) -> list[dict]:
                      None, t[name]) for name in ("fp32", *FORWARD_TARGETS)]
     details = {"batch": args.batch, "repeats": repeats, "seconds": t}
     if args.compile:
-        details["compile"] = _compiled(models["hqdit-w4a4"], inputs, repeats)
-        c = details["compile"]
-        print(f"torch.compile of hqdit-w4a4 (integer path): first call {c['first_s']:.1f} s, then "
-              f"{c['compiled_s'] * 1e3:.1f} ms against eager {c['eager_s'] * 1e3:.1f} ms "
-              f"({c['compiled_s'] / c['eager_s']:.2f}x)")
-        checks.append(check("forward", f"embedded forward b{args.batch} hqdit-w4a4 torch.compile", "eager",
-                            c["compiled_s"] / c["eager_s"], 1.0, c["compiled_s"]))
+        details["compile"] = c = _compiled(models, inputs, repeats)
+        m = c["seconds"]
+        print(f"\ntorch.compile (first call: FP32 {c['first_s']['fp32']:.1f} s, hqdit-w4a4 "
+              f"{c['first_s']['hqdit-w4a4']:.1f} s), then:")
+        print(f"{'model':20s} {'ms':>8s} {'x FP32':>7s} {'x BF16':>7s}")
+        for name, sec in m.items():
+            print(f"{name:20s} {sec * 1e3:8.1f} {sec / m['fp32']:7.3f} {sec / m['bf16']:7.3f}")
+        w = m["hqdit-w4a4 compiled"]
+        checks += [check("forward", f"embedded forward b{args.batch} hqdit-w4a4 torch.compile", "eager",
+                         w / m["hqdit-w4a4"], 1.0, w),
+                   check("forward", f"embedded forward b{args.batch} hqdit-w4a4 torch.compile", "FP32 forward",
+                         w / m["fp32"], 0.8, w),
+                   check("forward", f"embedded forward b{args.batch} hqdit-w4a4 torch.compile", "BF16 forward",
+                         w / m["bf16"], None, w),
+                   check("forward", f"embedded forward b{args.batch} hqdit-w4a4 torch.compile", "FP32 compiled",
+                         w / m["fp32 compiled"], None, w)]
+        details["sampling"] = sm = _sampling(bundle, models["hqdit-w4a4"], args.quick)
+        print(f"\nbook-profile sampling ({sm['images']} images, {sm['steps']} steps, batch {sm['batch']}, CFG): "
+              f"FP32 {sm['fp32']:.1f} s, hqdit-w4a4 eager {sm['hqdit-w4a4']:.1f} s, compiled "
+              f"{sm['hqdit-w4a4 compiled']:.1f} s (+ {sm['compile_s']:.1f} s compiling, once)")
+        checks += [check("forward", "book-profile sampling hqdit-w4a4 eager", "FP32 sampling",
+                         sm["hqdit-w4a4"] / sm["fp32"], 1.0, sm["hqdit-w4a4"]),
+                   check("forward", "book-profile sampling hqdit-w4a4 torch.compile", "FP32 sampling",
+                         sm["hqdit-w4a4 compiled"] / sm["fp32"], 1.0, sm["hqdit-w4a4 compiled"]),
+                   check("forward", "book-profile sampling hqdit-w4a4 torch.compile incl. compiling", "FP32 sampling",
+                         (sm["hqdit-w4a4 compiled"] + sm["compile_s"]) / sm["fp32"], None,
+                         sm["hqdit-w4a4 compiled"] + sm["compile_s"])]
     finish(args, "forward", checks, details)
     return checks
 

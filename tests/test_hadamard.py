@@ -275,11 +275,13 @@ def test_fast_transform_under_autograd_gives_the_same_values_and_gradients(n, se
     assert torch.allclose(xg.grad, expected, atol=1e-10)
 
 
-@pytest.mark.parametrize("n", [128, 144])
-def test_rotation_compiles_with_torch_compile(n):
-    """torch.compile (inductor) of the online rotation gives the eager result; it failed on the out= fast path
-    ("Cannot view a tensor with shape … as a tensor with shape …") before that path was skipped under compile."""
+@pytest.mark.parametrize("n, transpose", [(128, False), (144, False), (4608, True)])
+def test_rotation_compiles_with_torch_compile(n, transpose):
+    """torch.compile (inductor) of the online rotation gives the eager result up to float rounding: compiled, the
+    transform is a chain of small dense products (Sylvester factors of order ≤ 16: 128 = 16·8, 4608 = 16·8·36),
+    not the butterfly. (It once failed on the out= fast path: "Cannot view a tensor with shape …".)"""
     x = torch.randn(32, n, generator=torch.Generator().manual_seed(0))
-    eager = fast_hadamard_transform(x, n, seed=3)
-    compiled = torch.compile(lambda t: fast_hadamard_transform(t, n, seed=3), dynamic=False)(x)
-    assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-6)
+    eager = fast_hadamard_transform(x, n, seed=3, transpose=transpose)
+    compiled = torch.compile(lambda t: fast_hadamard_transform(t, n, seed=3, transpose=transpose), dynamic=False)(x)
+    assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(compiled, fast_hadamard_transform(x, n, seed=4, transpose=transpose), atol=1e-3)

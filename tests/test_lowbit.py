@@ -363,6 +363,51 @@ def test_nan_and_inf_behave_as_on_the_simulated_path(mode):
         assert _rel(out[[0, 5]], sim[[0, 5]].double()) <= 1e-5
 
 
+@pytest.mark.parametrize("mode", ["static", "token"])
+def test_nan_rows_propagate_in_a_compiled_layer(mode):
+    """Compiled, the NaN mask is computed from the rows' sums (no data-dependent branch): the same rows are NaN as
+    in eager, and the others agree up to float rounding of the rotation."""
+    g = torch.Generator().manual_seed(8)
+    W = fake_quantize(torch.randn(24, 72, generator=g) / 7, "fp4_e2m1", axis=0)
+    layer = QuantLinear(72, 24, weight=W, bias=torch.randn(24, generator=g), weight_format="fp4_e2m1",
+                        act_format="fp4_e2m1", act_mode=mode, act_scale=torch.tensor([0.2]),
+                        rotation=HadamardSpec(72, seed=1))
+    set_execution(layer, "int")
+    x = torch.randn(6, 72, generator=g)
+    x[1, 3], x[4, 7] = float("nan"), float("nan")
+    with torch.no_grad():
+        eager = layer(x)
+        out = torch.compile(layer, dynamic=False)(x)
+    assert torch.equal(out.isnan(), eager.isnan()) and bool(out[[1, 4]].isnan().all())
+    ok = [0, 2, 3, 5]
+    assert _rel(out[ok], eager[ok].double()) <= 0.05  # a code may round the other way: one grid step at most
+
+
+def test_torch_compile_of_a_quantized_model_is_one_graph_near_eager(bundle, calib):
+    """torch.compile of a W4A4 model on the integer path traces into one graph (no generator drawn, no tensor
+    read, no version counter inside the forward; q/k/v still share one quantized input) and gives the eager
+    output up to the few activation codes that float rounding of the rotation sends to the neighbouring grid
+    point."""
+    m = copy.deepcopy(bundle.transformer)
+    quantize_(m, get_recipe("hqdit-w4a4").replace(clip_grid=(20, 0.3, 1.0), rotation_seed=0), calib)
+    set_execution(m, "int")
+    x, t, y = _inputs()
+    explained = torch._dynamo.explain(m)(x, timestep=t, class_labels=y)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    calls = []
+    orig = lowbit.IntLinearState.act_codes
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lowbit.IntLinearState, "act_codes", lambda self, *a: calls.append(1) or orig(self, *a))
+        torch._dynamo.reset()
+        compiled = torch.compile(m, dynamic=False)
+        with torch.no_grad():
+            out = compiled(x, timestep=t, class_labels=y).sample
+    assert len(calls) == 4 * 2  # per block: q/k/v (shared), out, fc1, fc2 — traced once
+    eager = _run(m)
+    assert out.shape == eager.shape and bool(out.isfinite().all())
+    assert _rel(out, eager.double()) <= 0.05
+
+
 def test_auto_runs_the_measured_kernel_and_keeps_the_choice(monkeypatch, tmp_path):
     """"auto" asks choose_kernel (timings measured once per machine, threads and shape, kept in a JSON file);
     every kernel gives the same bits; a forced kernel wins; INT8 weights have torch._int_mm only."""

@@ -248,8 +248,16 @@ def hadamard_factors(n: int) -> tuple[int, int, str]:
     return found
 
 
-@lru_cache(maxsize=None)
+_FACTORS: dict = {}  # n -> (p, b, construction) or None: a plain dict (a compiled graph reads it without tracing)
+
+
 def _factors(n: int) -> tuple[int, int, str] | None:
+    if n not in _FACTORS:
+        _FACTORS[n] = _find_factors(n)
+    return _FACTORS[n]
+
+
+def _find_factors(n: int) -> tuple[int, int, str] | None:
     a, m = 0, n
     while m % 2 == 0:
         m //= 2
@@ -296,13 +304,20 @@ def _unsupported_message(n: int) -> str:
 # --------------------------------------------------------------------------------------------------
 # Dense matrices
 # --------------------------------------------------------------------------------------------------
-@lru_cache(maxsize=4)
+_SYLVESTER: dict = {}  # p -> int8 [p, p]: a plain dict (a compiled graph may build or read one)
+
+
 def _sylvester(p: int) -> torch.Tensor:
-    """Sylvester ±1 matrix of order ``p = 2^k`` as int8: ``H[i, j] = (-1)^popcount(i & j)``."""
-    h = torch.ones(1, 1, dtype=torch.int8)
-    two = torch.tensor([[1, 1], [1, -1]], dtype=torch.int8)
-    while h.shape[0] < p:
-        h = torch.kron(two, h)
+    """Sylvester ±1 matrix of order ``p = 2^k`` as int8: ``H[i, j] = (-1)^popcount(i & j)`` (shared: do not modify)."""
+    h = _SYLVESTER.get(p)
+    if h is None:
+        h = torch.ones(1, 1, dtype=torch.int8)
+        two = torch.tensor([[1, 1], [1, -1]], dtype=torch.int8)
+        while h.shape[0] < p:
+            h = torch.kron(two, h)
+        if len(_SYLVESTER) >= 8:
+            _SYLVESTER.clear()
+        _SYLVESTER[p] = h
     return h
 
 
@@ -329,10 +344,21 @@ def hadamard_matrix(n: int, normalized: bool = True, dtype: torch.dtype = torch.
     return h
 
 
-@lru_cache(maxsize=64)
+_SIGNS: dict = {}  # (n, seed) -> int8 signs [n]: a plain dict, so torch.compile reads a drawn vector as a constant
+
+
 def _signs_cached(n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator(device="cpu").manual_seed(int(seed))
-    return (torch.randint(0, 2, (n,), generator=g, dtype=torch.int64) * 2 - 1).to(torch.int8)
+    """The int8 signs [n] of ``seed`` (shared: do not modify). Drawn once per ``(n, seed)`` in eager code; a
+    compiled forward finds them here (the rotated weights drew them), since a generator cannot be created inside
+    a compiled graph."""
+    signs = _SIGNS.get((n, seed))
+    if signs is None:
+        g = torch.Generator(device="cpu").manual_seed(int(seed))
+        signs = (torch.randint(0, 2, (n,), generator=g, dtype=torch.int64) * 2 - 1).to(torch.int8)
+        if len(_SIGNS) >= 64:
+            _SIGNS.clear()
+        _SIGNS[(n, seed)] = signs
+    return signs
 
 
 def hadamard_signs(n: int, seed: int | None) -> torch.Tensor:
@@ -422,11 +448,14 @@ class HadamardSpec:
 _DENSE_CACHE: dict = {}
 
 
-def _dense_factor(b: int, dtype: torch.dtype, device: torch.device, transpose: bool) -> torch.Tensor:
-    key = (b, dtype, str(device), transpose)
+def _dense_factor(b: int, dtype: torch.dtype, device: torch.device, transpose: bool, sylvester: bool = False
+                  ) -> torch.Tensor:
+    """The Paley base of order ``b`` (or the Sylvester matrix of order ``b`` with ``sylvester=True``) in ``dtype`` on
+    ``device``, from a plain dict (a compiled graph reads it as a constant)."""
+    key = (b, dtype, str(device), transpose, sylvester)
     t = _DENSE_CACHE.get(key)
     if t is None:
-        h = base_hadamard(b)
+        h = _sylvester(b) if sylvester else base_hadamard(b)
         t = (h.t() if transpose else h).to(dtype=dtype, device=device).contiguous()
         if len(_DENSE_CACHE) > 32:
             _DENSE_CACHE.clear()
@@ -487,6 +516,38 @@ def _integer_transform(x4: torch.Tensor, signs: torch.Tensor | None, k: int, tra
     return y.view(p, R, nb, b)
 
 
+#: Largest Sylvester factor :func:`_compiled_transform` applies as one dense product (larger ones are split).
+_COMPILED_FACTOR = 16
+
+
+def _compiled_transform(x4: torch.Tensor, signs: torch.Tensor | None, scale: float, transpose: bool) -> torch.Tensor:
+    """The rotation as a compiled graph computes it: ``x4`` [R, nb, p, b] → ``(x4 · signs) H_k · scale`` (or
+    ``(x4 H_kᵀ) · signs · scale``) per block, contiguous, as a chain of small dense products, one per Kronecker
+    factor (``H_k = S_p ⊗ B``, and ``S_p = S_q1 ⊗ S_q2 ⊗ …`` with ``q ≤ 16`` since ``S_2a ⊗ S_2b = S_2(a+b)``):
+    ``B`` on the last axis, each ``S_q`` (symmetric) from the left on its axis, so that every product writes the
+    caller's layout. A graph compiler fuses the sign flips and the scale into the surrounding element-wise work,
+    which the butterfly's many passes prevent. Equal to the eager transform up to float rounding (its sums run
+    in another order)."""
+    R, nb, p, b = x4.shape
+    y = x4
+    if signs is not None and not transpose:
+        y = y * (signs * scale if scale != 1.0 else signs).view(nb, p, b)
+    elif scale != 1.0 and signs is None:
+        y = y * scale
+    if b > 1:
+        y = y @ _dense_factor(b, y.dtype, y.device, transpose)
+    outer, rest = R * nb, p * b
+    while rest > b:  # the Sylvester factor, split into factors of order <= _COMPILED_FACTOR (high bits first)
+        q = min(rest // b, _COMPILED_FACTOR)
+        rest //= q
+        y = _dense_factor(q, y.dtype, y.device, False, sylvester=True) @ y.reshape(outer, q, rest)
+        outer *= q
+    y = y.reshape(R, nb, p, b)
+    if signs is not None and transpose:
+        y = y * (signs * scale if scale != 1.0 else signs).view(nb, p, b)
+    return y
+
+
 def fast_hadamard_transform(
     x: torch.Tensor,
     spec: "HadamardSpec | int | None" = None,
@@ -526,6 +587,8 @@ def fast_hadamard_transform(
     if spec.seed is not None:
         signs = _signs_cached(n, int(spec.seed)).to(device=x.device, dtype=work)
     scale = 1.0 / math.sqrt(k) if spec.normalized else 1.0
+    if torch.compiler.is_compiling():
+        return _compiled_transform(x4, signs, scale, transpose).reshape(x.shape).to(dtype)
     # x Q = ((x · s) H) / √k: the signs act in the first pass of the transform
     yt = _integer_transform(x4, None if transpose else signs.view(-1, p, b) if signs is not None else None,
                             k, transpose)

@@ -557,7 +557,7 @@ class IntLinearState:
         r = round_to_grid_(t, fmt)
         # the rounded values are bounded by qmax (saturating grids): their sum is NaN only if one of them is
         if torch.compiler.is_compiling():  # no data-dependent branch in a compiled graph: always the mask
-            nan_rows = r.isnan().any(dim=-1)
+            nan_rows = r.sum(dim=-1).isnan()
         else:
             nan_rows = r.isnan().any(dim=-1) if bool(torch.isnan(r.sum())) else None
         return r.mul_(self.a_grid.multiplier).to(torch.int8), s, nan_rows

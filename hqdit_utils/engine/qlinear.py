@@ -53,11 +53,14 @@ class SharedInput:
         """``compute(x)`` (default ``layer.quantize_input``) for the first member that asks, shared with
         the others; one value per ``kind`` ("sim": the fake-quantized tensor, "int": integer codes)."""
         compute = layer.quantize_input if compute is None else compute
-        if x.is_inference():  # no version counter, so an in-place change could not be seen: no reuse
+        compiling = torch.compiler.is_compiling()
+        if not compiling and x.is_inference():  # no version counter, so an in-place change could not be seen: no reuse
             return compute(x)
         t = None if layer.ts_ctx is None else layer.ts_ctx.t
-        if self.x is not x or self.version != x._version or self.t != t:
-            self.x, self.version, self.t = x, x._version, t
+        # in a compiled graph the members read the same traced tensor (nothing there changes it in place)
+        version = -1 if compiling else x._version
+        if self.x is not x or self.version != version or self.t != t:
+            self.x, self.version, self.t = x, version, t
             self.value, self.uses = {}, 0
         if kind not in self.value:
             self.value[kind] = compute(x)
