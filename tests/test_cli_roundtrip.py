@@ -82,6 +82,18 @@ def test_sample_quantized_folder_then_evaluate_embedded(quantized, tmp_path, cap
     assert report["n_reference"] == 360 and report["n_samples"] == 8 and math.isfinite(report["fid"])
 
 
+def test_sample_compile_runs_the_compiled_model_under_its_own_tag(quantized, tmp_path):
+    """--compile samples through torch.compile; the spec's tag says so, so compiled and eager shards (which differ
+    by float rounding) are never taken for one run."""
+    out = tmp_path / "c.npz"
+    assert main(["sample", "--quantized", str(quantized), "--out", str(out), "--n", "4", "--steps", "2",
+                 "--batch-size", "4", "--no-progress", "--compile"]) == 0
+    with np.load(out) as z:
+        assert z["arr_0"].shape == (4, 16, 16, 1) and z["arr_0"].dtype == np.uint8
+    tag = strict_load(tmp_path / "c.json")["spec"]["tag"]
+    assert tag.startswith("quantized hqdit-w4a4-rb16 sha256 ") and tag.endswith(" compiled")
+
+
 def test_strict_json_writes_null_for_nan_and_inf():
     text = strict_json({"a": float("nan"), "b": [float("inf"), np.float32("-inf")], "c": np.float64(1.5), "d": 2})
     assert json.loads(text, parse_constant=_reject_constant) == {"a": None, "b": [None, None], "c": 1.5, "d": 2}
