@@ -64,6 +64,15 @@ from ._report import check, cpu_line, finish, parser, peak_rss_gb
 RECIPE = "hqdit-w4a4"
 #: Issue 30's targets for the XL-shaped block's integer path (× FP32, × BF16) by CPU kind (``provenance.cpu_kind``).
 BLOCK_TARGETS = {"AMX": (0.30, 1.0), "VNNI": (0.30, 1.0), "AVX2": (0.6, None), "unknown": (0.6, None)}
+#: The XL block's reported ratios: (case label, timed variant, baseline variant).
+BLOCK_REPORTS = [("BF16 autocast", "bf16", "fp32"), (f"{RECIPE} packed codes", "packed", "fp32"),
+                 (f"{RECIPE} simulated", "sim", "fp32"),
+                 ("floor (activation path free: FP32 remainder + int8 GEMMs)", "int8 free act", "fp32"),
+                 ("floor (activation path free: FP32 remainder + int8 GEMMs)", "int8 free act", "bf16"),
+                 (f"{RECIPE} int8 torch.compile", "int8 compiled", "fp32"),
+                 (f"{RECIPE} int8 torch.compile", "int8 compiled", "bf16"),
+                 (f"{RECIPE} int8 torch.compile", "int8 compiled", "fp32 compiled")]
+BLOCK_BASELINES = {"fp32": "FP32 block", "bf16": "BF16 block", "fp32 compiled": "FP32 block compiled"}
 #: The memory subprocesses return every freed block of 64 KiB or more to the system (a fixed mmap threshold), so
 #: that peak RSS counts live tensors, not the allocator's kept free blocks (run_all.py's settings keep up to
 #: 1 GB of them for speed, which would count in whichever process frees most temporaries).
@@ -310,25 +319,9 @@ def main(argv=None) -> list[dict]:
                                  note=f"target for a {cpu_kind()} CPU (issue 30)"),
                            check("lowbit", f"XL block 1024 tok {RECIPE} int8 codes, {nt}t", "BF16 block",
                                  t["int8"] / t["bf16"], bf16_target, t["int8"],
-                                 note=f"target for a {cpu_kind()} CPU (issue 30)"),
-                           check("lowbit", f"XL block 1024 tok BF16 autocast, {nt}t", "FP32 block",
-                                 t["bf16"] / t["fp32"], None, t["bf16"]),
-                           check("lowbit", f"XL block 1024 tok {RECIPE} packed codes, {nt}t", "FP32 block",
-                                 t["packed"] / t["fp32"], None, t["packed"]),
-                           check("lowbit", f"XL block 1024 tok {RECIPE} simulated, {nt}t", "FP32 block",
-                                 t["sim"] / t["fp32"], None, t["sim"]),
-                           check("lowbit", f"XL block floor (activation path free), {nt}t", "FP32 block",
-                                 t["int8 free act"] / t["fp32"], None, t["int8 free act"],
-                                 note="the block with rotation and rounding free: FP32 remainder + int8 GEMMs"),
-                           check("lowbit", f"XL block floor (activation path free), {nt}t", "BF16 block",
-                                 t["int8 free act"] / t["bf16"], None, t["int8 free act"]),
-                           check("lowbit", f"XL block 1024 tok {RECIPE} int8 torch.compile, {nt}t", "FP32 block",
-                                 t["int8 compiled"] / t["fp32"], None, t["int8 compiled"]),
-                           check("lowbit", f"XL block 1024 tok {RECIPE} int8 torch.compile, {nt}t", "BF16 block",
-                                 t["int8 compiled"] / t["bf16"], None, t["int8 compiled"]),
-                           check("lowbit", f"XL block 1024 tok {RECIPE} int8 torch.compile, {nt}t",
-                                 "FP32 block compiled", t["int8 compiled"] / t["fp32 compiled"], None,
-                                 t["int8 compiled"])]
+                                 note=f"target for a {cpu_kind()} CPU (issue 30)")]
+                checks += [check("lowbit", f"XL block 1024 tok {label}, {nt}t", BLOCK_BASELINES[base],
+                                 t[key] / t[base], None, t[key]) for label, key, base in BLOCK_REPORTS]
             if "breakdown" not in args.skip:
                 print(f"\n[{nt} thread(s)] where the time goes, block 0's quantized linears, 1024 rows:")
                 rows = _breakdown(bundle1.transformer, q1, models["packed"], bargs[0].reshape(-1, 1152).shape[0], repeats)

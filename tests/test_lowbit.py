@@ -383,14 +383,15 @@ def test_nan_rows_propagate_in_a_compiled_layer(mode):
     assert _rel(out[ok], eager[ok].double()) <= 0.05  # a code may round the other way: one grid step at most
 
 
-def test_torch_compile_of_a_quantized_model_is_one_graph_near_eager(bundle, calib):
+@pytest.mark.parametrize("weights", [None, "packed"])
+def test_torch_compile_of_a_quantized_model_is_one_graph_near_eager(bundle, calib, weights):
     """torch.compile of a W4A4 model on the integer path traces into one graph (no generator drawn, no tensor
-    read, no version counter inside the forward; q/k/v still share one quantized input) and gives the eager
-    output up to the few activation codes that float rounding of the rotation sends to the neighbouring grid
-    point."""
+    read, no version counter, no format parsed inside the forward; q/k/v still share one quantized input), with
+    int8 or packed weight codes, and gives the eager output up to the few activation codes that float rounding of
+    the rotation sends to the neighbouring grid point."""
     m = copy.deepcopy(bundle.transformer)
     quantize_(m, get_recipe("hqdit-w4a4").replace(clip_grid=(20, 0.3, 1.0), rotation_seed=0), calib)
-    set_execution(m, "int")
+    set_execution(m, "int", weights=weights)
     x, t, y = _inputs()
     explained = torch._dynamo.explain(m)(x, timestep=t, class_labels=y)
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons

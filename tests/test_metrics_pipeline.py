@@ -12,7 +12,6 @@ import argparse
 from hqdit_utils.runs.digits import embedded_reference
 from hqdit_utils.commands.cli_common import run_command
 from hqdit_utils.commands import evaluate as evaluate_cli
-from hqdit_utils.metrics import adm
 from hqdit_utils.metrics.adm import MetricReport, evaluate, load_reference, load_samples, save_samples
 from hqdit_utils.metrics.features import (
     INCEPTION_WEIGHTS_ENV,

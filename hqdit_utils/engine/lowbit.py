@@ -196,16 +196,20 @@ def weight_codes(weight: torch.Tensor, fmt: "str | Format") -> tuple[torch.Tenso
 # --------------------------------------------------------------------------------------------------
 # Packing two 4-bit codes per byte
 # --------------------------------------------------------------------------------------------------
-@lru_cache(maxsize=None)
+_PAIR_TABLES: dict = {}  # format name -> int16 [256]: a plain dict (a compiled forward reads a table as a constant)
+
+
 def _pair_table(fmt: str) -> torch.Tensor:
     """int16 [256]: for a byte ``b`` holding two 4-bit patterns (element 2i in the low nibble), the two int8
     codes laid out as the bytes of one little-endian int16 (``table[b].view(int8)`` = [code(lo), code(hi)])."""
-
-    g = integer_grid(fmt)
-    nib = (decode(torch.arange(16, dtype=torch.uint8), fmt) * g.multiplier).to(torch.int64)
-    b = torch.arange(256)
-    lo, hi = nib[b & 15], nib[b >> 4]
-    return ((lo & 0xFF) | ((hi & 0xFF) << 8)).to(torch.int32).to(torch.int16)
+    table = _PAIR_TABLES.get(fmt)
+    if table is None:
+        g = integer_grid(fmt)
+        nib = (decode(torch.arange(16, dtype=torch.uint8), fmt) * g.multiplier).to(torch.int64)
+        b = torch.arange(256)
+        lo, hi = nib[b & 15], nib[b >> 4]
+        table = _PAIR_TABLES[fmt] = ((lo & 0xFF) | ((hi & 0xFF) << 8)).to(torch.int32).to(torch.int16)
+    return table
 
 
 def pack_codes(codes: torch.Tensor, fmt: "str | Format") -> torch.Tensor:
@@ -220,9 +224,9 @@ def pack_codes(codes: torch.Tensor, fmt: "str | Format") -> torch.Tensor:
     return pack_nibbles(encode(codes.to(torch.float32) / g.multiplier, g.fmt)).contiguous()
 
 
-def unpack_codes(packed: torch.Tensor, fmt: "str | Format") -> torch.Tensor:
+def unpack_codes(packed: torch.Tensor, fmt: "str | Format | IntegerGrid") -> torch.Tensor:
     """int8 codes [..., 2n] of packed bytes [..., n] (inverse of :func:`pack_codes`): one table look-up per byte."""
-    table = _pair_table(str(integer_grid(fmt).fmt))
+    table = _pair_table(fmt.fmt if isinstance(fmt, IntegerGrid) else str(integer_grid(fmt).fmt))
     pairs = table.index_select(0, packed.reshape(-1).to(torch.int32))
     return pairs.view(torch.int8).view(*packed.shape[:-1], 2 * packed.shape[-1])
 
@@ -509,13 +513,14 @@ class IntLinearState:
         if weights == "packed" and self.w_grid.bits <= 4 and self.int8_codes().shape[1] % 2 == 0:
             if self.packed is None:
                 self.packed = pack_codes(self.codes, self.w_grid.fmt)
+                _pair_table(self.w_grid.fmt)  # the unpacking table, made here rather than in a compiled forward
             self.codes = None
         elif self.codes is None:
-            self.codes, self.packed = unpack_codes(self.packed, self.w_grid.fmt), None
+            self.codes, self.packed = unpack_codes(self.packed, self.w_grid), None
 
     def int8_codes(self) -> torch.Tensor:
         """int8 [out, in] weight codes (unpacked from ``packed`` when only those are kept)."""
-        return self.codes if self.codes is not None else unpack_codes(self.packed, self.w_grid.fmt)
+        return self.codes if self.codes is not None else unpack_codes(self.packed, self.w_grid)
 
     def float_weight(self) -> torch.Tensor:
         """The weight [out, in] as the simulated path uses it (``weight_dtype``): codes · row scale."""
