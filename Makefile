@@ -11,7 +11,7 @@ help:
 	@echo "make test   - create .venv (pinned torch==2.14.1/torchvision==0.29.1 first) and run pytest"
 	@echo "make book   - same environment, then build the book into _build/html/index.html"
 	@echo "make book-student - the same book without the exercises' solutions, into _build/student/_build/html"
-	@echo "make bench  - run the benchmarks (~12 min), write benchmarks/results.md and results.json"
+	@echo "make bench  - run the benchmarks (~12 min), write benchmarks/results-KIND.md and .json (KIND: AMX, VNNI or AVX2)"
 	@echo "make chapter-times - after a cold make book: write book/chapter_times.json (each chapter's run time)"
 	@echo "make book-results  - after a cold make book: ship its finished runs in data/book-runs/"
 	@echo "make golden        - after bumping NUMERICS_VERSION: rewrite data/golden/ (shortened runs of every recipe)"

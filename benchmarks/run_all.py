@@ -1,4 +1,4 @@
-"""Run every benchmark (``benchmarks/bench_*.py``), one after the other, and write ``results.md`` + ``results.json``.
+"""Run every benchmark (``benchmarks/bench_*.py``), one after the other, and write ``results-KIND.md`` + ``.json``.
 
     make bench                                   # or: python -m benchmarks.run_all
     python -m benchmarks.run_all --quick         # small sizes, few repeats (development; not for the record)
@@ -10,8 +10,9 @@ with its kind (AMX, VNNI or AVX2: the targets of issue 30 depend on it). The
 numbers are comparable across machines only as ratios. ``make book`` is not run here: its cold time is the
 sum of the page times in ``book/chapter_times.json`` (the one record of a cold build, ``make chapter-times``)
 and its warm wall time is read from ``benchmarks/book_times.json`` (``{"warm_s": …, "measured": "…"}``).
-``results.md`` also records the machine, the torch version, the malloc settings (:data:`MALLOC_ENV`) and the
-load average before and after the run.
+``KIND`` is the CPU kind (``AMX``, ``VNNI``, ``AVX2``: ``provenance.cpu_kind``), so a run on one kind of machine
+keeps the record of the others (the performance page quotes each). The report also records the machine, the torch
+version, the malloc settings (:data:`MALLOC_ENV`) and the load average before and after the run.
 """
 from __future__ import annotations
 
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="*", default=None, help="benchmark names to run, e.g. forward xl")
     ap.add_argument("--xl-blocks", type=int, default=None,
                     help="blocks of the XL-shaped model of bench_xl and bench_lowbit (default 28)")
-    ap.add_argument("--out", type=Path, default=HERE, help="folder for results.md / results.json")
+    ap.add_argument("--out", type=Path, default=HERE, help="folder for results-KIND.md / results-KIND.json")
     ap.add_argument("--default-malloc", action="store_true", help=f"do not set {', '.join(MALLOC_ENV)}")
     args = ap.parse_args(argv)
     env = dict(os.environ) if args.default_malloc else {**os.environ, **MALLOC_ENV}
@@ -159,14 +160,15 @@ def main(argv=None) -> int:
             f"{', failed scripts: ' + ', '.join(failed) if failed else ''}.\n\n")
     md = head + table(checks) + "\n\n## Reports of the scripts\n\n" + "\n".join(sections)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text(md)
+    report = args.out / f"results-{info['kind']}.md"
+    report.write_text(md)
     from hqdit_utils.files import write_json_atomic  # deferred like machine()
 
-    write_json_atomic(args.out / "results.json", {"stamp": stamp, "quick": args.quick, "machine": info,
+    write_json_atomic(report.with_suffix(".json"), {"stamp": stamp, "quick": args.quick, "machine": info,
                                                   "checks": checks, "details": details, "failed": failed})
     print("\n" + table(checks))
     print(f"\nwhole run {info['total_s'] / 60:.1f} min; load average before {info['load_before']}, after "
-          f"{info['load_after']}; wrote {args.out / 'results.md'}")
+          f"{info['load_after']}; wrote {report}")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
