@@ -165,16 +165,17 @@ def test_rounding_thresholds_reproduce_round_to_grid_exactly(fmt):
     threshold, one float64 ulp either side, and on random values."""
     import numpy as np
 
-    from hqdit_utils.engine.quantizer import round_to_grid, rounding_thresholds
+    from hqdit_utils.engine.clipping import _rounding_thresholds
+    from hqdit_utils.engine.quantizer import round_to_grid
 
-    g, u = rounding_thresholds(parse_format(fmt))
+    g, u = _rounding_thresholds(parse_format(fmt))
     un = u.numpy()
     r = np.concatenate([un, np.nextafter(un, np.inf), np.nextafter(un, -np.inf),
                         np.random.default_rng(0).uniform(0, float(g[-1]) * 1.2, 2000)])
     expect = g[torch.from_numpy(np.searchsorted(un, r, side="right"))]
     got = round_to_grid(torch.from_numpy(r).to(torch.float32), fmt).double()
     assert torch.equal(got, expect)
-    assert rounding_thresholds(parse_format("uint4")) is None
+    assert _rounding_thresholds(parse_format("uint4")) is None
 
 
 def test_sorted_values_are_shared_between_formats_and_follow_changes():

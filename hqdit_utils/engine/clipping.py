@@ -34,7 +34,7 @@ prefix sums ``Σ|x|`` and ``Σx²`` (float64); for each γ the interval boundari
 and the loss is ``Σ_k [Σx² − 2 g_k s Σ|x| + n_k g_k² s²]`` over the grid values ``g_k`` — O(K log n) per
 γ instead of a pass over every element per γ (:func:`_sorted_mse_evaluator`). The intervals are the ones
 :func:`~hqdit_utils.engine.quantizer.round_to_grid` uses on ``fl32(|x| / s)``, ties included (the thresholds are
-the exact float32 midpoints of the rounding, see :func:`~hqdit_utils.engine.quantizer.rounding_thresholds`); the losses differ from the
+the exact float32 midpoints of the rounding, see :func:`_rounding_thresholds`); the losses differ from the
 element-wise evaluation only by float rounding (the element-wise one rounds ``x / s`` and sums float32
 squares; relative differences ~1e-7), so the chosen γ is the same except between two γ whose losses agree
 to that precision. Other losses, per-token γ and asymmetric formats use the element-wise evaluation.
@@ -43,12 +43,13 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
 
-from .formats import FloatFormat, Format, NoFormat, bias_for_clip, parse_format
-from .quantizer import round_to_grid, rounding_thresholds
+from .formats import FloatFormat, Format, IntFormat, NoFormat, bias_for_clip, parse_format
+from .quantizer import round_to_grid
 
 __all__ = ["ClipResult", "gamma_grid", "clip_weight", "clip_activation", "alpha_to_scale", "alpha_to_bias",
            "CLIP_METHODS", "SEARCHES"]
@@ -138,6 +139,37 @@ def _scaled_loss(x: torch.Tensor, s: torch.Tensor, fmt: Format, method: str, p: 
     return e.mul_(e).sum(dim=dims, keepdim=True) * (s * s)
 
 
+@lru_cache(maxsize=None)
+def _rounding_thresholds(fmt: Format) -> "tuple[torch.Tensor, torch.Tensor] | None":
+    """For a sign-symmetric, saturating ``fmt``: ``(g, u)`` with ``g`` [K+1] the non-negative grid values
+    (float64, ``g[0] = 0``) and ``u`` [K] float64 such that, for any real ``r = |x| / s >= 0``,
+    ``round_to_grid(fl32(r)) = g[k]`` exactly when ``u[k-1] <= r < u[k]`` (``u[-1] = 0``, ``u[K] = inf``).
+
+    ``u[k]`` is the real number at which ``fl32(r)`` reaches the first float32 ``b`` that rounds up to
+    ``g[k+1]``: the midpoint between ``b`` and its float32 predecessor, nudged up by one float64 ulp when
+    float32 rounding sends that midpoint down (ties to even). ``None`` for formats this does not cover
+    (unsigned integers, non-saturating floats)."""
+    if isinstance(fmt, IntFormat) and not fmt.signed or isinstance(fmt, FloatFormat) and not fmt.saturate:
+        return None
+    if not isinstance(fmt, (IntFormat, FloatFormat)):
+        return None
+    grid = fmt.grid().to(torch.float32)
+    g = grid[grid >= 0].numpy()
+    u = []
+    for lo, hi in zip(g[:-1], g[1:]):
+        b = np.float32((np.float64(lo) + np.float64(hi)) / 2)  # midpoints of ≤ 16-bit grids are float32-exact
+        up = lambda v: float(round_to_grid(torch.tensor([v], dtype=torch.float32), fmt)[0])  # noqa: E731
+        if up(b) != hi:
+            b = np.nextafter(b, np.float32(np.inf))
+        prev = np.nextafter(b, np.float32(0))
+        if up(b) != hi or up(prev) != lo:
+            return None  # not monotone between two grid values: leave it to the element-wise path
+        mid = (np.float64(prev) + np.float64(b)) / 2  # exact; r = mid rounds to the float32 with an even mantissa
+        b_even = int(np.array(b, dtype=np.float32).view(np.int32)) % 2 == 0
+        u.append(mid if b_even else np.nextafter(mid, np.inf))
+    return torch.from_numpy(g.astype(np.float64)), torch.tensor(u, dtype=torch.float64)
+
+
 def _sorted_abs(x: torch.Tensor) -> torch.Tensor:
     """``|x|`` [C, n] (float32) sorted along the last axis. Non-negative float32 values sort like their bit
     patterns read as int32, which sorts several times faster (torch for one long row, NumPy for many rows:
@@ -176,7 +208,7 @@ def _sorted_mse_evaluator(xa: torch.Tensor, safe: torch.Tensor, fmt: Format, max
     scales ``s = safe[c] · γ / max_value`` (computed in float32, as the element-wise path does), from sorted
     ``|x|`` and prefix sums (module docstring; shared through ``source``, see :func:`_sorted_prefix`).
     ``None`` if ``fmt`` is not covered."""
-    th = rounding_thresholds(fmt)
+    th = _rounding_thresholds(fmt)
     if th is None:
         return None
     g, u = th

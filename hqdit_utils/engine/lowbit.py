@@ -66,12 +66,12 @@ from ..files import write_json_atomic
 from .formats import FloatFormat, Format, IntFormat, NoFormat, parse_format
 from ..provenance import cpu_flags, cpu_model
 from .qlinear import QuantLinear
-from .quantizer import round_to_grid_, rounding_thresholds
+from .quantizer import round_to_grid_
 
 __all__ = ["LowbitError", "IntegerGrid", "integer_grid", "grid_to_codes", "codes_to_grid", "quantize_to_codes",
            "weight_codes", "pack_codes", "unpack_codes", "int_matmul", "int_mm_available", "int_mm_fast",
            "INT8_DOT_FLAGS", "KERNELS", "onednn_available", "onednn_exact", "int_kernel", "rescale",
-           "KERNEL_CACHE_FILE", "code_steps", "threshold_codes", "kernel_candidates", "measure_kernels", "choose_kernel", "IntLinearState",
+           "KERNEL_CACHE_FILE", "kernel_candidates", "measure_kernels", "choose_kernel", "IntLinearState",
            "plan_layer", "set_execution", "execution", "execution_paths", "drop_float_weights_", "MODES",
            "PACKED_FILE", "packed_weight", "packed_weights", "placeholder_weight", "install_packed"]
 
@@ -323,46 +323,6 @@ def int_kernel(w_grid: IntegerGrid, a_grid: IntegerGrid) -> str | None:
     return None
 
 
-#: integer-grid format name -> (((b, d), …), inf_nan) or None, for the compiled activation path: for a float32
-#: ``t >= 0``, ``round_to_grid(t) · multiplier = Σ d · [t >= b]`` (``b``: the first float32 that rounds to the next
-#: grid value, ties to even included; ``d``: the step between the two codes); ``inf_nan``: ``round_to_grid`` makes
-#: ±Inf NaN on this grid (the general path of the formats without mantissa bits) instead of saturating. A plain
-#: dict of Python values, filled in eager code (:func:`code_steps`), so a compiled graph reads constants.
-_CODE_STEPS: dict = {}
-
-
-def code_steps(grid: IntegerGrid) -> "tuple[tuple[tuple[float, float], ...], bool] | None":
-    """The threshold form of ``grid``'s rounding (see :data:`_CODE_STEPS`), or ``None`` for a grid with more than
-    15 positive values (8-bit: that many comparisons cost more than rounding by exponent bits)."""
-    if grid.fmt not in _CODE_STEPS:
-        steps = None
-        if (len(grid.levels) - 1) // 2 <= 15:
-            fmt = parse_format(grid.fmt)
-            th = rounding_thresholds(fmt)
-            if th is not None:
-                g, u = th
-                b = u.to(torch.float32)
-                b = torch.where(b.double() < u, torch.nextafter(b, torch.tensor(math.inf)), b)  # smallest float32 >= u
-                inf_nan = bool(round_to_grid_(torch.tensor([math.inf, -math.inf]), fmt).isnan().any())
-                steps = (tuple(zip(b.tolist(), ((g[1:] - g[:-1]) * grid.multiplier).tolist())), inf_nan)
-        _CODE_STEPS[grid.fmt] = steps
-    return _CODE_STEPS[grid.fmt]
-
-
-def threshold_codes(t: torch.Tensor, steps: "tuple[tuple[tuple[float, float], ...], bool]") -> torch.Tensor:
-    """float32 codes of ``t`` (any shape, float32, already divided by its scale): ``round_to_grid(t) · multiplier``
-    of the grid whose :func:`code_steps` are ``steps``, bit for bit (NaN stays NaN; ±Inf saturates, or becomes NaN
-    where ``round_to_grid`` makes it NaN), by one comparison per step — element-wise work a graph compiler fuses
-    into a single loop."""
-    pairs, inf_nan = steps
-    a = t.abs()
-    c = torch.zeros_like(a)
-    for b, d in pairs:
-        c = c + (a >= b) * d
-    nan = t.isnan() | a.isinf() if inf_nan else t.isnan()
-    return torch.where(nan, math.nan, torch.copysign(c, t))
-
-
 def rescale(acc: torch.Tensor, s: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """float32 [M, N] output of every kernel from its exact accumulator: ``acc`` int32 [M, N] (or float32 holding
     ``float(acc)``, which this function may overwrite), ``s`` the activation scale (0-d static or [M, 1] per
@@ -513,7 +473,6 @@ class IntLinearState:
     def __init__(self, w_grid: IntegerGrid, a_grid: IntegerGrid, codes: torch.Tensor, scale: torch.Tensor,
                  weight_dtype: torch.dtype, source: tuple | None) -> None:
         self.w_grid, self.a_grid = w_grid, a_grid
-        code_steps(a_grid)  # the compiled activation path's rounding, made here rather than in a compiled forward
         self.codes: torch.Tensor | None = codes.contiguous()
         self.packed: torch.Tensor | None = None
         self.row_scale = scale.to(torch.float32).contiguous()  # [out] scale of the codes (c · row_scale ≈ W)
@@ -600,17 +559,13 @@ class IntLinearState:
             s = torch.where(amax > 0, amax * (aq.gamma / fmt.max_value), torch.ones_like(amax))
         owned = xr is not x and xr.dtype == torch.float32  # a temporary of the transform: divide in place
         t = xr.div_(s) if owned else xr.to(torch.float32) / s
-        steps = _CODE_STEPS.get(self.a_grid.fmt) if torch.compiler.is_compiling() else None
-        if steps is not None:  # compiled: the codes by threshold comparisons, which the compiler fuses into one loop
-            r = threshold_codes(t, steps)
-        else:
-            r = round_to_grid_(t, fmt).mul_(self.a_grid.multiplier)
-        # the codes are bounded by qmax (saturating grids): their sum is NaN only if one of them is
+        r = round_to_grid_(t, fmt)
+        # the rounded values are bounded by qmax (saturating grids): their sum is NaN only if one of them is
         if torch.compiler.is_compiling():  # no data-dependent branch in a compiled graph: always the mask
             nan_rows = r.sum(dim=-1).isnan()
         else:
             nan_rows = r.isnan().any(dim=-1) if bool(torch.isnan(r.sum())) else None
-        return r.to(torch.int8), s, nan_rows
+        return r.mul_(self.a_grid.multiplier).to(torch.int8), s, nan_rows
 
     def forward(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         """``layer(x)`` on the integer path: ``x`` [..., in] (float32/16, bfloat16) → [..., out] in ``x``'s dtype

@@ -22,9 +22,7 @@ Granularity of ``scale=None`` (max-abs scaling, ``scale = amax / fmt.max_value``
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -115,37 +113,6 @@ def round_to_grid_(t: torch.Tensor, fmt: Format) -> torch.Tensor:
         vmax = fmt.max_value
         return t.div_(step).round_().mul_(step).clamp_(-vmax, vmax)
     return round_to_grid(t, fmt)
-
-
-@lru_cache(maxsize=None)
-def rounding_thresholds(fmt: Format) -> "tuple[torch.Tensor, torch.Tensor] | None":
-    """For a sign-symmetric, saturating ``fmt``: ``(g, u)`` with ``g`` [K+1] the non-negative grid values
-    (float64, ``g[0] = 0``) and ``u`` [K] float64 such that, for any real ``r = |x| / s >= 0``,
-    ``round_to_grid(fl32(r)) = g[k]`` exactly when ``u[k-1] <= r < u[k]`` (``u[-1] = 0``, ``u[K] = inf``).
-
-    ``u[k]`` is the real number at which ``fl32(r)`` reaches the first float32 ``b`` that rounds up to
-    ``g[k+1]``: the midpoint between ``b`` and its float32 predecessor, nudged up by one float64 ulp when
-    float32 rounding sends that midpoint down (ties to even). ``None`` for formats this does not cover
-    (unsigned integers, non-saturating floats)."""
-    if isinstance(fmt, IntFormat) and not fmt.signed or isinstance(fmt, FloatFormat) and not fmt.saturate:
-        return None
-    if not isinstance(fmt, (IntFormat, FloatFormat)):
-        return None
-    grid = fmt.grid().to(torch.float32)
-    g = grid[grid >= 0].numpy()
-    u = []
-    for lo, hi in zip(g[:-1], g[1:]):
-        b = np.float32((np.float64(lo) + np.float64(hi)) / 2)  # midpoints of ≤ 16-bit grids are float32-exact
-        up = lambda v: float(round_to_grid(torch.tensor([v], dtype=torch.float32), fmt)[0])  # noqa: E731
-        if up(b) != hi:
-            b = np.nextafter(b, np.float32(np.inf))
-        prev = np.nextafter(b, np.float32(0))
-        if up(b) != hi or up(prev) != lo:
-            return None  # not monotone between two grid values: leave it to the element-wise path
-        mid = (np.float64(prev) + np.float64(b)) / 2  # exact; r = mid rounds to the float32 with an even mantissa
-        b_even = int(np.array(b, dtype=np.float32).view(np.int32)) % 2 == 0
-        u.append(mid if b_even else np.nextafter(mid, np.inf))
-    return torch.from_numpy(g.astype(np.float64)), torch.tensor(u, dtype=torch.float64)
 
 
 def max_abs_scale(x: torch.Tensor, fmt: "str | Format", axis: int | None = None) -> torch.Tensor:
